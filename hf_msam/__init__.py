@@ -1,0 +1,18 @@
+"""hf_msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer, and the
+sharpness / Hessian-coherence report of what it trains."""
+
+from .arguments import SAMTrainingArguments
+from .curvature.arguments import SharpnessArguments
+from .msam import MicroBatchSAM, Perturbation, split_micro_batches
+from .trainer import SAMTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MicroBatchSAM",
+    "Perturbation",
+    "SAMTrainer",
+    "SAMTrainingArguments",
+    "SharpnessArguments",
+    "split_micro_batches",
+]

@@ -1,0 +1,102 @@
+"""Arguments: ``SAMTrainingArguments`` adds the mSAM settings and the curvature-report options to
+``transformers.TrainingArguments``, as dataclass fields that ``HfArgumentParser`` turns into flags and that
+are saved with the other arguments (``training_args.bin``, ``trainer_state.json``, the model card)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .curvature.arguments import SharpnessArguments
+
+
+@dataclass
+class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
+    """``TrainingArguments`` plus micro-batch sharpness-aware minimization (``DESIGN.md`` section 2).
+
+    Each optimizer step's effective mini-batch (all processes, all gradient-accumulation chunks) is cut into
+    micro-batches of ``sam_micro_batch_size`` examples; each micro-batch gets its own perturbation
+    ``e_k = rho * g_k / ||g_k||`` and the descent gradients ``grad L_k(w + e_k)`` are averaged with weights
+    ``|D_k| / |D|`` before the base optimizer (``optim``) steps. ``m = |D| / sam_micro_batch_size``; m = 1 is
+    SAM and ``sam_rho = 0`` is the plain base optimizer.
+    """
+
+    sam_rho: float = field(
+        default=0.05,
+        metadata={"help": "SAM radius rho of each micro-batch's perturbation; 0 trains with the plain base optimizer."},
+    )
+    sam_micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Examples per SAM perturbation (the mSAM micro-batch). None: each per-device batch is one "
+            "micro-batch. Must divide nothing; the last micro-batch of a batch may be smaller."
+        },
+    )
+    sam_adaptive: bool = field(
+        default=False,
+        metadata={"help": "ASAM: scale the perturbation elementwise by T = |w| + sam_adaptive_eta (Kwon et al., 2021)."},
+    )
+    sam_adaptive_eta: float = field(default=0.01, metadata={"help": "The eta of ASAM's T = |w| + eta."})
+    sam_global: bool = field(
+        default=False,
+        metadata={
+            "help": "Classic (global) SAM: one perturbation from the ascent gradient averaged over the whole "
+            "mini-batch on all processes (one extra all-reduce per step). Excludes sam_micro_batch_size."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self._validate_sam()
+        super().__post_init__()
+
+    @property
+    def sam_num_micro_batches(self) -> int:
+        """m: micro-batches per per-device batch (1 for SAM)."""
+        if self.sam_micro_batch_size is None:
+            return 1
+        return math.ceil(self.per_device_train_batch_size / self.sam_micro_batch_size)
+
+    def _validate_sam(self) -> None:
+        """Refuse settings that mSAM cannot honour, naming the field and the fix, before any work starts."""
+        rho = self.sam_rho
+        if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+            raise ValueError(f"sam_rho must be a finite number >= 0 (0 disables SAM), got {rho!r}.")
+        if not isinstance(self.sam_adaptive_eta, (int, float)) or not math.isfinite(self.sam_adaptive_eta) or (
+            self.sam_adaptive_eta < 0
+        ):
+            raise ValueError(f"sam_adaptive_eta must be a finite number >= 0, got {self.sam_adaptive_eta!r}.")
+        size = self.sam_micro_batch_size
+        if size is not None:
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"sam_micro_batch_size must be an integer >= 1 (or None), got {size!r}.")
+            if size > self.per_device_train_batch_size:
+                raise ValueError(
+                    f"sam_micro_batch_size={size} is larger than per_device_train_batch_size="
+                    f"{self.per_device_train_batch_size}: lower sam_micro_batch_size to at most the per-device "
+                    "batch, or raise per_device_train_batch_size."
+                )
+            if self.sam_global:
+                raise ValueError(
+                    "sam_global=True (one perturbation for the whole mini-batch) cannot be combined with "
+                    f"sam_micro_batch_size={size}: unset one of them."
+                )
+        if self.sam_global and self.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "sam_global=True needs the whole mini-batch in one pass: set gradient_accumulation_steps=1, "
+                "or drop sam_global to use per-micro-batch perturbations (mSAM)."
+            )
+        uses_deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        if uses_deepspeed:
+            raise ValueError(
+                "deepspeed: SAMTrainingArguments does not support DeepSpeed yet (its engine steps inside backward, "
+                "which breaks the two passes of SAM). Remove --deepspeed, or train with DDP via accelerate launch."
+            )
+        uses_fsdp = bool(self.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if uses_fsdp:
+            raise ValueError(
+                "fsdp: SAMTrainingArguments does not support FSDP yet (gradient norms would need reducing across "
+                "shards). Remove --fsdp, or train with DDP via accelerate launch."
+            )

@@ -1,0 +1,175 @@
+"""The mSAM update, in plain torch (no Trainer, no accelerate).
+
+This module is the mathematics of ``DESIGN.md`` section 2 and nothing else. Per optimizer step the
+mini-batch ``D`` is cut into disjoint micro-batches ``D_1 .. D_m``; with ``w`` the current weights and
+``L_k`` the loss on ``D_k``::
+
+    g_k    = grad L_k(w)                                   ascent gradient, local to the micro-batch
+    e_k    = rho * g_k / (||g_k|| + 1e-12)                  SAM (Foret et al., 2021)
+    e_k    = rho * T^2 g_k / (||T g_k|| + 1e-12),           ASAM (Kwon et al., 2021), T = |w| + eta
+    d_k    = grad L_k(w + e_k)                             descent gradient at the perturbed point
+    update = base_optimizer.step( sum_k (|D_k| / |D|) d_k )     weights restored to w first
+
+``m = 1`` is SAM; ``rho = 0`` is the base optimizer. Only trainable tensors (``requires_grad``) are
+perturbed and enter ``||g_k||``. The restore is exact (``p.copy_(saved)``, bit for bit) and a non-finite
+ascent gradient leaves the weights untouched (``e_k = 0``).
+
+Use it in any training loop::
+
+    sam = MicroBatchSAM(model.parameters(), rho=0.05)
+    for batch in loader:
+        sam.save_weights()
+        for micro_batch, weight in split_micro_batches(batch, 8):
+            sam.perturb(model(**micro_batch).loss)         # w -> w + e_k
+            (weight * model(**micro_batch).loss).backward()  # accumulates d_k into .grad
+            sam.restore()                                    # w + e_k -> w, exactly
+        optimizer.step()
+        optimizer.zero_grad()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+EPS = 1e-12
+"""The constant in the denominator of the perturbation, as in Foret et al. (2021)."""
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """What :meth:`MicroBatchSAM.perturb` did to the weights.
+
+    Attributes:
+        grad_norm: ``||g_k||`` of the ascent gradient (``||T g_k||`` for ASAM), divided by the loss scale
+            that was passed in; ``nan`` or ``inf`` when the gradient was not finite.
+        skipped: the gradient was not finite (fp16 overflow, a bad batch), so ``e_k = 0``.
+    """
+
+    grad_norm: float
+    skipped: bool
+
+
+class MicroBatchSAM:
+    """Per-micro-batch SAM perturbation and exact restore for a fixed list of trainable tensors.
+
+    Args:
+        params: the model's parameters; those with ``requires_grad=False`` (frozen base weights under
+            PEFT/LoRA) are ignored.
+        rho: radius of the perturbation, ``rho >= 0``.
+        adaptive: ASAM: scale the perturbation elementwise by ``T = |w| + adaptive_eta``.
+        adaptive_eta: the ``eta`` of ASAM.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.nn.Parameter],
+        rho: float = 0.05,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+    ) -> None:
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
+            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}.")
+        if adaptive_eta < 0 or not math.isfinite(adaptive_eta):
+            raise ValueError(f"adaptive_eta must be a finite number >= 0, got {adaptive_eta!r}.")
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("MicroBatchSAM got no trainable parameters (none has requires_grad=True).")
+        self.rho = float(rho)
+        self.adaptive = adaptive
+        self.adaptive_eta = float(adaptive_eta)
+        self._saved: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def save_weights(self) -> None:
+        """Copy ``w`` into a buffer that is allocated once and reused (one copy of the trainable weights)."""
+        if self._saved is None or any(s.shape != p.shape for s, p in zip(self._saved, self.params)):
+            self._saved = [torch.empty_like(p) for p in self.params]
+        torch._foreach_copy_(self._saved, [p.detach() for p in self.params])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """``w + e_k -> w`` by copying the saved weights back: bit for bit, never ``p -= e_k``."""
+        if self._saved is None:
+            raise RuntimeError("restore() called before save_weights().")
+        torch._foreach_copy_(self.params, self._saved)
+
+    def ascent_gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """``g_k = grad L_k(w)`` by ``torch.autograd.grad``, so ``.grad`` (the accumulated descent) is untouched.
+
+        A trainable tensor that the loss does not reach gets a zero gradient.
+        """
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+
+    @torch.no_grad()
+    def perturb_with(self, grads: list[torch.Tensor], grad_scale: float = 1.0) -> Perturbation:
+        """Move the weights from ``w`` to ``w + e_k`` for the ascent gradient ``grads`` (consumed in place).
+
+        ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of ``e_k``
+        does not depend on it, only the reported norm does.
+        """
+        if self.adaptive:
+            # T g_k, then T^2 g_k in place: e_k = rho * T^2 g_k / ||T g_k||.
+            scale_t = torch._foreach_abs([p.detach() for p in self.params])
+            torch._foreach_add_(scale_t, self.adaptive_eta)
+            torch._foreach_mul_(grads, scale_t)
+            norm = _global_norm(grads)
+            if not math.isfinite(norm):
+                return Perturbation(norm / grad_scale, skipped=True)
+            torch._foreach_mul_(grads, scale_t)
+        else:
+            norm = _global_norm(grads)
+            if not math.isfinite(norm):
+                return Perturbation(norm / grad_scale, skipped=True)
+        if self.rho > 0:
+            torch._foreach_add_(self.params, grads, alpha=self.rho / (norm + EPS * grad_scale))
+        return Perturbation(norm / grad_scale, skipped=False)
+
+    def perturb(self, loss: torch.Tensor, grad_scale: float = 1.0) -> Perturbation:
+        """Compute ``g_k`` from ``loss`` (the micro-batch loss at ``w``, possibly multiplied by a loss scale)
+        and move the weights to ``w + e_k``."""
+        return self.perturb_with(self.ascent_gradients(loss), grad_scale=grad_scale)
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> float:
+    """``||concat(tensors)||_2`` as a Python float (one device sync: the finiteness check needs it)."""
+    norms = torch._foreach_norm(tensors, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0).item()
+
+
+def batch_size_of(batch: Mapping[str, Any]) -> int:
+    """Number of examples in a dict batch: the leading dimension of its ``labels``, else of its first tensor."""
+    if isinstance(batch.get("labels"), torch.Tensor) and batch["labels"].dim() > 0:
+        return batch["labels"].shape[0]
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("Cannot split a batch that holds no tensor with a batch dimension.")
+
+
+def split_micro_batches(
+    batch: Mapping[str, Any], micro_batch_size: int | None
+) -> Iterator[tuple[dict[str, Any], float]]:
+    """Cut a dict batch into consecutive micro-batches of ``micro_batch_size`` examples (the last may be smaller).
+
+    Yields ``(micro_batch, |D_k| / |D|)``. Tensors whose leading dimension is the batch size are sliced
+    (views, no copy); every other value is passed to each micro-batch as it is. ``None`` means one
+    micro-batch holding the whole batch.
+    """
+    size = batch_size_of(batch)
+    step = size if micro_batch_size is None else micro_batch_size
+    if step < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}.")
+    for start in range(0, size, step):
+        stop = min(start + step, size)
+        micro_batch = {
+            key: value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+            else value
+            for key, value in batch.items()
+        }
+        yield micro_batch, (stop - start) / size

@@ -1,0 +1,240 @@
+"""``SAMTrainer``: mSAM inside ``transformers.Trainer`` by overriding ``training_step`` only.
+
+The Trainer keeps the *base* optimizer (``args.optim`` or the one passed in) and its own loop: gradient
+accumulation, clipping, ``optimizer.step()``, the scheduler and ``zero_grad``. Each call of
+``training_step`` receives one per-device chunk of the step's mini-batch; it cuts the chunk into
+micro-batches and, for each one, perturbs the weights along its own ascent gradient, back-propagates the
+descent loss at the perturbed point into ``.grad`` and restores the weights exactly (``hf_msam.msam``).
+
+How the traps of the Trainer are handled (``DESIGN.md`` section 2, notes section 1.10):
+
+* ``.grad`` holds the descent gradients of earlier chunks: ascent gradients come from
+  ``torch.autograd.grad`` and never touch it.
+* DDP: the ascent pass runs on the unwrapped module, so it never reaches the reducer (no all-reduce,
+  per-device perturbations), and every descent backward but the last of a chunk runs under ``no_sync``.
+* Loss scale: each micro-batch's loss is the model's own mean over its supervised items (labels that are
+  not -100); it is weighted by ``world_size * items_k / items_step``, with ``items_step`` counted over the
+  whole optimizer step on all processes. That is ``sum_k |D_k| / |D| d_k`` for every head, including the
+  BERT-family heads that ignore ``num_items_in_batch`` (transformers#47688), uneven last batches included.
+* fp16: ascent gradients are taken from the scaled loss (the direction is scale-invariant) and checked
+  for inf/NaN; ``scaler.unscale_`` is left to the loop. A non-finite ascent skips that perturbation.
+* BatchNorm running statistics are updated by the ascent pass only; the descent pass leaves them as found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .arguments import SAMTrainingArguments
+from .msam import MicroBatchSAM, Perturbation, batch_size_of, split_micro_batches
+
+_UNSUPPORTED = {
+    DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",
+    DistributedType.FSDP: "FSDP (gradient norms would need reducing across shards)",
+}
+
+
+class SAMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with micro-batch sharpness-aware minimization (mSAM).
+
+    Takes the same arguments as ``Trainer``; ``args`` should be :class:`SAMTrainingArguments` (plain
+    ``TrainingArguments`` are converted with the mSAM defaults). With ``sam_rho=0`` every step is the stock
+    ``Trainer.training_step``, bit for bit.
+
+    Logged with the Trainer's logs (``loss`` is the unperturbed training loss):
+    ``sam_perturbed_loss`` (mean loss at the perturbed points), ``sam_ascent_grad_norm`` (mean ``||g_k||``),
+    ``sam_skipped`` (perturbations skipped since the last log for a non-finite ascent gradient).
+    """
+
+    args: SAMTrainingArguments
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
+        args = _as_sam_arguments(args)
+        super().__init__(model, args, *pargs, **kwargs)
+        if self.accelerator.distributed_type in _UNSUPPORTED:
+            raise ValueError(
+                f"SAMTrainer does not support {_UNSUPPORTED[self.accelerator.distributed_type]} yet: "
+                "launch with DDP (accelerate launch --multi_gpu) instead."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"SAMTrainer does not support torch.nn.DataParallel over {self.args.n_gpu} GPUs in one process: "
+                "launch one process per GPU with `accelerate launch --multi_gpu` (or torchrun)."
+            )
+        self._sam: MicroBatchSAM | None = None
+        self._sam_items_in_step: float | None = None
+        # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
+        self._sam_stats = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+
+    # ------------------------------------------------------------------------------------------------
+    # The step
+    # ------------------------------------------------------------------------------------------------
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+        """Also count the supervised items of the whole optimizer step on all processes (``|D|``)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.sam_rho > 0:
+            local = sum(self._count_items(batch) for batch in batch_samples)
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(torch.tensor(float(local), device=device), reduction="sum")
+                self._sam_items_in_step = float(total.item())
+            else:
+                self._sam_items_in_step = float(local)
+        return batch_samples, num_items_in_batch
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """One per-device chunk of an mSAM step; returns the unperturbed loss, scaled like the stock step's."""
+        if self.args.sam_rho == 0:
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
+        with cp_context():
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            return self._msam_step(model, inputs)
+
+    def _msam_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        args = self.args
+        sam = self._get_sam(model)
+        ascent_model = self.accelerator.unwrap_model(model)  # bypasses the DDP reducer; keeps autocast
+        world = self.accelerator.num_processes
+        scaler = self.accelerator.scaler
+        grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
+        items_step = self._sam_items_in_step
+        if items_step is None:  # called outside the Trainer loop: this chunk is the whole local step
+            items_step = float(self._count_items(inputs) * self.current_gradient_accumulation_steps * world)
+
+        micro_batches = [
+            (micro_batch, items)
+            for micro_batch, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)
+            if (items := self._count_items(micro_batch)) > 0  # nothing supervised: no loss, no gradient
+        ]
+        sam.save_weights()
+        clean_loss = torch.zeros((), device=args.device)
+        for index, (micro_batch, items) in enumerate(micro_batches):
+            weight = world * items / items_step
+
+            with self.compute_loss_context_manager():
+                loss_at_w = self.compute_loss(ascent_model, micro_batch)
+            clean_loss += weight * loss_at_w.detach().float()
+            grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
+            if args.sam_global and world > 1:
+                _all_reduce_mean_(grads, weight)
+            perturbation = sam.perturb_with(grads, grad_scale=grad_scale)
+            del grads
+
+            last = index == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            with sync, _frozen_batchnorm_statistics(self._batchnorms):
+                with self.compute_loss_context_manager():
+                    loss_at_w_plus_e = self.compute_loss(model, micro_batch)
+                self.accelerator.backward(weight * loss_at_w_plus_e)
+            sam.restore()
+            self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
+        return clean_loss
+
+    def _get_sam(self, model: nn.Module) -> MicroBatchSAM:
+        """The perturbation state for the trainable parameters of ``model`` (built once per model)."""
+        module = self.accelerator.unwrap_model(model)
+        if self._sam is None or self._sam_module is not module:
+            self._sam = MicroBatchSAM(
+                module.parameters(),
+                rho=self.args.sam_rho,
+                adaptive=self.args.sam_adaptive,
+                adaptive_eta=self.args.sam_adaptive_eta,
+            )
+            self._sam_module = module
+            self._batchnorms = [
+                m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+            ]
+        return self._sam
+
+    def _count_items(self, batch: dict[str, Any]) -> int:
+        """Supervised items of a batch, counted like the Trainer's ``num_items_in_batch``: labels that are not
+        -100 (shifted for causal-LM losses); the number of examples when the batch has no labels."""
+        labels = batch.get("shift_labels")
+        if labels is None:
+            labels = batch.get("labels")
+            if isinstance(labels, torch.Tensor) and getattr(self, "_loss_shifts_labels", False):
+                labels = labels[..., 1:]
+        if isinstance(labels, torch.Tensor) and labels.dim() > 0:
+            return int(labels.ne(-100).sum().item())
+        return batch_size_of(batch)
+
+    # ------------------------------------------------------------------------------------------------
+    # Logging
+    # ------------------------------------------------------------------------------------------------
+    def _record(self, perturbation: Perturbation, perturbed_loss_share: torch.Tensor) -> None:
+        stats = self._sam_stats
+        stats[0] += 1
+        if perturbation.skipped:
+            stats[1] += 1
+        else:
+            stats[2] += perturbation.grad_norm
+        stats[3] += perturbed_loss_share.to(stats.dtype)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the mSAM counters (summed over processes since the last training log) to training logs."""
+        if "loss" in logs and self.args.sam_rho > 0:
+            stats = self._sam_stats
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            perturbations, skipped, norm_sum, perturbed_loss = stats.tolist()
+            if perturbations > 0:
+                steps = max(self.state.global_step - getattr(self, "_sam_last_logged_step", 0), 1)
+                logs["sam_perturbed_loss"] = perturbed_loss / steps
+                applied = perturbations - skipped
+                logs["sam_ascent_grad_norm"] = norm_sum / applied if applied > 0 else float("nan")
+                logs["sam_skipped"] = int(skipped)
+            self._sam_stats.zero_()
+            self._sam_last_logged_step = self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+
+def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:
+    """Pass ``SAMTrainingArguments`` through; convert plain ``TrainingArguments`` (or None) with mSAM defaults."""
+    if isinstance(args, SAMTrainingArguments):
+        return args
+    if args is None:
+        return SAMTrainingArguments(output_dir="trainer_output")
+    values = {k: v for k, v in args.to_dict().items() if k in SAMTrainingArguments.__dataclass_fields__}
+    values["hub_token"] = args.hub_token  # to_dict() masks it
+    return SAMTrainingArguments(**values)
+
+
+def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
+    """Global SAM: replace each process's ascent gradient by the weighted mean over processes, in one call."""
+    flat = torch._utils._flatten_dense_tensors(tensors).mul_(weight)
+    torch.distributed.all_reduce(flat)
+    for tensor, reduced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        tensor.copy_(reduced)
+
+
+@contextlib.contextmanager
+def _frozen_batchnorm_statistics(batchnorms: list[nn.Module]):
+    """Run a pass in train mode without moving BatchNorm running statistics (the ascent pass already did)."""
+    if not batchnorms:
+        yield
+        return
+    saved = [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in batchnorms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)

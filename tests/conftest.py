@@ -1,0 +1,66 @@
+"""Shared test set-up: no network, tiny models built from configs, tiny datasets."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
+
+
+def tiny_bert_config(num_labels: int = 2, **overrides):
+    """A 1-layer BERT with no dropout, so that both passes of a micro-batch see the same function."""
+    from transformers import BertConfig
+
+    values = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    values.update(overrides)
+    return BertConfig(**values)
+
+
+def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(tiny_bert_config(num_labels, **overrides))
+
+
+def token_dataset(n: int = 64, length: int = 8, num_labels: int = 2, seed: int = 0, vocab: int = 64):
+    """``n`` random token sequences with random class labels (or float targets when num_labels == 1)."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=g)
+    if num_labels == 1:
+        labels = torch.randn(n, generator=g).tolist()
+    else:
+        labels = torch.randint(0, num_labels, (n,), generator=g).tolist()
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
+
+
+@pytest.fixture
+def tiny_bert_factory():
+    return tiny_bert
+
+
+@pytest.fixture
+def token_dataset_factory():
+    return token_dataset
