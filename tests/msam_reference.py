@@ -1,0 +1,66 @@
+"""An independent plain-loop implementation of the mSAM equations of DESIGN.md section 2, for tests.
+
+Written without ``hf_msam``: per-tensor Python loops, fresh copies, float64 accumulation of the averaged
+descent gradient. Slow and obvious on purpose.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def loss_of(model, batch):
+    return model(**batch).loss
+
+
+def reference_msam_gradient(
+    model: torch.nn.Module,
+    batch: dict,
+    micro_batch_size: int | None,
+    rho: float,
+    adaptive: bool = False,
+    eta: float = 0.01,
+    weights: list[float] | None = None,
+    loss_fn=loss_of,
+) -> list[torch.Tensor]:
+    """``sum_k (|D_k| / |D|) grad L_k(w + e_k)`` for the trainable parameters of ``model``.
+
+    ``weights`` overrides ``|D_k| / |D|`` (token-level losses weight by supervised tokens).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = [p.detach().clone() for p in params]
+    n = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+    size = n if micro_batch_size is None else micro_batch_size
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    starts = list(range(0, n, size))
+    for index, start in enumerate(starts):
+        stop = min(start + size, n)
+        micro = {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        loss = loss_fn(model, micro)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        if adaptive:
+            t = [wi.abs() + eta for wi in w]
+            norm = torch.sqrt(sum(((ti * gi) ** 2).sum() for ti, gi in zip(t, grads)))
+            e = [rho * ti * ti * gi / (norm + 1e-12) for ti, gi in zip(t, grads)]
+        else:
+            norm = torch.sqrt(sum((gi**2).sum() for gi in grads))
+            e = [rho * gi / (norm + 1e-12) for gi in grads]
+        with torch.no_grad():
+            for p, wi, ei in zip(params, w, e):
+                p.copy_(wi + ei)
+        descent = torch.autograd.grad(loss_fn(model, micro), params, allow_unused=True)
+        share = (stop - start) / n if weights is None else weights[index]
+        for acc, d in zip(total, descent):
+            if d is not None:
+                acc += share * d.double()
+        with torch.no_grad():
+            for p, wi in zip(params, w):
+                p.copy_(wi)
+    return [acc.float() for acc in total]
+
+
+def reference_sgd_step(model: torch.nn.Module, gradient: list[torch.Tensor], lr: float) -> None:
+    with torch.no_grad():
+        for p, g in zip([p for p in model.parameters() if p.requires_grad], gradient):
+            p.sub_(lr * g)

@@ -1,0 +1,282 @@
+"""SAMTrainer semantics (issue 2, item 3): each test compares with an independent reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_bert, token_dataset
+from msam_reference import reference_msam_gradient, reference_sgd_step
+from trainer_utils import (
+    SequentialSAMTrainer,
+    SequentialTrainer,
+    lm_dataset,
+    max_abs_diff,
+    sam_args,
+    snapshot,
+    tensor_batch,
+    tiny_llama,
+)
+from transformers import HfArgumentParser, TrainingArguments
+
+from hf_msam import SAMTrainer, SAMTrainingArguments
+
+
+# --- a. one step equals the plain-loop reference ------------------------------------------------------
+@pytest.mark.parametrize(
+    "micro_batch_size, adaptive",
+    [(None, False), (4, False), (2, False), (3, False), (3, True)],
+    ids=["sam-m1", "m2", "m4", "uneven-3-3-2", "asam-uneven"],
+)
+def test_one_step_matches_reference(tmp_path, micro_batch_size, adaptive):
+    data = token_dataset(8, seed=1)
+    model = tiny_bert(seed=1)
+    reference = tiny_bert(seed=1)
+    args = sam_args(tmp_path, sam_rho=0.2, sam_micro_batch_size=micro_batch_size, sam_adaptive=adaptive, sam_adaptive_eta=0.05)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+
+    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, 8), micro_batch_size, 0.2, adaptive, 0.05)
+    reference_sgd_step(reference, gradient, lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+    assert max_abs_diff(snapshot(model), snapshot(tiny_bert(seed=1))) > 1e-3  # it did train
+
+
+# --- b. rho = 0 is the stock Trainer, bit for bit -----------------------------------------------------
+def test_zero_rho_is_stock_trainer_bit_for_bit(tmp_path):
+    data = token_dataset(48, seed=2)
+    common = dict(per_device_train_batch_size=8, max_steps=5, optim="adamw_torch", learning_rate=1e-2, max_grad_norm=1.0)
+    sam_model, stock_model = tiny_bert(seed=2), tiny_bert(seed=2)
+    SequentialSAMTrainer(
+        model=sam_model, args=sam_args(tmp_path / "sam", sam_rho=0.0, sam_micro_batch_size=2, **common), train_dataset=data
+    ).train()
+    stock_args = TrainingArguments(
+        output_dir=str(tmp_path / "stock"), lr_scheduler_type="constant", weight_decay=0.0, report_to="none",
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True, **common,
+    )
+    SequentialTrainer(model=stock_model, args=stock_args, train_dataset=data).train()
+    a, b = snapshot(sam_model), snapshot(stock_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert max_abs_diff(a, snapshot(tiny_bert(seed=2))) > 1e-3
+
+
+# --- c. restore is exact: learning rate 0 leaves the weights bit for bit -----------------------------
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_zero_learning_rate_leaves_weights_exactly(tmp_path, optim):
+    data = token_dataset(48, seed=3)
+    model = tiny_bert(seed=3)
+    start = snapshot(model)
+    args = sam_args(tmp_path, optim=optim, learning_rate=0.0, sam_rho=0.5, sam_micro_batch_size=2, max_steps=3,
+                    gradient_accumulation_steps=2)
+    trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    assert trainer.state.log_history[0]["sam_ascent_grad_norm"] > 0  # perturbations did happen
+
+
+# --- d. gradient accumulation 2 x 8 equals 1 x 16 ---------------------------------------------------
+def _train_ga(tmp_path, make_model, data, ga, batch, steps=2):
+    model = make_model()
+    args = sam_args(tmp_path / f"ga{ga}", per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                    sam_rho=0.1, sam_micro_batch_size=4, max_steps=steps)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+    return snapshot(model)
+
+
+def test_gradient_accumulation_bert_head(tmp_path):
+    """BERT heads accept **kwargs but return a plain mean (transformers#47688): no inflated GA step."""
+    data = token_dataset(32, seed=4)
+    with_ga = _train_ga(tmp_path, lambda: tiny_bert(seed=4), data, ga=2, batch=8)
+    without = _train_ga(tmp_path, lambda: tiny_bert(seed=4), data, ga=1, batch=16)
+    assert max_abs_diff(with_ga, without) < 1e-6
+    # and both equal the reference mSAM step (so neither is scaled by GA)
+    reference = tiny_bert(seed=4)
+    for step in range(2):
+        batch = tensor_batch(data, 16 * step, 16 * step + 16)
+        reference_sgd_step(reference, reference_msam_gradient(reference, batch, 4, 0.1), lr=0.5)
+    assert max_abs_diff(with_ga, snapshot(reference)) < 1e-6
+
+
+def test_gradient_accumulation_token_level_loss(tmp_path):
+    """A causal LM whose loss uses num_items_in_batch; micro-batches hold unequal numbers of tokens."""
+    data = lm_dataset(32, seed=5)
+    with_ga = _train_ga(tmp_path, lambda: tiny_llama(seed=5), data, ga=2, batch=8)
+    without = _train_ga(tmp_path, lambda: tiny_llama(seed=5), data, ga=1, batch=16)
+    assert max_abs_diff(with_ga, without) < 1e-6
+    reference = tiny_llama(seed=5)
+    for step in range(2):
+        batch = tensor_batch(data, 16 * step, 16 * step + 16)
+        items = [int(batch["labels"][k : k + 4, 1:].ne(-100).sum()) for k in range(0, 16, 4)]
+        weights = [i / sum(items) for i in items]
+        assert len(set(items)) > 1  # the token weighting is really exercised
+        reference_sgd_step(reference, reference_msam_gradient(reference, batch, 4, 0.1, weights=weights), lr=0.5)
+    assert max_abs_diff(with_ga, snapshot(reference)) < 1e-6
+
+
+# --- f. bf16 trains; a non-finite ascent gradient under fp16 is skipped -----------------------------
+def _learnable_dataset(n=64, seed=6):
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, 8), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
+
+
+def test_bf16_autocast_trains(tmp_path):
+    data = _learnable_dataset()
+    args = sam_args(tmp_path, bf16=True, optim="adamw_torch", learning_rate=3e-3, max_steps=40, sam_rho=0.05,
+                    sam_micro_batch_size=4, per_device_train_batch_size=16)
+    trainer = SequentialSAMTrainer(model=tiny_bert(seed=6, hidden_size=32, intermediate_size=64), args=args, train_dataset=data)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (what an fp16 overflow of the ascent pass gives)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+def test_non_finite_ascent_gradient_is_skipped_under_fp16(tmp_path):
+    data = token_dataset(8, seed=7)
+    model, reference = tiny_bert(seed=7), tiny_bert(seed=7)
+    calls = {"n": 0}
+
+    def overflow_on_ascent(module, inputs, output):  # forward passes alternate: ascent, descent
+        calls["n"] += 1
+        return _InfiniteGradient.apply(output) if calls["n"] % 2 == 1 else output
+
+    model.classifier.register_forward_hook(overflow_on_ascent)
+    args = sam_args(tmp_path, fp16=True, sam_rho=0.3, sam_micro_batch_size=4)
+    trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data)
+    assert trainer.accelerator.mixed_precision == "fp16"
+    trainer.train()
+    assert trainer.state.log_history[0]["sam_skipped"] == 2 and calls["n"] == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Both perturbations skipped: the step is the plain (rho = 0) gradient step at w. (On CPU accelerate runs an
+    # fp16 request without autocast or GradScaler; the scaled path is tested in test_msam and on the GPU.)
+    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, 8), 4, rho=0.0)
+    reference_sgd_step(reference, gradient, lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+# --- g. PEFT LoRA: only adapters move --------------------------------------------------------------
+def test_peft_lora_perturbs_and_updates_only_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+        torch.manual_seed(8)
+        return get_peft_model(tiny_bert(seed=8), config)
+
+    data = token_dataset(8, seed=8)
+    model, reference = lora_model(), lora_model()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen and trainable
+    trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path, sam_rho=0.2, sam_micro_batch_size=4), train_dataset=data)
+    trainer.train()
+    assert len(trainer._sam.params) == len(trainable)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if "lora_" in n)
+    reference_sgd_step(reference, reference_msam_gradient(reference, tensor_batch(data, 0, 8), 4, 0.2), lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+# --- h. resume from a checkpoint ends where an uninterrupted run ends -------------------------------
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    data = token_dataset(64, seed=9)
+    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, sam_rho=0.1, sam_micro_batch_size=4)
+    straight = tiny_bert(seed=9)
+    SequentialSAMTrainer(model=straight, args=sam_args(tmp_path / "a", **common), train_dataset=data).train()
+
+    interrupted_args = sam_args(tmp_path / "b", save_strategy="steps", save_steps=2, **common)
+    SequentialSAMTrainer(model=tiny_bert(seed=9), args=interrupted_args, train_dataset=data).train()
+    resumed = tiny_bert(seed=99)  # different init: everything must come from the checkpoint
+    SequentialSAMTrainer(model=resumed, args=interrupted_args, train_dataset=data).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2")
+    )
+    a, b = snapshot(straight), snapshot(resumed)
+    assert max_abs_diff(a, b) == 0.0
+
+
+# --- i. bad configuration fails when the arguments are built ----------------------------------------
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"sam_rho": -0.1}, "sam_rho"),
+        ({"sam_rho": float("nan")}, "sam_rho"),
+        ({"sam_micro_batch_size": 0}, "sam_micro_batch_size"),
+        ({"sam_micro_batch_size": 9}, "sam_micro_batch_size"),
+        ({"sam_global": True, "sam_micro_batch_size": 4}, "sam_global"),
+        ({"sam_global": True, "gradient_accumulation_steps": 2}, "sam_global"),
+        ({"sam_adaptive_eta": -1.0}, "sam_adaptive_eta"),
+        ({"deepspeed": "ds_config.json"}, "deepspeed"),
+        ({"fsdp": "full_shard"}, "fsdp"),
+    ],
+)
+def test_bad_configuration_fails_at_argument_time(tmp_path, overrides, field):
+    with pytest.raises(ValueError) as error:
+        sam_args(tmp_path, **overrides)
+    message = str(error.value)
+    assert field in message and ("yet" in message or "set" in message or ">=" in message or "lower" in message)
+
+
+def test_arguments_are_flags_and_are_saved(tmp_path):
+    parser = HfArgumentParser(SAMTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--sam_rho", "0.1", "--sam_micro_batch_size", "4", "--sam_adaptive",
+         "--sam_adaptive_eta", "0.02", "--per_device_train_batch_size", "16"]
+    )
+    assert (args.sam_rho, args.sam_micro_batch_size, args.sam_adaptive, args.sam_adaptive_eta) == (0.1, 4, True, 0.02)
+    assert args.sam_num_micro_batches == 4
+    saved = args.to_dict()
+    assert saved["sam_rho"] == 0.1 and saved["sam_micro_batch_size"] == 4 and saved["sam_global"] is False
+    with pytest.raises(ValueError, match="sam_micro_batch_size"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--sam_micro_batch_size", "32"])
+
+
+def test_plain_training_arguments_are_converted(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, hub_token="secret", use_cpu=True,
+                             report_to="none")
+    trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8))
+    assert isinstance(trainer.args, SAMTrainingArguments)
+    assert trainer.args.sam_rho == 0.05 and trainer.args.per_device_train_batch_size == 4
+    assert trainer.args.hub_token == "secret"
+
+
+# --- j. a batch smaller than the micro-batch size trains --------------------------------------------
+def test_last_batch_smaller_than_micro_batch(tmp_path):
+    data = token_dataset(10, seed=10)  # batches of 8 and 2; micro-batches 4, 4 and 2
+    model, reference = tiny_bert(seed=10), tiny_bert(seed=10)
+    trainer = SequentialSAMTrainer(
+        model=model, args=sam_args(tmp_path, sam_rho=0.2, sam_micro_batch_size=4, max_steps=-1, num_train_epochs=1),
+        train_dataset=data,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+    for start, stop in [(0, 8), (8, 10)]:
+        reference_sgd_step(reference, reference_msam_gradient(reference, tensor_batch(data, start, stop), 4, 0.2), lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+def test_logged_loss_is_the_unperturbed_loss(tmp_path):
+    data = token_dataset(8, seed=11)
+    model = tiny_bert(seed=11)
+    with torch.no_grad():
+        expected = model(**tensor_batch(data, 0, 8)).loss.item()
+    trainer = SequentialSAMTrainer(model=model, args=sam_args(tmp_path, sam_rho=0.5, sam_micro_batch_size=4), train_dataset=data)
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    assert entry["loss"] == pytest.approx(expected, rel=1e-5)
+    assert entry["sam_perturbed_loss"] > entry["loss"]  # rho = 0.5 climbs the loss
+    assert entry["sam_skipped"] == 0 and math.isfinite(entry["sam_ascent_grad_norm"])
