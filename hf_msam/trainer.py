@@ -128,7 +128,7 @@ class SAMTrainer(Trainer):
             weight = world * items / items_step
 
             with self.compute_loss_context_manager():
-                loss_at_w = self.compute_loss(ascent_model, micro_batch)
+                loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
             if args.sam_global and world > 1:
@@ -140,7 +140,7 @@ class SAMTrainer(Trainer):
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             with sync, _frozen_batchnorm_statistics(self._batchnorms):
                 with self.compute_loss_context_manager():
-                    loss_at_w_plus_e = self.compute_loss(model, micro_batch)
+                    loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
                 self.accelerator.backward(weight * loss_at_w_plus_e)
             sam.restore()
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())

@@ -42,6 +42,22 @@ def test_one_step_matches_reference(tmp_path, micro_batch_size, adaptive):
     assert max_abs_diff(snapshot(model), snapshot(tiny_bert(seed=1))) > 1e-3  # it did train
 
 
+def test_label_smoothing_matches_reference(tmp_path):
+    """The Trainer's label smoother pops `labels` from the batch: both passes must still see them."""
+    data = token_dataset(8, seed=13)
+    model, reference = tiny_bert(seed=13), tiny_bert(seed=13)
+    args = sam_args(tmp_path, sam_rho=0.2, sam_micro_batch_size=4, label_smoothing_factor=0.1)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+
+    def smoothed(m, batch):
+        logits = m(input_ids=batch["input_ids"]).logits
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], label_smoothing=0.1)
+
+    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, 8), 4, 0.2, loss_fn=smoothed)
+    reference_sgd_step(reference, gradient, lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
 # --- b. rho = 0 is the stock Trainer, bit for bit -----------------------------------------------------
 def test_zero_rho_is_stock_trainer_bit_for_bit(tmp_path):
     data = token_dataset(48, seed=2)
