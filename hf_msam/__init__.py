@@ -3,7 +3,9 @@ sharpness / Hessian-coherence report of what it trains."""
 
 from .arguments import SAMTrainingArguments
 from .curvature.arguments import SharpnessArguments
+from .curvature.report import SharpnessReport, sharpness_report
 from .msam import MicroBatchSAM, Perturbation, split_micro_batches
+from .reporting import SharpnessCallback, SharpnessReportMixin, SharpnessResult
 from .trainer import SAMTrainer
 
 __version__ = "0.1.0"
@@ -14,5 +16,10 @@ __all__ = [
     "SAMTrainer",
     "SAMTrainingArguments",
     "SharpnessArguments",
+    "SharpnessCallback",
+    "SharpnessReportMixin",
+    "SharpnessResult",
+    "SharpnessReport",
+    "sharpness_report",
     "split_micro_batches",
 ]

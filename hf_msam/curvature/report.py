@@ -1,0 +1,509 @@
+"""``sharpness_report``: the curvature report of ``DESIGN.md`` section 3 for a Hugging Face model.
+
+Measures (the ``measures`` option): ``eigenvalues`` (Lanczos top-k of the Hessian), ``trace``
+(Hutchinson), ``m_sharpness``, ``coherence`` (Gauss-Newton coherence sigma and the Gauss-Newton
+lambda_max) and ``probe`` (the simulated linear-stability probe). The critical learning rates and the
+verdict follow from them. A measure that fails is reported as null with the reason in ``errors``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import stability
+from .coherence import ntk_coherence
+from .heads import infer_problem_type, per_example_loss
+from .msharpness import m_sharpness
+from .operators import (
+    Batch,
+    HessianOperator,
+    curvature_mode,
+    model_device,
+    output_field,
+    to_device,
+    trainable_parameters,
+)
+from .spectrum import hutchinson_trace, lanczos
+
+SCHEMA_VERSION = 1
+MEASURES = ("eigenvalues", "trace", "m_sharpness", "coherence", "probe")
+OPTIMIZER_NOTE = (
+    "The stability theory (Theorem 1 of Dexter et al., the gradient-descent bound 2/lambda_max, the "
+    "linear-stability probe) is about plain SGD without momentum at a minimum; for momentum or adaptive "
+    "optimizers (Adam, AdamW) the critical learning rates and the verdict are indicative only."
+)
+LABEL_KEYS = ("label", "label_ids")
+
+
+@dataclass
+class SharpnessReport:
+    """The numbers of one curvature report; null (None) wherever a number was not computed."""
+
+    schema_version: int = SCHEMA_VERSION
+    num_examples: int = 0
+    num_parameters: int = 0
+    problem_type: str | None = None
+    loss: float | None = None
+    grad_norm: float | None = None
+    probe_accuracy: float | None = None
+    interpolates: bool | None = None
+    lambda_max: float | None = None
+    lambda_max_residual: float | None = None
+    top_eigenvalues: list[float] | None = None
+    top_eigenvalue_residuals: list[float] | None = None
+    lanczos_iterations: int | None = None
+    lanczos_converged: bool | None = None
+    trace: float | None = None
+    trace_stderr: float | None = None
+    trace_probes: int | None = None
+    m_sharpness: float | None = None
+    m_sharpness_rho: float | None = None
+    m_sharpness_m: int | None = None
+    coherence: float | None = None
+    coherence_examples: int | None = None
+    coherence_hessian: str | None = None
+    coherence_train_estimate: float | None = None
+    lambda_max_ggn: float | None = None
+    max_example_lambda_max_ggn: float | None = None
+    learning_rate: float | None = None
+    train_batch_size: int | None = None
+    num_train_examples: int | None = None
+    eta_critical_theorem1: float | None = None
+    eta_critical_gd: float | None = None
+    stable_sgd: bool | None = None
+    stability_basis: str | None = None
+    probe_growth_rate: float | None = None
+    probe_steps: int | None = None
+    probe_sampling: str | None = None
+    hvp_count: int = 0
+    hvp_counts: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    optimizer_note: str = OPTIMIZER_NOTE
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (non-finite floats become null)."""
+        return {key: _finite_or_none(value) for key, value in asdict(self).items()}
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, allow_nan=False)
+
+    def metrics(self, prefix: str = "sharpness_") -> dict[str, float | int]:
+        """The scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), for Trainer logs."""
+        flat: dict[str, float | int] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, bool):
+                flat[prefix + key] = int(value)
+            elif isinstance(value, (int, float)):
+                flat[prefix + key] = value
+        for key, value in self.seconds.items():
+            flat[f"{prefix}seconds_{key}"] = value
+        return flat
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
+
+
+def _forward_arguments(model: torch.nn.Module) -> set[str] | None:
+    """Named parameters of the model's forward (None when it takes only **kwargs)."""
+    forward = getattr(model, "_original_forward", model.forward)
+    params = inspect.signature(forward).parameters.values()
+    named = {p.name for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named or None
+
+
+def _clean_example(example: Mapping[str, Any], accepted: set[str] | None) -> dict[str, Any]:
+    """Model-ready fields: ``label``/``label_ids`` renamed to ``labels``; strings, None and fields the
+    forward does not take dropped (the Trainer's ``remove_unused_columns``)."""
+    out: dict[str, Any] = {}
+    for key, value in example.items():
+        key = "labels" if key in LABEL_KEYS else key
+        if value is None or isinstance(value, str):
+            continue
+        if accepted is not None and key not in accepted:
+            continue
+        out[key] = value
+    return out
+
+
+def _probe_examples(dataset: Any, num_examples: int, seed: int, model: torch.nn.Module) -> list[dict[str, Any]]:
+    if num_examples < 1:
+        raise ValueError("num_examples: the probe set must hold at least one example (got %d)" % num_examples)
+    total = len(dataset)
+    if total == 0:
+        raise ValueError("dataset: the probe set is empty; pass a dataset with at least one example")
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num_examples].tolist()
+    accepted = _forward_arguments(model)
+    examples = [_clean_example(dataset[i], accepted) for i in order]
+    if not all("labels" in e for e in examples):
+        raise ValueError(
+            "dataset: examples have no `labels` (or `label`) field; the curvature is that of the training "
+            "loss, which needs the targets: add a labels column"
+        )
+    return examples
+
+
+def _pad_collator(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """Right-pad ragged sequence fields (``input_ids`` with ``pad_token_id``, the rest with 0), add an
+    attention mask if padding was needed and none was given, then ``default_data_collator``."""
+    from transformers import default_data_collator
+
+    def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+        features = [dict(f) for f in features]
+        ragged = [
+            k for k, v in features[0].items()
+            if isinstance(v, (list, torch.Tensor)) and len({len(f[k]) for f in features}) > 1
+        ]
+        if ragged:
+            if "input_ids" in ragged and "attention_mask" not in features[0]:
+                for f in features:
+                    f["attention_mask"] = [1] * len(f["input_ids"])
+                ragged.append("attention_mask")
+            for key in ragged:
+                width = max(len(f[key]) for f in features)
+                value = pad_token_id if key == "input_ids" else 0
+                for f in features:
+                    f[key] = list(f[key]) + [value] * (width - len(f[key]))
+        return default_data_collator(features)
+
+    return collate
+
+
+def _chunks(items: Sequence[Any], size: int) -> list[list[Any]]:
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def sharpness_report(
+    model: torch.nn.Module,
+    dataset: Any,
+    *,
+    data_collator: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None,
+    tokenizer: Any = None,
+    num_examples: int = 256,
+    seed: int = 0,
+    measures: Sequence[str] | None = None,
+    lanczos_iterations: int = 30,
+    lanczos_tol: float = 1e-3,
+    top_k: int = 5,
+    trace_probes: int = 20,
+    rho: float = 0.05,
+    m: int = 16,
+    batch_size: int = 32,
+    learning_rate: float | None = None,
+    train_batch_size: int | None = None,
+    num_train_examples: int | None = None,
+    probe_steps: int = 30,
+    probe_sampling: str = "uniform",
+    coherence_examples: int | None = None,
+    coherence_memory_gb: float = 4.0,
+    optimizer: str | None = None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> SharpnessReport:
+    """Curvature of the mean training loss of ``model`` on a fixed, seeded probe set from ``dataset``.
+
+    ``dataset`` is an HF ``Dataset`` or a list of dicts of model-ready examples with ``labels``;
+    ``data_collator`` batches them (default: ``DataCollatorWithPadding(tokenizer)`` when ``tokenizer``
+    is given, else right padding with ``config.pad_token_id`` then ``default_data_collator``). The probe
+    set is ``num_examples`` examples drawn with ``seed``, processed in chunks of ``batch_size``;
+    coherence uses its first ``coherence_examples`` (default all) and holds at most
+    ``coherence_memory_gb`` of Jacobian rows. The verdict needs the SGD ``learning_rate``,
+    ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``).
+
+    Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
+    without a loss, integer labels on a regression head, unknown measures); anything else that fails is
+    left null in the report and explained in ``errors``.
+    """
+    chosen = tuple(MEASURES if measures is None else measures)
+    unknown = [x for x in chosen if x not in MEASURES]
+    if unknown:
+        raise ValueError(f"measures: unknown {unknown}; choose from {list(MEASURES)}")
+    for name, value in (("batch_size", batch_size), ("m", m), ("top_k", top_k), ("trace_probes", trace_probes),
+                        ("lanczos_iterations", lanczos_iterations), ("probe_steps", probe_steps)):
+        if value < 1:
+            raise ValueError(f"{name}: must be at least 1 (got {value})")
+    if probe_sampling not in ("uniform", "bernoulli"):
+        raise ValueError(f"probe_sampling: {probe_sampling!r} is neither 'uniform' nor 'bernoulli'")
+    examples = _probe_examples(dataset, num_examples, seed, model)
+    if data_collator is None:
+        if tokenizer is not None:
+            from transformers import DataCollatorWithPadding
+
+            data_collator = DataCollatorWithPadding(tokenizer)
+        else:
+            pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+            data_collator = _pad_collator(0 if pad is None else int(pad))
+    collate = data_collator
+    batches = [collate(chunk) for chunk in _chunks(examples, batch_size)]
+    config = getattr(model, "config", None)
+    labels = batches[0]["labels"]
+    problem_type = infer_problem_type(config, labels) if isinstance(labels, torch.Tensor) else None
+    if problem_type == "regression" and not labels.is_floating_point():
+        raise ValueError(
+            "labels: integer class labels but the model has a regression head (num_labels=1 / "
+            "problem_type='regression'); pass float targets for regression, or load the model with "
+            "num_labels=<number of classes> for classification"
+        )
+    n_train = int(num_train_examples) if num_train_examples is not None else len(dataset)
+    report = SharpnessReport(
+        num_examples=len(examples),
+        num_parameters=sum(p.numel() for p in trainable_parameters(model)),
+        problem_type=problem_type,
+        learning_rate=learning_rate,
+        train_batch_size=train_batch_size,
+        num_train_examples=n_train,
+    )
+    if optimizer is not None and "sgd" not in optimizer.lower():
+        report.warnings.append(f"optimizer {optimizer!r} is not plain SGD: see optimizer_note")
+    options = _Options(lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
+                       probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress)
+    with curvature_mode(model, device):
+        _fill(report, model, examples, batches, collate, chosen, options)
+    return report
+
+
+@dataclass
+class _Options:
+    lanczos_iterations: int
+    lanczos_tol: float
+    top_k: int
+    trace_probes: int
+    rho: float
+    m: int
+    batch_size: int
+    seed: int
+    probe_steps: int
+    probe_sampling: str
+    coherence_examples: int | None
+    coherence_memory_gb: float
+    progress: bool
+
+
+def _check_outputs(model: torch.nn.Module, batch: Batch) -> Any:
+    outputs = model(**to_device(batch, model_device(model)))
+    if output_field(outputs, "loss") is None:
+        raise ValueError(
+            "model: the forward returned no `loss` for a batch with `labels`; use a model with a task head "
+            "that computes its loss (e.g. AutoModelForSequenceClassification), not a bare encoder"
+        )
+    if output_field(outputs, "logits") is None:
+        raise ValueError("model: the forward returned no `logits`; the report needs a classification/regression head")
+    return outputs
+
+
+def _baseline(report: SharpnessReport, model: torch.nn.Module, batches: list[Batch]) -> None:
+    """Loss at the weights, accuracy and whether every probe example is fit (``interpolates``)."""
+    total, fit, correct, count = 0.0, True, 0, 0
+    with torch.no_grad():
+        for b in batches:
+            b = to_device(b, model_device(model))
+            out = model(**b)
+            size = int(b["labels"].shape[0])
+            total += float(output_field(out, "loss")) * size
+            count += size
+            logits = output_field(out, "logits").reshape(size, -1)
+            if report.problem_type == "single_label_classification":
+                hits = logits.argmax(dim=1) == b["labels"].reshape(size)
+                correct += int(hits.sum())
+            elif report.problem_type == "multi_label_classification":
+                hits = ((logits > 0) == (b["labels"].reshape(size, -1) > 0.5)).all(dim=1)
+                correct += int(hits.sum())
+            elif report.problem_type == "regression":
+                y = b["labels"].reshape(size, -1).float()
+                losses = per_example_loss(logits, y, "regression")
+                fit &= bool((losses <= 1e-6 * max(1.0, float((y**2).mean()))).all())
+    report.loss = total / count
+    if report.problem_type in ("single_label_classification", "multi_label_classification"):
+        report.probe_accuracy = correct / count
+        report.interpolates = correct == count
+    elif report.problem_type == "regression":
+        report.interpolates = fit
+
+
+def _fill(
+    report: SharpnessReport,
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    batches: list[Batch],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    chosen: tuple[str, ...],
+    o: _Options,
+) -> None:
+    from tqdm.auto import tqdm
+
+    _check_outputs(model, batches[0])
+    _baseline(report, model, batches)
+    if not math.isfinite(report.loss):
+        report.errors.append(
+            f"loss: not finite ({report.loss}) at the current weights; no curvature measure was computed"
+        )
+        return
+    op = HessianOperator(model, batches)
+    device = model_device(model)
+    verdict_inputs = report.learning_rate is not None and report.train_batch_size is not None
+    n_coh = min(o.coherence_examples or len(examples), len(examples))
+    planned = {
+        "eigenvalues": o.lanczos_iterations,
+        "trace": o.trace_probes,
+        "m_sharpness": math.ceil(len(examples) / o.m),
+        "coherence": n_coh,
+        "probe": o.probe_steps,
+    }
+    bar = tqdm(total=sum(planned[x] for x in chosen), desc="sharpness report", disable=not o.progress)
+
+    def counted(v: torch.Tensor) -> torch.Tensor:
+        bar.update(1)
+        return op.matvec(v)
+
+    def run(name: str, fn: Callable[[], None]) -> None:
+        start, hvps, done = time.perf_counter(), op.num_hvps, bar.n
+        bar.set_postfix_str(name)
+        try:
+            fn()
+        except Exception as exc:  # a failed measure stays null and is explained; the report never crashes
+            report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
+        report.seconds[name] = time.perf_counter() - start
+        report.hvp_counts[name] = report.hvp_counts.get(name, 0) + op.num_hvps - hvps
+        bar.update(max(0, done + planned.get(name, 0) - bar.n))
+
+    def gradient() -> None:
+        report.grad_norm = float(op.gradient().norm())
+
+    run("gradient", gradient)
+
+    def eigenvalues() -> None:
+        result = lanczos(counted, op.dim, top_k=o.top_k, max_iterations=o.lanczos_iterations,
+                         tol=o.lanczos_tol, seed=o.seed, device=device)
+        report.top_eigenvalues = result.eigenvalues
+        report.top_eigenvalue_residuals = result.residuals
+        report.lambda_max, report.lambda_max_residual = result.eigenvalues[0], result.residuals[0]
+        report.lanczos_iterations, report.lanczos_converged = result.iterations, result.converged
+        if not result.converged:
+            report.warnings.append(
+                f"eigenvalues: Lanczos stopped after {result.iterations} iterations before the residuals "
+                f"reached lanczos_tol={o.lanczos_tol} relative; see top_eigenvalue_residuals"
+            )
+
+    def trace() -> None:
+        result = hutchinson_trace(counted, op.dim, probes=o.trace_probes, seed=o.seed + 1, device=device)
+        report.trace, report.trace_stderr, report.trace_probes = result.trace, result.stderr, o.trace_probes
+
+    def sharpness() -> None:
+        micro = [collate(chunk) for chunk in _chunks(examples, o.m)]
+        report.m_sharpness = m_sharpness(model, micro, o.rho)
+        report.m_sharpness_rho, report.m_sharpness_m = o.rho, o.m
+
+    def coherence() -> None:
+        if report.problem_type is None:
+            raise ValueError("labels are not a tensor after collation; cannot tell the head's loss")
+        check_batch = to_device(batches[0], device)
+        with torch.no_grad():
+            out = model(**check_batch)
+        mine = float(per_example_loss(output_field(out, "logits"), check_batch["labels"], report.problem_type).mean())
+        theirs = float(output_field(out, "loss"))
+        if not math.isclose(mine, theirs, rel_tol=1e-4, abs_tol=1e-6):
+            raise ValueError(
+                f"the model's loss ({theirs:.6g}) is not the mean {report.problem_type} loss of its logits "
+                f"({mine:.6g}); coherence needs the per-example loss Hessians of a standard head"
+            )
+        rows = int(output_field(out, "logits").reshape(check_batch["labels"].shape[0], -1).shape[1])
+        per_example_bytes = 4 * rows * op.dim
+        chunk = max(1, int(o.coherence_memory_gb * 2**30 / (2 * per_example_bytes)))
+        singles = [collate([e]) for e in examples[:n_coh]]
+        result = ntk_coherence(model, singles, report.problem_type, chunk_examples=chunk,
+                               on_chunk=lambda done, total: bar.set_postfix_str(f"coherence {done}/{total}"))
+        report.coherence, report.coherence_examples = result.sigma, n_coh
+        report.coherence_hessian = "gauss-newton"
+        report.lambda_max_ggn = result.lambda_max_ggn
+        report.max_example_lambda_max_ggn = result.max_example_lambda_max
+        if result.sigma is None:
+            report.warnings.append("coherence: every per-example Gauss-Newton matrix is zero; sigma undefined")
+        if not report.interpolates:
+            report.warnings.append(
+                "coherence: the model does not fit every probe example, so the Gauss-Newton H_i are an "
+                "approximation of the per-example Hessians (exact only at an interpolating minimum)"
+            )
+
+    def probe() -> None:
+        if not verdict_inputs:
+            raise ValueError("needs learning_rate and train_batch_size")
+
+        def batch_hvp(idx: list[int], v: torch.Tensor) -> torch.Tensor:
+            chunks = [collate([examples[i] for i in part]) for part in _chunks(idx, o.batch_size)]
+            sub = HessianOperator(model, chunks)
+            bar.update(1)
+            return sub.matvec(v) * len(idx)
+
+        result = stability.linear_stability_probe(
+            batch_hvp, op.dim, len(examples), learning_rate=report.learning_rate,
+            batch_size=report.train_batch_size, steps=o.probe_steps, sampling=o.probe_sampling,
+            seed=o.seed + 2, device=device,
+        )
+        report.probe_growth_rate, report.probe_steps = result.growth_rate, len(result.step_factors)
+        report.probe_sampling = o.probe_sampling
+        report.hvp_counts["probe"] = result.num_hvps  # products with SGD-batch Hessians, not the full one
+
+    steps = {"eigenvalues": eigenvalues, "trace": trace, "m_sharpness": sharpness, "coherence": coherence,
+             "probe": probe}
+    for name in MEASURES:
+        if name in chosen:
+            run(name, steps[name])
+    bar.close()
+    report.hvp_count = sum(report.hvp_counts.values())
+    _verdict(report, n_coh)
+
+
+def _verdict(report: SharpnessReport, n_coh: int) -> None:
+    """Critical learning rates (``stability``) and the verdict for the run's own eta, B and n."""
+    lam = report.lambda_max
+    if lam is None and report.lambda_max_ggn is not None:
+        lam = report.lambda_max_ggn
+        report.warnings.append("verdict: Lanczos lambda_max not computed; using the Gauss-Newton lambda_max")
+    if lam is None:
+        return
+    report.eta_critical_gd = stability.eta_critical_gd(lam)
+    n, b = report.num_train_examples, report.train_batch_size
+    if report.coherence is not None and n is not None:
+        sigma = report.coherence * n / n_coh
+        report.coherence_train_estimate = sigma
+        if n != n_coh:
+            report.warnings.append(
+                f"verdict: sigma of the {n_coh} coherence examples scaled to the n={n} training examples as "
+                "sigma * n / n_probe (sigma/n estimated from the probe set; exact when per-example curvature "
+                "is aligned, an overestimate, hence a conservative Theorem-1 threshold, when it is not)"
+            )
+        if b is not None:
+            report.eta_critical_theorem1 = stability.eta_critical_theorem1(lam, sigma, n, b)
+    if report.learning_rate is None or b is None:
+        report.warnings.append("verdict: pass learning_rate and train_batch_size for the SGD stability verdict")
+        return
+    eta = report.learning_rate
+    if report.eta_critical_theorem1 is not None and eta >= report.eta_critical_theorem1:
+        report.stable_sgd, report.stability_basis = False, "theorem1"
+    elif report.eta_critical_gd is not None and eta > report.eta_critical_gd:
+        report.stable_sgd, report.stability_basis = False, "gd_bound"
+    elif report.probe_growth_rate is not None:
+        report.stable_sgd = report.probe_growth_rate <= 1.0
+        report.stability_basis = "probe"
+    else:
+        report.warnings.append(
+            "verdict: no sufficient condition for instability holds, but they prove instability only; "
+            "run the `probe` measure for a verdict of stability"
+        )

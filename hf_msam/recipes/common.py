@@ -1,0 +1,191 @@
+"""What both recipes share: argument parsing with recipe defaults, the Hub preflight, the end of a run
+(save, card, push) and the clean shutdown of a distributed run. The recipes themselves stay flat."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import transformers
+from transformers import HfArgumentParser
+
+from .. import hub
+
+logger = logging.getLogger("hf_msam.recipes")
+
+# Defaults of both recipes that differ from TrainingArguments' own (every one can be overridden by a flag).
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "do_train": True,
+    "do_eval": True,
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "logging_steps": 10,
+    "report_to": "none",
+    "sharpness_report": True,
+}
+
+
+def parse_args(
+    argv: list[str] | None,
+    dataclass_types: tuple,
+    defaults: dict[str, Any],
+    default_run: Callable[[tuple], dict[str, Any]],
+) -> tuple[tuple, set[str]]:
+    """Parse ``argv`` (flags, or one ``.json`` file) into the dataclasses, with the recipe ``defaults`` and,
+    when ``default_run(parsed)`` returns settings (the embedded offline default run), those too -- each
+    only where the user did not give that argument. Returns the dataclasses and the names given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults = dict(defaults)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _has_gpu():
+        # `accelerate launch --multi_gpu` on a machine without GPUs: without use_cpu the Trainer would run each
+        # process as an independent single-process job (same output_dir, no gradient all-reduce).
+        defaults["use_cpu"] = True
+    parser = HfArgumentParser(dataclass_types)
+    known = {f.name for t in dataclass_types for f in dataclasses.fields(t)}
+    unknown = sorted(k for k in defaults if k not in known)
+    if unknown:  # a recipe default that this transformers version does not have
+        logger.debug("Ignoring recipe defaults unknown to this version: %s", unknown)
+        defaults = {k: v for k, v in defaults.items() if k in known}
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        raw = json.loads(Path(argv[0]).read_text())
+        given = set(raw)
+
+        def parse(extra: dict[str, Any]) -> tuple:
+            return parser.parse_dict({**defaults, **extra, **raw})
+
+    else:
+        given = {re.sub(r"^no_", "", a[2:].split("=")[0]) for a in argv if a.startswith("--")}
+        given |= {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+
+        def parse(extra: dict[str, Any]) -> tuple:
+            parser.set_defaults(**{**defaults, **extra})
+            return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+
+    parsed = parse({})
+    extra = {k: v for k, v in default_run(parsed).items() if k not in given and k in known}
+    if extra:
+        parsed = parse(extra)
+    return parsed, given
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "run"
+
+
+def setup_logging(training_args) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def take_hub_settings(training_args, model_token: str | None = None) -> tuple[bool, str | None]:
+    """Take ``push_to_hub`` and the token out of the TrainingArguments, so that the Trainer never pushes on its
+    own (the recipe pushes once, at the end, after a preflight) and the token never reaches
+    ``training_args.bin``. Returns (push requested, token)."""
+    push = bool(training_args.push_to_hub)
+    token = training_args.hub_token or model_token
+    training_args.push_to_hub = False
+    training_args.hub_token = None
+    return push, (hub.resolve_token(token) if push else token)
+
+
+def sharpness_callbacks(training_args) -> list:
+    """What the recipes add for ``--sharpness_report``/``--sharpness_at_eval``: nothing when ``SAMTrainer``
+    computes the report itself (``hf_msam.reporting.SharpnessReportMixin``), else ``SharpnessCallback`` when this
+    install has it; when neither exists the options are switched off with a note and training goes on."""
+    if not (getattr(training_args, "sharpness_report", False) or getattr(training_args, "sharpness_at_eval", False)):
+        return []
+    from ..trainer import SAMTrainer
+
+    try:
+        from .. import reporting
+    except ImportError as exc:
+        logger.warning("Curvature report requested but not available in this install (%s); training without it.", exc)
+        training_args.sharpness_report = False
+        training_args.sharpness_at_eval = False
+        return []
+    mixin = getattr(reporting, "SharpnessReportMixin", None)
+    if mixin is not None and issubclass(SAMTrainer, mixin):
+        return []
+    callback = getattr(reporting, "SharpnessCallback", None)
+    if callback is None:
+        logger.warning("hf_msam.reporting has no SharpnessCallback; training without the curvature report.")
+        training_args.sharpness_at_eval = False
+        return []
+    training_args.sharpness_at_eval = False  # a callback cannot report at evaluations; the end-of-training report stays
+    return [callback()]
+
+
+def finish(trainer, training_args, card_kwargs: dict[str, Any], push: bool, token: str | None, repo_id: str | None) -> int:
+    """Write the model card, push if asked (main process only) and say how to push later if that fails."""
+    card_kwargs = {**card_kwargs, "hub_model_id": repo_id}
+    trainer.create_model_card(**card_kwargs)  # hf_msam.modelcard, through SAMTrainer.create_model_card
+    status = 0
+    if push and trainer.is_world_process_zero():
+        try:
+            url = hub.push_output_dir(training_args.output_dir, repo_id, token,
+                                      private=training_args.hub_private_repo,
+                                      revision=getattr(training_args, "hub_revision", None))
+            logger.info("Pushed %s to %s: %s", training_args.output_dir, repo_id, url)
+        except Exception as exc:
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            if token:
+                text = text.replace(token, "***")
+            print(
+                f"\nThe push to the Hub ({repo_id}) failed after training: {type(exc).__name__}: {text}\n"
+                f"{hub.push_later_message(training_args.output_dir, repo_id)}",
+                file=sys.stderr,
+            )
+            status = 3
+    return status
+
+
+def preflight_or_exit(push: bool, training_args, token: str | None) -> tuple[int, str | None]:
+    """Run the Hub preflight when pushing; returns (exit status, repo id)."""
+    if not push:
+        return 0, training_args.hub_model_id
+    try:
+        return 0, hub.preflight(training_args.hub_model_id, token, default_name=Path(training_args.output_dir).name)
+    except hub.HubError as exc:
+        print(f"error: {exc}\nNothing was trained.", file=sys.stderr)
+        return 2, None
+
+
+def shutdown_distributed() -> None:
+    """End a multi-process run cleanly (without it a gloo rank can abort at exit; DESIGN.md section 7)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def record_run(output_dir: str, name: str, values: dict[str, Any]) -> None:
+    """Merge ``values`` into ``output_dir/NAME`` (JSON), e.g. the recipe settings and wall time."""
+    path = Path(output_dir) / name
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(values)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

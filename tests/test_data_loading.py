@@ -1,0 +1,108 @@
+"""hf_msam.data: local text/image data, validation errors that name the file/column and the fix."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hf_msam.data import DataError, image_transform, load_image_dataset, load_text_dataset, tokenize
+from recipe_fixtures import write_image_folder, write_text_csv, write_vocab
+
+
+def test_csv_with_string_labels_and_a_fixed_split(tmp_path):
+    path = write_text_csv(tmp_path / "train.csv", n=40)
+    a = load_text_dataset(path, seed=3)
+    b = load_text_dataset(path, seed=3)
+    assert a.label_names == ["neg", "pos"] and a.text_column == "text" and not a.is_regression
+    assert len(a.train) + len(a.validation) == 40 and len(a.validation) == 8
+    assert a.validation["text"] == b.validation["text"]
+    assert set(a.train["label"]) <= {0, 1}
+
+
+def test_tsv_pairs_jsonl_regression_and_validation_file(tmp_path):
+    tsv = write_text_csv(tmp_path / "pairs.tsv", n=20, delimiter="\t", columns=("sentence1", "label"))
+    rows = [{"premise": "a good film", "hypothesis": "good", "score": 0.5 + i / 10} for i in range(12)]
+    jsonl = tmp_path / "reg.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    data = load_text_dataset(jsonl, validation_data=jsonl, text_column="premise", text_pair_column="hypothesis")
+    assert data.is_regression and data.num_labels == 1 and len(data.validation) == 12
+    assert data.train.features["label"].dtype == "float32"
+    tsv_data = load_text_dataset(tsv)
+    assert tsv_data.text_column == "sentence1"
+
+
+@pytest.mark.parametrize(
+    "content, kwargs, expected",
+    [
+        ("", {}, "is empty"),
+        ("text,label\n", {}, "no examples"),
+        ("text,label\nhello,1\nbye,0\n", {"label_column": "stars"}, "no label column 'stars'"),
+        ("text,label\nhello,1\nbye,0\n", {"text_column": "review"}, "no column 'review'"),
+        ("text,label\nhello,-1\nbye,0\n", {}, "out of range"),
+    ],
+)
+def test_bad_text_files_name_the_file_and_the_fix(tmp_path, content, kwargs, expected):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=expected) as info:
+        load_text_dataset(path, validation_data=path, **kwargs)
+    assert "bad.csv" in str(info.value) or "--" in str(info.value)
+
+
+def test_unseen_validation_label_and_unknown_task(tmp_path):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\na,cat\nb,dog\n")
+    dev = tmp_path / "dev.csv"
+    dev.write_text("text,label\nc,bird\n")
+    with pytest.raises(DataError, match="bird.*do not occur in the training data"):
+        load_text_dataset(train, validation_data=dev)
+    with pytest.raises(DataError, match="Unknown GLUE task 'sst3'.*Did you mean 'sst2'"):
+        load_text_dataset(task_name="sst3")
+    with pytest.raises(DataError, match="not found"):
+        load_text_dataset(tmp_path / "missing.csv")
+
+
+def test_tokenize_with_a_real_vocabulary(tmp_path):
+    from transformers import BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab=str(write_vocab(tmp_path / "vocab.txt")))
+    data = load_text_dataset(write_text_csv(tmp_path / "t.csv", n=10), validation_split=0.5)
+    out = tokenize(data.train, tokenizer, text_column="text", max_length=16)
+    assert set(out.column_names) >= {"input_ids", "attention_mask", "labels"}
+    assert tokenizer.unk_token_id not in out[0]["input_ids"]
+
+
+def test_image_folder_pixel_csv_and_transform(tmp_path):
+    from transformers import ViTImageProcessor
+
+    folder = write_image_folder(tmp_path / "images", per_class=5)
+    data = load_image_dataset(folder, validation_split=0.4, seed=0)
+    assert data.label_names == ["bright", "dark"] and len(data.train) == 6 and len(data.validation) == 4
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    data.train.set_transform(image_transform(processor))
+    assert tuple(data.train[:2]["pixel_values"].shape) == (2, 3, 8, 8)
+
+    rows = np.random.default_rng(0).integers(0, 255, (10, 16))
+    csv_path = tmp_path / "pixels.csv"
+    csv_path.write_text("label," + ",".join(f"p{i}" for i in range(16)) + "\n"
+                        + "\n".join(f"{i % 3}," + ",".join(map(str, r)) for i, r in enumerate(rows)))
+    pixels = load_image_dataset(csv_path, validation_split=0.3)
+    assert pixels.label_names == ["0", "1", "2"] and np.asarray(pixels.train[0]["image"]).shape == (4, 4)
+
+
+def test_bad_images_are_refused_up_front(tmp_path):
+    folder = write_image_folder(tmp_path / "images", per_class=3)
+    (folder / "dark" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="Unreadable image .*broken.png"):
+        load_image_dataset(folder)
+    (folder / "dark" / "broken.png").unlink()
+    other = write_image_folder(tmp_path / "other", per_class=1)
+    (other / "bright").rename(other / "zebra")
+    with pytest.raises(DataError, match="zebra.*do not occur"):
+        load_image_dataset(folder, validation_data=other)
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_text("label,p0,p1,p2,p3,p4\n1,0,0,0,0,0\n0,1,1,1,1,1\n")
+    with pytest.raises(DataError, match="not a square image"):
+        load_image_dataset(bad_csv)

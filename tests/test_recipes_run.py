@@ -1,0 +1,188 @@
+"""The glue and vit recipes end to end on tiny models and a few dozen examples, on CPU: training, the model
+card, safetensors only, the Hub push against a fake Hub on 127.0.0.1, preflight failures, a failed push,
+bad input, one JSON argv, and ``accelerate launch --multi_gpu --num_processes 2`` (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_msam.recipes import glue, vit
+from recipe_fixtures import (
+    GOOD_TOKEN,
+    FakeHub,
+    files_containing,
+    online_hub,
+    save_tiny_bert,
+    save_tiny_vit,
+    write_image_folder,
+    write_text_csv,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--learning_rate", "1e-3", "--sam_micro_batch_size", "4", "--logging_steps", "1", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def text_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    return {"model": save_tiny_bert(root / "bert"), "train": write_text_csv(root / "train.csv", n=32, seed=0),
+            "dev": write_text_csv(root / "dev.csv", n=16, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def image_assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return {"model": save_tiny_vit(root / "vit"), "train": write_image_folder(root / "train", per_class=12),
+            "dev": write_image_folder(root / "dev", per_class=4, seed=1)}
+
+
+def _glue_args(assets, out):
+    return ["--model_name_or_path", str(assets["model"]), "--train_file", str(assets["train"]),
+            "--validation_file", str(assets["dev"]), "--output_dir", str(out), *FAST]
+
+
+def _one_model_one_card(out: Path):
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not list(out.glob("pytorch_model*.bin"))
+    card = (out / "README.md").read_text()
+    assert "msam" in card and "## mSAM settings" in card
+    return card
+
+
+def test_glue_trains_writes_card_and_pushes_without_leaking_the_token(text_assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    with FakeHub() as fake:
+        online_hub(monkeypatch, fake.endpoint)
+        argv = _glue_args(text_assets, out) + ["--push_to_hub", "--hub_model_id", "tiny-glue",
+                                               "--hub_token", GOOD_TOKEN, "--save_strategy", "epoch",
+                                               "--sharpness_num_examples", "16"]
+        assert glue.main(argv) == 0
+    card = _one_model_one_card(out)
+    results = json.loads((out / "all_results.json").read_text())
+    assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["wall_time_s"] > 0
+    assert "| rho | 0.05 |" in card and "Accuracy" in card
+    assert list(out.glob("checkpoint-*")), "a checkpoint was saved locally"
+    if (out / "sharpness.json").is_file():  # the curvature report (on by default in the recipes) is in the card
+        assert "No curvature report" not in card and "sharpness.json" in fake.files
+    calls = [p for p in fake.paths() if "agent-harnesses" not in p]  # huggingface_hub's own user-agent lookup
+    assert calls[0] == "GET /api/whoami-v2"  # the preflight came first
+    assert {"model.safetensors", "README.md", "config.json", "tokenizer.json"} <= set(fake.files)
+    assert not [f for f in fake.files if f.startswith("checkpoint-") or f.endswith((".bin", ".pt"))]
+    assert files_containing(out, GOOD_TOKEN) == []  # training_args.bin, trainer_state.json, README, ...
+
+
+def test_glue_preflight_failure_trains_nothing(text_assets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert glue.main(_glue_args(text_assets, out) + ["--push_to_hub", "--hub_model_id", "x"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+    assert not out.exists()
+    with FakeHub() as fake:
+        online_hub(monkeypatch, fake.endpoint, token=None)
+        assert glue.main(_glue_args(text_assets, out) + ["--push_to_hub", "--hub_model_id", "x"]) == 2
+    assert "token" in capsys.readouterr().err and not out.exists()
+
+
+def test_glue_failed_push_keeps_everything_and_says_how_to_push_later(text_assets, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with FakeHub(fail_commit=True) as fake:
+        online_hub(monkeypatch, fake.endpoint)
+        monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda *_: None, raising=False)
+        status = glue.main(_glue_args(text_assets, out) + ["--push_to_hub", "--hub_model_id", "tiny-glue",
+                                                           "--save_strategy", "no", "--sharpness_report", "False"])
+    assert status == 3
+    assert f"hf-msam push {out} --hub_model_id tester/tiny-glue" in capsys.readouterr().err
+    _one_model_one_card(out)
+    assert (out / "tokenizer.json").is_file() and (out / "all_results.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task_name", "sst3"], "Unknown GLUE task 'sst3'"),
+        (["--label_column", "stars"], "no label column 'stars'"),
+        (["--sam_rho", "-1"], "sam_rho"),
+    ],
+)
+def test_glue_bad_input_is_a_clear_error(text_assets, tmp_path, capsys, extra, message):
+    argv = _glue_args(text_assets, tmp_path / "run") + extra
+    if extra[0] == "--task_name":
+        argv = [a for a in argv if a not in {"--train_file", str(text_assets["train"]), "--validation_file",
+                                             str(text_assets["dev"])}]
+    assert glue.main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_vit_image_folder_from_one_json_argv(image_assets, tmp_path):
+    out = tmp_path / "run"
+    args = {"model_name_or_path": str(image_assets["model"]), "train_dir": str(image_assets["train"]),
+            "validation_dir": str(image_assets["dev"]), "output_dir": str(out), "num_train_epochs": 2,
+            "per_device_train_batch_size": 8, "sam_micro_batch_size": 4, "learning_rate": 1e-3,
+            "save_strategy": "no", "sharpness_report": False}
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(args))
+    assert vit.main([str(path)]) == 0
+    card = _one_model_one_card(out)
+    assert "image-classification" in card and (out / "preprocessor_config.json").is_file()
+    assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "bright", "1": "dark"}
+
+
+def _launch(script: str, args: list[str], cwd: Path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(REPO / "recipes" / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_glue_two_processes(text_assets, tmp_path):
+    out = tmp_path / "run"
+    proc = _launch("glue.py", _glue_args(text_assets, out) + ["--save_strategy", "no", "--sharpness_report", "False"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    _one_model_one_card(out)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2  # 32 examples / (2 processes x 8)
+    assert "| num_processes | 2 |" in (out / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_vit_two_processes(image_assets, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", str(image_assets["model"]), "--train_dir", str(image_assets["train"]),
+            "--validation_dir", str(image_assets["dev"]), "--output_dir", str(out), *FAST,
+            "--save_strategy", "no", "--sharpness_report", "False"]
+    proc = _launch("vit.py", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "terminate called" not in proc.stderr
+    _one_model_one_card(out)
+
+
+@pytest.mark.parametrize("name, processes, machines", [("single_process", 1, 1), ("multi_gpu", 8, 1), ("multi_node", 16, 2)])
+def test_accelerate_config_files_load(name, processes, machines):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "recipes" / "accelerate" / f"{name}.yaml"))
+    assert (config.num_processes, config.num_machines) == (processes, machines)
+
+
+def test_cli_dispatches_to_the_recipes(capsys):
+    from hf_msam import cli
+
+    for command in ("glue", "vit"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([command, "--help"])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert "--sam_micro_batch_size" in out and "--sharpness_report" in out and "--eval_strategy" in out
