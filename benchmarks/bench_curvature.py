@@ -181,16 +181,18 @@ def main() -> None:
     rows = sentences(0)
     model, tokenizer = load(args.device)
     examples = encode(tokenizer, rows[: args.num_examples])
+    print(f"full report: {args.num_examples} examples", flush=True)
     options = dict(num_examples=args.num_examples, coherence_examples=args.coherence_examples, seed=0,
                    lanczos_iterations=args.lanczos_iterations, lanczos_tol=1e-3, top_k=3,
                    trace_probes=args.trace_probes, rho=0.05, m=16,
                    batch_size=32, learning_rate=0.01, train_batch_size=32, num_train_examples=len(rows),
-                   probe_steps=args.probe_steps, device=args.device)
+                   probe_steps=args.probe_steps, device=args.device, progress=True)
     start = time.perf_counter()
     report = sharpness_report(model, examples, **options)
     wall = time.perf_counter() - start
     peak_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    print(f"report done in {wall:.0f} s; Lanczos vs PyHessian on {args.compare_examples} examples", flush=True)
     compare = lanczos_vs_pyhessian(model, examples[: args.compare_examples], args.device, args.power_iterations)
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
@@ -201,7 +203,7 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None},
         "model": "all-MiniLM-L6-v2 + random 2-class head (attn_implementation=eager), length 64",
         "data": f"rt_movie_snippets.tsv, |score| > 0.5, {len(rows)} labelled sentences",
-        "full_report": {"options": {k: v for k, v in options.items() if k != "device"},
+        "full_report": {"options": {k: v for k, v in options.items() if k not in ("device", "progress")},
                         "wall_seconds": wall, "peak_rss_gb": peak_rss_gb, "peak_gpu_memory_gb": peak_gpu_gb,
                         "coherence_seconds": report.seconds.get("coherence"),
                         "coherence_within_5_minutes": (report.seconds.get("coherence") or math.inf) <= 300,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .curvature.arguments import PREFIX, SharpnessArguments, report_options
 from .curvature.plot import plot_report

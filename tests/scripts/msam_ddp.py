@@ -31,6 +31,7 @@ def main(out_dir: str) -> None:
             with open(os.path.join(out_dir, f"{name}.skipped"), "w") as handle:
                 handle.write(str(trainer.state.log_history[0]["sam_skipped"]))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # without it, a rank can hang at shutdown now and then
         torch.distributed.destroy_process_group()
 
 
