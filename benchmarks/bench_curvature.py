@@ -67,8 +67,11 @@ def lanczos_vs_pyhessian(model, examples: list[dict], device: str, max_power: in
     """HVPs to reach 1e-3 relative accuracy on lambda_max: our Lanczos against PyHessian's power iteration
     on the same model and probe set (one batch), against a tightly converged Lanczos run (the first
     iterations of which are our Lanczos run)."""
+    import sys
+
     import pyhessian
-    import pyhessian.hessian as ph_module
+
+    ph_module = sys.modules["pyhessian.hessian"]  # the package re-exports the class under the same name
     from transformers import default_data_collator
 
     from hf_msam.curvature.operators import HessianOperator, curvature_mode

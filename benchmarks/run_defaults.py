@@ -59,10 +59,10 @@ def run(kind: str, device: str, bf16: bool, extra: list[str]) -> dict:
         cmd += extra
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        print(f"[run_defaults] {kind}: {' '.join(cmd)}", flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env)  # the recipe's log streams through
         wall = time.time() - start
         if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
             raise SystemExit(f"{kind} default run failed with exit code {proc.returncode}")
         results = json.loads((out / "all_results.json").read_text())
         card = json.loads((out / "msam_card.json").read_text())
