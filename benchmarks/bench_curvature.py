@@ -82,6 +82,9 @@ def lanczos_vs_pyhessian(model, examples: list[dict], device: str, max_power: in
     with curvature_mode(model):
         ours = lanczos(op.matvec, op.dim, top_k=1, max_iterations=40, tol=1e-7, seed=0)
         lam = ours.eigenvalues[0]
+        # power iteration converges to the eigenvalue of largest magnitude: find lambda_min as well
+        lam_min = -lanczos(lambda v: -op.matvec(v), op.dim, top_k=1, max_iterations=30, tol=1e-6, seed=0).eigenvalues[0]
+        dominant = lam if abs(lam) >= abs(lam_min) else lam_min
 
         class LogitsOnly(torch.nn.Module):
             def __init__(self, inner):
@@ -122,6 +125,8 @@ def lanczos_vs_pyhessian(model, examples: list[dict], device: str, max_power: in
         "lanczos_hvps_to_1e-3": n_ours,
         "pyhessian_power_hvps_to_1e-3": n_power if n_power is not None else f">{max_power}",
         "ratio_lanczos_over_power": (n_ours / n_power) if (n_ours and n_power) else None,
+        "lambda_min_reference": lam_min,
+        "pyhessian_power_hvps_to_1e-3_of_largest_magnitude": first_within(power_history, dominant) or f">{max_power}",
         "pyhessian_default_stop_hvps": default_hvps,
         "pyhessian_default_stop_rel_error": abs(default_stop - lam) / abs(lam),
         "lanczos_history": ours.history,

@@ -266,11 +266,7 @@ def run_floor(a, model, ds, out: dict) -> None:
         opt.zero_grad(set_to_none=True)
 
     sam = MicroBatchSAM(params, rho=RHO)
-    sam.save_weights()
     grads_template = [torch.randn_like(p) for p in params]
-
-    def vec_save():
-        sam.save_weights()
 
     def vec_alloc():  # what autograd.grad hands back per micro-batch: fresh parameter-sized tensors
         g = [torch.empty_like(p).fill_(1.0) for p in params]
@@ -281,10 +277,8 @@ def run_floor(a, model, ds, out: dict) -> None:
 
         _global_norm(grads_template)
 
-    def vec_perturb_norm_add():
+    def vec_perturb_and_restore():  # norm, w + e_k built in the gradient buffers, pointer swap back
         sam.perturb_with([g.clone() for g in grads_template])
-
-    def vec_restore():
         sam.restore()
 
     tasks = {
@@ -294,11 +288,9 @@ def run_floor(a, model, ds, out: dict) -> None:
         "passes_m1": lambda: passes(None),
         "passes_m4": lambda: passes(8),
         "passes_m8": lambda: passes(4),
-        "vec_save_copy": vec_save,
         "vec_grad_alloc_fill": vec_alloc,
         "vec_norm": vec_norm,
-        "vec_clone_norm_add": vec_perturb_norm_add,
-        "vec_restore_copy": vec_restore,
+        "vec_clone_perturb_restore": vec_perturb_and_restore,
     }
     samples = {k: [] for k in tasks}
     samples["clip_adamw_zero_grad"] = []
@@ -315,7 +307,6 @@ def run_floor(a, model, ds, out: dict) -> None:
                     samples["clip_adamw_zero_grad"].append(clock() - t0)
             if rep >= a.warmup:
                 samples[name].append(dt)
-        sam.restore()
     out["floor_samples"] = samples
 
 
@@ -512,7 +503,7 @@ def summarize(a, runs, load, started, out_path, final) -> None:
                 pooled.setdefault(k, []).extend(v)
         fl = {k: _stats(v)["median"] for k, v in pooled.items()}
         opt = fl["clip_adamw_zero_grad"]
-        per_mb_vec = fl["vec_grad_alloc_fill"] + fl["vec_clone_norm_add"] + fl["vec_restore_copy"]
+        per_mb_vec = fl["vec_grad_alloc_fill"] + fl["vec_clone_perturb_restore"]
         floor = {"medians_s": fl, "samples_s": pooled,
                  "small_batch_penalty_4x8_vs_b32": fl["fwd_bwd_4x8"] / fl["fwd_bwd_b32"],
                  "small_batch_penalty_8x4_vs_b32": fl["fwd_bwd_8x4"] / fl["fwd_bwd_b32"],
@@ -520,7 +511,7 @@ def summarize(a, runs, load, started, out_path, final) -> None:
                                   "msam8": fl["passes_m4"] + opt, "msam4": fl["passes_m8"] + opt},
                  "vector_work_per_micro_batch_s_approx": per_mb_vec,
                  "note": "passes_mK = K x (forward + autograd.grad, forward + backward) with no SAM vector work; "
-                         "vec_* = one parameter-sized operation on all trainable tensors; vec_clone_norm_add includes a clone of g"}
+                         "vec_* = one parameter-sized operation on all trainable tensors; vec_clone_perturb_restore includes a clone of g"}
         floor["floor_ratio_m4_vs_sam_floor"] = floor["step_floor_s"]["msam8"] / floor["step_floor_s"]["sam"]
         floor["floor_ratio_m8_vs_sam_floor"] = floor["step_floor_s"]["msam4"] / floor["step_floor_s"]["sam"]
         for c in ("stock", "sam", "msam8", "msam4"):

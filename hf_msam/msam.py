@@ -11,14 +11,15 @@ mini-batch ``D`` is cut into disjoint micro-batches ``D_1 .. D_m``; with ``w`` t
     update = base_optimizer.step( sum_k (|D_k| / |D|) d_k )     weights restored to w first
 
 ``m = 1`` is SAM; ``rho = 0`` is the base optimizer. Only trainable tensors (``requires_grad``) are
-perturbed and enter ``||g_k||``. The restore is exact (``p.copy_(saved)``, bit for bit) and a non-finite
-ascent gradient leaves the weights untouched (``e_k = 0``).
+perturbed and enter ``||g_k||``. The restore is exact (bit for bit: the parameters get their original
+tensors back) and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The extra memory
+is one parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a
+micro-batch is in flight.
 
 Use it in any training loop::
 
     sam = MicroBatchSAM(model.parameters(), rho=0.05)
     for batch in loader:
-        sam.save_weights()
         for micro_batch, weight in split_micro_batches(batch, 8):
             sam.perturb(model(**micro_batch).loss)         # w -> w + e_k
             (weight * model(**micro_batch).loss).backward()  # accumulates d_k into .grad
@@ -84,19 +85,22 @@ class MicroBatchSAM:
         self.adaptive_eta = float(adaptive_eta)
         self._saved: list[torch.Tensor] | None = None
 
-    @torch.no_grad()
-    def save_weights(self) -> None:
-        """Copy ``w`` into a buffer that is allocated once and reused (one copy of the trainable weights)."""
-        if self._saved is None or any(s.shape != p.shape for s, p in zip(self._saved, self.params)):
-            self._saved = [torch.empty_like(p) for p in self.params]
-        torch._foreach_copy_(self._saved, [p.detach() for p in self.params])
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether the weights are at ``w + e_k`` (between :meth:`perturb` and :meth:`restore`)."""
+        return self._saved is not None
 
     @torch.no_grad()
     def restore(self) -> None:
-        """``w + e_k -> w`` by copying the saved weights back: bit for bit, never ``p -= e_k``."""
+        """``w + e_k -> w``: the parameters get back the very tensors they held before :meth:`perturb`.
+
+        Bit for bit, never ``p -= e_k``; a no-op when the last perturbation was skipped.
+        """
         if self._saved is None:
-            raise RuntimeError("restore() called before save_weights().")
-        torch._foreach_copy_(self.params, self._saved)
+            return
+        for p, saved in zip(self.params, self._saved):
+            p.data = saved
+        self._saved = None
 
     def ascent_gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """``g_k = grad L_k(w)`` by ``torch.autograd.grad``, so ``.grad`` (the accumulated descent) is untouched.
@@ -108,26 +112,35 @@ class MicroBatchSAM:
 
     @torch.no_grad()
     def perturb_with(self, grads: list[torch.Tensor], grad_scale: float = 1.0) -> Perturbation:
-        """Move the weights from ``w`` to ``w + e_k`` for the ascent gradient ``grads`` (consumed in place).
+        """Move the weights from ``w`` to ``w + e_k`` for the ascent gradient ``grads``.
 
-        ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of ``e_k``
-        does not depend on it, only the reported norm does.
+        ``w + e_k`` is built in place in the buffers of ``grads``, which the parameters then hold while ``w``
+        is kept aside for :meth:`restore`: one parameter-sized buffer in flight at any time, no copy of the
+        weights. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of
+        ``e_k`` does not depend on it, only the reported norm does.
         """
+        if self._saved is not None:
+            raise RuntimeError("perturb() called twice without restore(): the weights are already at w + e_k.")
+        weights = [p.detach() for p in self.params]
         if self.adaptive:
             # T g_k, then T^2 g_k in place: e_k = rho * T^2 g_k / ||T g_k||.
-            scale_t = torch._foreach_abs([p.detach() for p in self.params])
+            scale_t = torch._foreach_abs(weights)
             torch._foreach_add_(scale_t, self.adaptive_eta)
             torch._foreach_mul_(grads, scale_t)
             norm = _global_norm(grads)
             if not math.isfinite(norm):
                 return Perturbation(norm / grad_scale, skipped=True)
             torch._foreach_mul_(grads, scale_t)
+            del scale_t
         else:
             norm = _global_norm(grads)
             if not math.isfinite(norm):
                 return Perturbation(norm / grad_scale, skipped=True)
-        if self.rho > 0:
-            torch._foreach_add_(self.params, grads, alpha=self.rho / (norm + EPS * grad_scale))
+        torch._foreach_mul_(grads, self.rho / (norm + EPS * grad_scale))
+        torch._foreach_add_(grads, weights)  # grads now hold w + e_k
+        self._saved = [p.data for p in self.params]
+        for p, perturbed in zip(self.params, grads):
+            p.data = perturbed
         return Perturbation(norm / grad_scale, skipped=False)
 
     def perturb(self, loss: torch.Tensor, grad_scale: float = 1.0) -> Perturbation:

@@ -123,7 +123,6 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             for micro_batch, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)
             if (items := self._count_items(micro_batch)) > 0  # nothing supervised: no loss, no gradient
         ]
-        sam.save_weights()
         clean_loss = torch.zeros((), device=args.device)
         for index, (micro_batch, items) in enumerate(micro_batches):
             weight = world * items / items_step
@@ -139,11 +138,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
-            with sync, _frozen_batchnorm_statistics(self._batchnorms):
-                with self.compute_loss_context_manager():
-                    loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
-                self.accelerator.backward(weight * loss_at_w_plus_e)
-            sam.restore()
+            try:
+                with sync, _frozen_batchnorm_statistics(self._batchnorms):
+                    with self.compute_loss_context_manager():
+                        loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
+                    self.accelerator.backward(weight * loss_at_w_plus_e)
+            finally:
+                sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
         return clean_loss
 

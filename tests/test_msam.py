@@ -25,7 +25,6 @@ def _msam_gradient_with_module(model, batch, micro_batch_size, **sam_kwargs):
     """The loop from the module docstring, returning the accumulated ``.grad``."""
     sam = MicroBatchSAM(model.parameters(), **sam_kwargs)
     model.zero_grad(set_to_none=True)
-    sam.save_weights()
     for micro, share in split_micro_batches(batch, micro_batch_size):
         sam.perturb(model(**micro).loss)
         (share * model(**micro).loss).backward()
@@ -56,13 +55,16 @@ def test_restore_is_bit_exact_and_grad_untouched():
     for p in model.parameters():
         p.grad = torch.full_like(p, 7.0)  # descent gradients of earlier chunks
     sam = MicroBatchSAM(model.parameters(), rho=0.5)
-    sam.save_weights()
+    storage = [p.data_ptr() for p in model.parameters()]
     for micro, _ in split_micro_batches(_batch(), 3):
         result = sam.perturb(model(**micro).loss)
         assert not result.skipped and result.grad_norm > 0
         assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert sam.is_perturbed
         sam.restore()
+        assert not sam.is_perturbed
         assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        assert [p.data_ptr() for p in model.parameters()] == storage  # the very same tensors are back
     assert all(torch.equal(p.grad, torch.full_like(p, 7.0)) for p in model.parameters())
 
 
@@ -73,7 +75,6 @@ def test_perturbation_has_norm_rho_and_only_moves_trainable_tensors():
         p.requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     sam = MicroBatchSAM(model.parameters(), rho=0.25)
-    sam.save_weights()
     sam.perturb(model(**_batch()).loss)
     moved = {n: (p.detach() - before[n]) for n, p in model.named_parameters()}
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not p.requires_grad)
@@ -85,10 +86,10 @@ def test_non_finite_ascent_gradient_is_skipped_and_weights_untouched():
     model = tiny_bert(seed=4)
     before = [p.detach().clone() for p in model.parameters()]
     sam = MicroBatchSAM(model.parameters(), rho=0.1)
-    sam.save_weights()
     loss = model(**_batch()).loss * torch.tensor(float("inf"))
     result = sam.perturb(loss)
-    assert result.skipped and not math.isfinite(result.grad_norm)
+    assert result.skipped and not math.isfinite(result.grad_norm) and not sam.is_perturbed
+    sam.restore()  # nothing to undo
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
@@ -98,7 +99,6 @@ def test_fp16_loss_scale_changes_reported_norm_not_direction():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     model = tiny_bert(seed=5)
     sam = MicroBatchSAM(model.parameters(), rho=0.1)
-    sam.save_weights()
     plain = sam.perturb(model(**batch).loss)
     perturbed_plain = [p.detach().clone() for p in model.parameters()]
     sam.restore()
@@ -112,7 +112,6 @@ def test_zero_rho_leaves_weights_alone():
     model = tiny_bert(seed=6)
     before = [p.detach().clone() for p in model.parameters()]
     sam = MicroBatchSAM(model.parameters(), rho=0.0)
-    sam.save_weights()
     sam.perturb(model(**_batch()).loss)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 

