@@ -22,7 +22,9 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATA = os.path.join(HERE, "..", "..", "shared", "data", "sentiment", "rt_movie_snippets.tsv")
+DATA = os.environ.get(
+    "HF_MSAM_SENTIMENT_TSV", os.path.join(HERE, "..", "..", "shared", "data", "sentiment", "rt_movie_snippets.tsv")
+)
 
 
 def sentences(limit: int) -> list[tuple[str, int]]:
@@ -80,10 +82,10 @@ def lanczos_vs_pyhessian(model, examples: list[dict], device: str, max_power: in
     batch = default_data_collator(examples)
     op = HessianOperator(model, [batch])
     with curvature_mode(model):
-        ours = lanczos(op.matvec, op.dim, top_k=1, max_iterations=40, tol=1e-7, seed=0)
+        ours = lanczos(op.matvec, op.dim, top_k=1, max_iterations=40, tol=1e-7, seed=0, device=device)
         lam = ours.eigenvalues[0]
         # power iteration converges to the eigenvalue of largest magnitude: find lambda_min as well
-        lam_min = -lanczos(lambda v: -op.matvec(v), op.dim, top_k=1, max_iterations=30, tol=1e-6, seed=0).eigenvalues[0]
+        lam_min = -lanczos(lambda v: -op.matvec(v), op.dim, top_k=1, max_iterations=30, tol=1e-6, seed=0, device=device).eigenvalues[0]
         dominant = lam if abs(lam) >= abs(lam_min) else lam_min
 
         class LogitsOnly(torch.nn.Module):

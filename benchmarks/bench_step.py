@@ -413,7 +413,7 @@ def main() -> None:
     tag = a.device.split(":")[0] + ("_bf16" if a.bf16 else "")
     out_path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"step_{tag}.json"
     runs: dict[str, list[dict]] = {c: [] for c in configs}
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.time()
     load = [os.getloadavg()]
     for r in range(a.rounds):

