@@ -132,7 +132,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
             if args.sam_global and world > 1:
-                _all_reduce_mean_(grads, weight)
+                _all_reduce_mean_(grads, weight / world)
             perturbation = sam.perturb_with(grads, grad_scale=grad_scale)
             del grads
 
@@ -225,7 +225,8 @@ def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
-    """Global SAM: replace each process's ascent gradient by the weighted mean over processes, in one call."""
+    """Global SAM: replace each process's ascent gradient ``g_r`` by ``sum_r weight_r * g_r`` over processes, in one
+    all-reduce (with ``weight_r = items_r / items_step`` that is the gradient of the whole mini-batch's mean loss)."""
     flat = torch._utils._flatten_dense_tensors(tensors).mul_(weight)
     torch.distributed.all_reduce(flat)
     for tensor, reduced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):

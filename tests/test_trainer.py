@@ -296,3 +296,38 @@ def test_logged_loss_is_the_unperturbed_loss(tmp_path):
     assert entry["loss"] == pytest.approx(expected, rel=1e-5)
     assert entry["sam_perturbed_loss"] > entry["loss"]  # rho = 0.5 climbs the loss
     assert entry["sam_skipped"] == 0 and math.isfinite(entry["sam_ascent_grad_norm"])
+
+
+# --- BatchNorm running statistics move once per micro-batch (the ascent pass), not twice -------------
+class _BatchNormClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(14)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+    def forward(self, features, labels=None):
+        logits = self.net(features)
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_batchnorm_statistics_are_updated_by_the_ascent_pass_only(tmp_path):
+    import copy
+
+    import datasets
+
+    g = torch.Generator().manual_seed(14)
+    data = datasets.Dataset.from_dict({"features": torch.randn(8, 6, generator=g).tolist(),
+                                       "labels": torch.randint(0, 2, (8,), generator=g).tolist()})
+    model = _BatchNormClassifier()
+    reference = copy.deepcopy(model)
+    args = sam_args(tmp_path, sam_rho=0.5, sam_micro_batch_size=4, learning_rate=0.0)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+    reference.train()
+    with torch.no_grad():  # one train-mode pass per micro-batch at the unperturbed weights
+        for start in (0, 4):
+            reference(torch.tensor(data["features"][start : start + 4]))
+    bn, ref_bn = model.net[1], reference.net[1]
+    assert torch.equal(bn.num_batches_tracked, ref_bn.num_batches_tracked) and int(bn.num_batches_tracked) == 2
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=1e-7)
+    torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=1e-7)
