@@ -70,6 +70,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 "launch one process per GPU with `accelerate launch --multi_gpu` (or torchrun)."
             )
         self._sam: MicroBatchSAM | None = None
+        self._sam_module: nn.Module | None = None  # the module self._sam was built for
+        self._batchnorms: list[nn.Module] = []
         self._sam_items_in_step: float | None = None
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
         self._sam_stats = torch.zeros(4, dtype=torch.float64, device=self.args.device)

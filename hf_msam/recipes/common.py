@@ -19,6 +19,39 @@ from .. import hub
 
 logger = logging.getLogger("hf_msam.recipes")
 
+@dataclasses.dataclass
+class HubModelArguments:
+    """Where both recipes' models come from: the Hub options they share (each recipe adds its own fields)."""
+
+    cache_dir: str | None = dataclasses.field(default=None, metadata={"help": "Where downloads from the Hub are stored."})
+    model_revision: str = dataclasses.field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
+    token: str | None = dataclasses.field(
+        default=None, metadata={"help": "Hub token for private models/data (default: HF_TOKEN or `hf auth login`)."}
+    )
+    trust_remote_code: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Allow custom model code from the Hub to run on this machine. Off unless you have read it."},
+    )
+    ignore_mismatched_sizes: bool = dataclasses.field(
+        default=False, metadata={"help": "Replace a checkpoint's classification head of another size."}
+    )
+
+    def hub_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``from_pretrained`` these options stand for."""
+        return dict(cache_dir=self.cache_dir, revision=self.model_revision, token=self.token,
+                    trust_remote_code=self.trust_remote_code)
+
+
+def train_and_save(trainer, training_args, train_dataset) -> None:
+    """Train (resuming if asked), save the model (safetensors, with its processor), the metrics and the state."""
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    metrics = dict(result.metrics, train_samples=len(train_dataset))
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+
 # Defaults of both recipes that differ from TrainingArguments' own (every one can be overridden by a flag).
 RECIPE_DEFAULTS: dict[str, Any] = {
     "do_train": True,

@@ -41,7 +41,7 @@ DEFAULT_MODEL_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(common.HubModelArguments):
     """Which model, config and tokenizer to fine-tune."""
 
     model_name_or_path: str | None = field(
@@ -51,18 +51,6 @@ class ModelArguments:
     )
     config_name: str | None = field(default=None, metadata={"help": "Config name or path, if not the model's."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer name or path, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloads from the Hub are stored."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str | None = field(
-        default=None, metadata={"help": "Hub token for private models/data (default: HF_TOKEN or `hf auth login`)."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow custom model code from the Hub to run on this machine. Off unless you have read it."},
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Replace a checkpoint's classification head of another size."}
-    )
 
 
 @dataclass
@@ -164,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 "regression" if data.is_regression else f"{data.num_labels} classes")
 
     # --- Model ---------------------------------------------------------------------------------------------
-    hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-                      trust_remote_code=model_args.trust_remote_code)
+    hub_kwargs = model_args.hub_kwargs()
     config = AutoConfig.from_pretrained(model_args.config_name or model_args.model_name_or_path,
                                         num_labels=data.num_labels, finetuning_task=data.task_name, **hub_kwargs)
     if data.is_regression:
@@ -206,12 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- Train, evaluate, save -------------------------------------------------------------------------------
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # safetensors, with the tokenizer
-        metrics = dict(result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        common.train_and_save(trainer, training_args, train_dataset)
     if training_args.do_eval:
         for name, split in {"": eval_dataset, **extra_eval}.items():
             metrics = trainer.evaluate(eval_dataset=split, metric_key_prefix="eval" if not name else f"eval_{name}")

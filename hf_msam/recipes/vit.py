@@ -40,7 +40,7 @@ logger = logging.getLogger("hf_msam.recipes.vit")
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(common.HubModelArguments):
     """Which model and image processor; without ``model_name_or_path`` a small ViT is built from its config."""
 
     model_name_or_path: str | None = field(
@@ -49,18 +49,6 @@ class ModelArguments:
                   "(--vit_* flags), trained from scratch (no pretrained ViT is reachable offline)."},
     )
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor, if not the model's."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where downloads from the Hub are stored."})
-    model_revision: str = field(default="main", metadata={"help": "Model version: branch, tag or commit id."})
-    token: str | None = field(
-        default=None, metadata={"help": "Hub token for private models/data (default: HF_TOKEN or `hf auth login`)."}
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow custom model code from the Hub to run on this machine. Off unless you have read it."},
-    )
-    ignore_mismatched_sizes: bool = field(
-        default=False, metadata={"help": "Replace a checkpoint's classification head of another size."}
-    )
     vit_image_size: int | None = field(default=None, metadata={"help": "From-config ViT: input size (default: the data's)."})
     vit_patch_size: int = field(default=7, metadata={"help": "From-config ViT: patch size."})
     vit_hidden_size: int = field(default=64, metadata={"help": "From-config ViT: hidden size."})
@@ -174,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         model = ViTForImageClassification(config)
         processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     else:
-        hub_kwargs = dict(cache_dir=model_args.cache_dir, revision=model_args.model_revision, token=model_args.token,
-                          trust_remote_code=model_args.trust_remote_code)
+        hub_kwargs = model_args.hub_kwargs()
         config = AutoConfig.from_pretrained(model_args.model_name_or_path, num_labels=data.num_labels,
                                             label2id=label2id, id2label=id2label, finetuning_task="image-classification",
                                             **hub_kwargs)
@@ -209,12 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()  # safetensors, with the image processor
-        metrics = dict(result.metrics, train_samples=len(train_dataset))
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
+        common.train_and_save(trainer, training_args, train_dataset)
     if training_args.do_eval:
         metrics = trainer.evaluate()
         metrics["eval_samples"] = len(eval_dataset)
