@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from . import stability
@@ -160,13 +161,26 @@ def _probe_examples(dataset: Any, num_examples: int, seed: int, model: torch.nn.
     return examples
 
 
+def _as_collatable(value: Any) -> Any:
+    """A field value in a form ``default_data_collator`` stacks: 0-d tensors, 0-d arrays and NumPy scalars
+    become Python scalars, arrays become tensors; lists, Python scalars and tensors stay as they are."""
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
+
+
 def _pad_collator(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
     """Right-pad ragged sequence fields (``input_ids`` with ``pad_token_id``, the rest with 0), add an
-    attention mask if padding was needed and none was given, then ``default_data_collator``."""
+    attention mask if padding was needed and none was given, then ``default_data_collator``.
+
+    Fields may be Python scalars or lists, tensors of any dimension, NumPy scalars or arrays (the rows of
+    an HF ``Dataset`` in the python, torch or numpy format)."""
     from transformers import default_data_collator
 
     def collate(features: list[dict[str, Any]]) -> dict[str, Any]:
-        features = [dict(f) for f in features]
+        features = [{k: _as_collatable(v) for k, v in f.items()} for f in features]
         ragged = [
             k for k, v in features[0].items()
             if isinstance(v, (list, torch.Tensor)) and len({len(f[k]) for f in features}) > 1
@@ -180,7 +194,7 @@ def _pad_collator(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[st
                 width = max(len(f[key]) for f in features)
                 value = pad_token_id if key == "input_ids" else 0
                 for f in features:
-                    f[key] = list(f[key]) + [value] * (width - len(f[key]))
+                    f[key] = torch.cat([torch.as_tensor(f[key]), torch.full((width - len(f[key]),), value)])
         return default_data_collator(features)
 
     return collate
