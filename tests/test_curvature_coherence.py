@@ -62,7 +62,7 @@ def test_ntk_sigma_equals_dense_gauss_newton_cross_entropy_three_classes():
     sigma, lam = _dense_ggn_sigma(
         model, examples, lambda z, y: torch.nn.functional.cross_entropy(z[None], y.reshape(1))
     )
-    got = ntk_coherence(model, examples, infer_problem_type(None, batch["labels"]), chunk_examples=4)
+    got = ntk_coherence(model, examples, infer_problem_type(None, batch["labels"]), resident_examples=4)
     assert got.sigma == pytest.approx(sigma, rel=1e-5)
     assert got.lambda_max_ggn == pytest.approx(lam, rel=1e-5)
     assert 1.0 <= got.sigma
@@ -73,7 +73,7 @@ def test_ntk_sigma_equals_dense_gauss_newton_mse_regression():
     batch = classifier_batches(n=8, classes=1, chunk=8)[0]
     examples = [{"features": batch["features"][i : i + 1], "labels": batch["labels"][i : i + 1]} for i in range(8)]
     sigma, lam = _dense_ggn_sigma(model, examples, lambda z, y: ((z - y.double()) ** 2).mean())
-    got = ntk_coherence(model, examples, "regression", chunk_examples=3)
+    got = ntk_coherence(model, examples, "regression", resident_examples=3)
     assert got.sigma == pytest.approx(sigma, rel=1e-5)
     assert got.lambda_max_ggn == pytest.approx(lam, rel=1e-5)
     assert 1.0 <= got.sigma <= 8.0 + 1e-9  # rank-one H_i
@@ -94,6 +94,6 @@ def test_ntk_sigma_on_tiny_bert_with_padding_matches_dense():
         mask = torch.cat([torch.ones(1, length, dtype=torch.long), torch.zeros(1, 6 - length, dtype=torch.long)], dim=1)
         padded.append({"input_ids": ids, "attention_mask": mask, "labels": ex["labels"]})
     sigma, lam = _dense_ggn_sigma(model, plain, lambda z, y: torch.nn.functional.cross_entropy(z[None], y.reshape(1)))
-    got = ntk_coherence(model, padded, "single_label_classification", chunk_examples=2)
+    got = ntk_coherence(model, padded, "single_label_classification", resident_examples=2)
     assert got.sigma == pytest.approx(sigma, rel=1e-4)
     assert got.lambda_max_ggn == pytest.approx(lam, rel=1e-4)

@@ -11,20 +11,21 @@ and, with the weighted NTK blocks K_ij = Phi_i Phi_j^T = A_i^{1/2} J_i J_j^T A_j
     Tr(H_i H_j) = ||K_ij||_F^2,     lambda_max(H_i) = lambda_max(K_ii),
 
 and the Gauss-Newton matrix of the probe set, G = (1/n) sum_i H_i = (1/n) Phi^T Phi, shares its non-zero
-eigenvalues with K / n (nC x nC): lambda_max(G) = lambda_max(K) / n exactly. K is accumulated from
-chunks of examples, Phi_a Phi_b^T for chunk pairs a <= b, so no more than two chunks of Jacobian rows
-are ever held.
+eigenvalues with K / n (nC x nC): lambda_max(G) = lambda_max(K) / n exactly. ``gram.weighted_ntk_gram``
+computes K exactly within a memory budget, with the r = rank(A_i) non-null rows of Phi_i per example (an
+orthogonal change of basis within each block, which leaves all of the above unchanged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .heads import logit_hessian, psd_sqrt
-from .operators import Batch, _grads, curvature_mode, model_device, output_field, to_device, trainable_parameters
+from .gram import weighted_ntk_gram
+from .heads import psd_sqrt
+from .operators import Batch
 
 
 @dataclass
@@ -70,96 +71,14 @@ def coherence_from_hessians(hessians: torch.Tensor) -> CoherenceResult:
     )
 
 
-def _trim_padding(example: Batch) -> Batch:
-    """Drop trailing padded positions of a one-example batch (right padding only; exact with masking)."""
-    mask = example.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return example
-    length = int(mask[0].sum())
-    if length == 0 or not bool(mask[0, :length].all()):
-        return example
-    full = mask.shape[1]
-    return {
-        key: value[:, :length] if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[1] == full else value
-        for key, value in example.items()
-    }
-
-
-def weighted_jacobian_rows(
-    model: torch.nn.Module, example: Batch, problem_type: str, out: torch.Tensor, scratch: torch.Tensor
-) -> None:
-    """Write Phi_i = A_i^{1/2} J_i (C x d, float32) of a one-example batch into ``out``; C backward passes.
-
-    Gradients are copied into the preallocated ``scratch`` (C x d) rather than concatenated: fresh
-    buffers of d floats cost page faults on every allocation.
-    """
-    params = trainable_parameters(model)
-    logits = output_field(model(**to_device(_trim_padding(example), model_device(model))), "logits").reshape(-1)
-    num = logits.numel()
-    for c in range(num):
-        offset = 0
-        for g in _grads(logits[c], params, retain_graph=c + 1 < num):
-            scratch[c, offset : offset + g.numel()].copy_(g.reshape(-1))
-            offset += g.numel()
-    root = psd_sqrt(logit_hessian(logits.detach()[None], problem_type))[0].to(scratch)
-    torch.mm(root, scratch[:num], out=out)
-
-
-def num_logits(model: torch.nn.Module, example: Batch) -> int:
-    with torch.no_grad():
-        return output_field(model(**to_device(_trim_padding(example), model_device(model))), "logits").numel()
-
-
 def ntk_coherence(
     model: torch.nn.Module,
     examples: Sequence[Batch],
     problem_type: str,
     *,
-    chunk_examples: int = 16,
-    on_chunk: Callable[[int, int], None] | None = None,
+    memory_gb: float = 2.0,
+    resident_examples: int | None = None,
 ) -> CoherenceResult:
-    """``coherence_from_blocks`` of the weighted empirical NTK of one-example batches, chunk by chunk.
-
-    Chunk pairs (a, b), a <= b: for each a, Phi_b is computed for every b > a, the last of them being
-    chunk a + 1, which is kept as the next Phi_a. Jacobians are thus recomputed about (number of
-    chunks)/2 times, in two preallocated buffers of chunk_examples * C rows of d floats.
-    """
-    n = len(examples)
-    if n == 0:
-        raise ValueError("coherence: no examples")
-    chunks = [list(range(i, min(i + chunk_examples, n))) for i in range(0, n, chunk_examples)]
-    planned = len(chunks) * (len(chunks) - 1) // 2 + 1
-    done = 0
-    with curvature_mode(model):
-        dim = sum(p.numel() for p in trainable_parameters(model))
-        c = num_logits(model, examples[0])
-        device = model_device(model)
-        rows = min(chunk_examples, n) * c
-        buffers = [torch.empty(rows, dim, device=device), torch.empty(rows, dim, device=device)]
-        scratch = torch.empty(c, dim, device=device)
-
-        def phi(idx: list[int], buffer: torch.Tensor) -> torch.Tensor:
-            nonlocal done
-            for j, i in enumerate(idx):
-                weighted_jacobian_rows(model, examples[i], problem_type, buffer[j * c : (j + 1) * c], scratch)
-            done += 1
-            if on_chunk is not None:
-                on_chunk(done, planned)
-            return buffer[: len(idx) * c]
-
-        k = torch.zeros(n * c, n * c, dtype=torch.float64)
-        a_buf, b_buf = buffers
-        phi_a = phi(chunks[0], a_buf)
-        for ia, a in enumerate(chunks):
-            ra = slice(a[0] * c, (a[-1] + 1) * c)
-            k[ra, ra] = (phi_a @ phi_a.T).double().cpu()
-            for b in reversed(chunks[ia + 1 :]):  # the last one computed is chunk ia + 1: reused as next a
-                phi_b = phi(b, b_buf)
-                rb = slice(b[0] * c, (b[-1] + 1) * c)
-                block = (phi_a @ phi_b.T).double().cpu()
-                k[ra, rb] = block
-                k[rb, ra] = block.T
-            if ia + 1 < len(chunks):
-                a_buf, b_buf = b_buf, a_buf
-                phi_a = a_buf[: len(chunks[ia + 1]) * c]
-    return coherence_from_blocks(k, n)
+    """``coherence_from_blocks`` of the weighted empirical NTK of one-example batches (``gram``)."""
+    k = weighted_ntk_gram(model, examples, problem_type, memory_gb=memory_gb, resident_examples=resident_examples)
+    return coherence_from_blocks(k, len(examples))

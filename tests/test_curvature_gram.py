@@ -1,0 +1,171 @@
+"""The Gram builder of the coherence (``hf_msam.curvature.gram``) against a dense reference: per-example
+A_i^{1/2} J_i from ``torch.func.jacrev`` of the logits and ``torch.func.hessian`` of the loss in the logits,
+on tiny BERT (every parameter trainable, so the embedding tables are restricted to their used rows), ViT and
+Llama models built from configs, a model whose embedding table is also used outside the lookup (it must keep
+every column), and buffers so small that every example is recomputed (many passes).
+
+K is compared through the quantities coherence takes from it, which the per-example change of basis of
+``gram`` leaves unchanged: the Frobenius norm of each block, the eigenvalues of each diagonal block and the
+eigenvalues of K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_bert
+from torch.func import functional_call, hessian, jacrev
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from hf_msam.curvature.gram import GramPlan, WeightedNTK, plan_gram, weighted_ntk_gram
+from hf_msam.curvature.heads import per_example_loss
+
+
+def _dense_factors(model, examples, problem_type) -> list[torch.Tensor]:
+    """A_i^{1/2} J_i (C x d, float64) with J_i over every trainable parameter."""
+    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    out = []
+    for ex in examples:
+        inputs = {k: v for k, v in ex.items() if k != "labels"}
+
+        def logits_of(p):
+            return functional_call(model, p, args=(), kwargs=inputs).logits.reshape(-1)
+
+        jac = jacrev(logits_of)(params)
+        j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in params], dim=1).double()
+        z = logits_of(params).detach().double()
+        a = hessian(lambda zz: per_example_loss(zz[None], ex["labels"].reshape(1, -1), problem_type)[0])(z)
+        values, vectors = torch.linalg.eigh(a)
+        out.append((vectors * values.clamp_min(0).sqrt()) @ vectors.T @ j)
+    return out
+
+
+def _invariants(k: torch.Tensor, n: int, count: int):
+    """Block Frobenius norms, top eigenvalue of each diagonal block, top ``count`` eigenvalues of K."""
+    c = k.shape[0] // n
+    blocks = k.reshape(n, c, n, c).permute(0, 2, 1, 3)
+    norms = blocks.pow(2).sum(dim=(2, 3)).sqrt()
+    diag_top = torch.linalg.eigvalsh(blocks[torch.arange(n), torch.arange(n)])[:, -1]
+    spectrum = torch.linalg.eigvalsh((k + k.T) / 2).flip(0)[:count]
+    return norms, diag_top, spectrum
+
+
+def _assert_matches_dense(model, examples, problem_type, **kwargs):
+    dense = torch.cat(_dense_factors(model, examples, problem_type))
+    k = weighted_ntk_gram(model, examples, problem_type, **kwargs)
+    expected = _invariants(dense @ dense.T, len(examples), k.shape[0])
+    got = _invariants(k, len(examples), k.shape[0])
+    scale = float(expected[2][0])
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _bert_examples(n: int, num_labels: int, length: int = 6):
+    g = torch.Generator().manual_seed(7)
+    examples = []
+    for i in range(n):
+        used = 2 + i % (length - 1)
+        ids = torch.zeros(1, length, dtype=torch.long)
+        ids[0, :used] = torch.randint(1, 20, (used,), generator=g)  # few of the 64 rows of the table
+        mask = (ids != 0).long()
+        examples.append({"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([i % num_labels])})
+    return examples
+
+
+@pytest.mark.parametrize("resident", [None, 2])
+def test_bert_all_parameters_padded_examples(resident):
+    model = tiny_bert(3, seed=11, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)  # eval mode: no effect
+    _assert_matches_dense(model, _bert_examples(5, 3), "single_label_classification", resident_examples=resident,
+                          stream_examples=1)
+
+
+def test_bert_embedding_table_keeps_only_used_rows():
+    model = tiny_bert(2, seed=12)
+    examples = _bert_examples(4, 2)
+    ntk = WeightedNTK(model, examples, "single_label_classification")
+    ids = torch.cat([e["input_ids"].reshape(-1) for e in examples])
+    used = ids[ids != 0].unique().numel()  # padding is trimmed away: id 0 is never looked up
+    length = max(int(e["attention_mask"].sum()) for e in examples)
+    table = model.bert.embeddings.word_embeddings.weight
+    positions = model.bert.embeddings.position_embeddings.weight
+    full = sum(p.numel() for p in model.parameters())
+    assert ntk.rows_per_example == 1  # binary cross-entropy: one non-null row of A_i
+    assert ntk.dim == full - (table.shape[0] - used) * table.shape[1] - (positions.shape[0] - length) * positions.shape[1] \
+        - 1 * model.bert.embeddings.token_type_embeddings.weight.shape[1]
+
+
+def test_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(13)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=16, num_labels=3, hidden_dropout_prob=0.1,
+                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
+    model = ViTForImageClassification(config)
+    g = torch.Generator().manual_seed(0)
+    examples = [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % 3])}
+                for i in range(4)]
+    _assert_matches_dense(model, examples, "single_label_classification", resident_examples=3, stream_examples=2)
+
+
+def test_llama_sequence_classification():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(14)
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, num_labels=2,
+                         pad_token_id=0, attention_dropout=0.1, attn_implementation="eager")
+    model = LlamaForSequenceClassification(config)
+    g = torch.Generator().manual_seed(1)
+    examples = [{"input_ids": torch.randint(1, 32, (1, 3 + i), generator=g), "labels": torch.tensor([i % 2])}
+                for i in range(4)]
+    _assert_matches_dense(model, examples, "single_label_classification", resident_examples=1, stream_examples=1)
+
+
+class TiedTable(torch.nn.Module):
+    """Bag of embeddings whose table is also the output layer's weight (rows 0..C-1): its gradient has
+    rows outside the looked-up ones, which must be kept."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(15)
+        self.table = torch.nn.Embedding(10, 4)
+
+    def forward(self, input_ids, labels=None):
+        h = torch.tanh(self.table(input_ids).mean(dim=1))
+        logits = h @ self.table.weight[:3].T
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels.reshape(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def test_table_used_outside_the_lookup_keeps_every_column():
+    model = TiedTable()
+    examples = [{"input_ids": torch.tensor([[5 + i % 3, 6 + i % 4]]), "labels": torch.tensor([i % 3])} for i in range(4)]
+    ntk = WeightedNTK(model, examples, "single_label_classification")
+    assert ntk.dim == 40
+    _assert_matches_dense(model, examples, "single_label_classification", resident_examples=2, stream_examples=1)
+
+
+def test_regression_head_keeps_every_row():
+    model = tiny_bert(1, seed=16)
+    examples = [{**e, "labels": torch.tensor([0.3 * i])} for i, e in enumerate(_bert_examples(4, 1))]
+    assert WeightedNTK(model, examples, "regression").rows_per_example == 1
+    _assert_matches_dense(model, examples, "regression", resident_examples=2, stream_examples=2)
+
+
+def test_plan_counts_row_evaluations_and_fits_memory():
+    """``GramPlan.row_evaluations`` is what ``compute`` does; the buffers fit the budget."""
+    model = tiny_bert(2, seed=17)
+    examples = _bert_examples(7, 2)
+    ntk = WeightedNTK(model, examples, "single_label_classification")
+    for resident, stream in ((1, 1), (2, 3), (3, 2), (7, 8)):
+        plan = GramPlan(7, ntk.rows_per_example, ntk.dim, resident, min(stream, 7))
+        calls = []
+        ntk.compute(plan, on_progress=lambda done, total: calls.append((done, total)))
+        brute = 7 + sum(7 - min(7, end) for end in range(resident, 7 + resident, resident))
+        assert calls[-1] == (plan.row_evaluations, plan.row_evaluations) == (brute, brute)
+    per_example = 1 * 22_700_000 * 4
+    plan = plan_gram(256, 1, 22_700_000, 2.0)
+    assert plan.buffer_bytes <= 2.0 * 2**30 < plan.buffer_bytes + per_example
+    assert plan.resident_examples + plan.stream_examples == int(2.0 * 2**30 // per_example)
