@@ -5,6 +5,13 @@ the tightness of the restated Theorem 1 on constructed quadratics.
     python benchmarks/bench_curvature.py [--device cuda] [--threads 2]
 
 writes ``benchmarks/results/curvature_<device>.json``.
+
+    python benchmarks/bench_curvature.py --coherence_only [--coherence_examples 256] [--memory_gb 2]
+
+measures the exact coherence Gram alone (``hf_msam.curvature.gram``), each case in a fresh process so that
+its peak RSS is its own: real sentences padded to 64 tokens (trimmed, as the report does), and every
+example a full 64 real tokens (several sentences joined). Writes ``benchmarks/results/coherence_<device>.json``
+with the machine's load average before and after each case (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -173,6 +180,89 @@ def theorem1_tightness() -> list[dict]:
     return rows
 
 
+def full_length(tokenizer, rows: list[tuple[str, int]], count: int, length: int = 64) -> list[dict]:
+    """``count`` examples of exactly ``length`` real tokens: consecutive sentences joined until long enough."""
+    out, i = [], 0
+    while len(out) < count:
+        text, label = rows[i][0], rows[i][1]
+        i += 1
+        while len(tokenizer(text)["input_ids"]) < length:
+            text, i = text + " " + rows[i][0], i + 1
+        out.append((text, label))
+    return encode(tokenizer, out, length)
+
+
+def coherence_case(args) -> dict:
+    """One coherence measurement in this process: setup, one timed example, the plan, the Gram, sigma."""
+    from transformers import default_data_collator
+
+    from hf_msam.curvature.coherence import coherence_from_blocks
+    from hf_msam.curvature.gram import WeightedNTK
+
+    rows = sentences(0)
+    model, tokenizer = load(args.device)
+    if args.case == "full_length":
+        examples = full_length(tokenizer, rows, args.coherence_examples)
+    else:
+        examples = encode(tokenizer, rows[: args.coherence_examples])
+    singles = [default_data_collator([e]) for e in examples]
+    tokens = [int(e["attention_mask"].sum()) for e in singles]
+    start = time.perf_counter()
+    ntk = WeightedNTK(model, singles, "single_label_classification")
+    setup = time.perf_counter() - start
+    plan = ntk.plan(len(singles), args.memory_gb)
+    row_seconds = ntk.time_example()
+    product_seconds = ntk.time_products(plan)
+    start = time.perf_counter()
+    k = ntk.compute(plan)
+    gram = time.perf_counter() - start
+    result = coherence_from_blocks(k, len(singles))
+    return {
+        "case": args.case, "examples": len(singles), "tokens_mean": sum(tokens) / len(tokens), "tokens_max": max(tokens),
+        "num_parameters": sum(p.numel() for p in model.parameters()), "columns_kept": ntk.dim,
+        "rows_per_example": ntk.rows_per_example, "memory_gb": args.memory_gb,
+        "resident_examples": plan.resident_examples, "stream_examples": plan.stream_examples,
+        "row_evaluations": plan.row_evaluations, "gram_tflop": plan.gram_flops / 1e12,
+        "setup_seconds": setup, "gram_seconds": gram, "coherence_seconds": setup + gram,
+        "estimate_seconds": plan.row_evaluations * row_seconds + product_seconds,
+        "one_example_seconds": row_seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "sigma": result.sigma, "lambda_max_ggn": result.lambda_max_ggn,
+        "max_example_lambda_max_ggn": result.max_example_lambda_max,
+    }
+
+
+def coherence_benchmark(args) -> None:
+    """Both cases, each in a fresh process, and the JSON."""
+    import sys
+
+    cases = []
+    for case in ("sentences", "full_length"):
+        before = os.getloadavg()
+        command = [sys.executable, os.path.abspath(__file__), "--coherence_case", case, "--threads", str(args.threads),
+                   "--coherence_examples", str(args.coherence_examples), "--memory_gb", str(args.memory_gb),
+                   "--device", args.device]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        record = json.loads(out.strip().splitlines()[-1])
+        record["load_average_before"], record["load_average_after"] = before, os.getloadavg()
+        print(json.dumps(record), flush=True)
+        cases.append(record)
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "")
+    result = {
+        "machine": {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "device": args.device,
+                    "host_cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+                    "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
+        "model": "all-MiniLM-L6-v2 + random 2-class head (attn_implementation=eager), max length 64",
+        "target": "256 examples of length 64 in at most 300 s and 3 GB peak RSS on 2 CPU cores (issue 9, item 5)",
+        "cases": cases,
+    }
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", args.coherence_output or f"coherence_{args.device.split(':')[0]}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
@@ -184,8 +274,19 @@ def main() -> None:
     parser.add_argument("--lanczos_iterations", type=int, default=20)
     parser.add_argument("--trace_probes", type=int, default=8)
     parser.add_argument("--probe_steps", type=int, default=20)
+    parser.add_argument("--coherence_only", action="store_true", help="only the exact coherence Gram (its own JSON)")
+    parser.add_argument("--coherence_case", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--coherence_output", default=None, help="file name of the coherence JSON in results/")
+    parser.add_argument("--memory_gb", type=float, default=2.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.coherence_case:
+        args.case = args.coherence_case
+        print(json.dumps(coherence_case(args)))
+        return
+    if args.coherence_only:
+        coherence_benchmark(args)
+        return
     from hf_msam import sharpness_report
 
     rows = sentences(0)
