@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import stability
-from .coherence import ntk_coherence
+from .budget import ReportCosts, ReportPlan, ReportProgress, ReportSizes, default_max_seconds, plan_report
+from .coherence import coherence_from_blocks
+from .gram import WeightedNTK
 from .heads import infer_problem_type, per_example_loss
 from .msharpness import m_sharpness
 from .operators import (
@@ -42,6 +46,7 @@ OPTIMIZER_NOTE = (
     "optimizers (Adam, AdamW) the critical learning rates and the verdict are indicative only."
 )
 LABEL_KEYS = ("label", "label_ids")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,6 +89,10 @@ class SharpnessReport:
     probe_growth_rate: float | None = None
     probe_steps: int | None = None
     probe_sampling: str | None = None
+    # the time budget (budget.py): the budget in seconds, the plan's estimate, and what was cut to fit it
+    budget_seconds: float | None = None
+    estimated_seconds: float | None = None
+    budget_cuts: list[str] = field(default_factory=list)
     hvp_count: int = 0
     hvp_counts: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -226,10 +235,13 @@ def sharpness_report(
     probe_steps: int = 30,
     probe_sampling: str = "uniform",
     coherence_examples: int | None = None,
-    coherence_memory_gb: float = 4.0,
+    coherence_memory_gb: float = 2.0,
     optimizer: str | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    max_seconds: float | None = None,
+    training_seconds: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> SharpnessReport:
     """Curvature of the mean training loss of ``model`` on a fixed, seeded probe set from ``dataset``.
 
@@ -238,7 +250,12 @@ def sharpness_report(
     is given, else right padding with ``config.pad_token_id`` then ``default_data_collator``). The probe
     set is ``num_examples`` examples drawn with ``seed``, processed in chunks of ``batch_size``;
     coherence uses its first ``coherence_examples`` (default all) and holds at most
-    ``coherence_memory_gb`` of Jacobian rows. The verdict needs the SGD ``learning_rate``,
+    ``coherence_memory_gb`` of Jacobian rows. The report fits ``max_seconds`` (default
+    ``budget.default_max_seconds``: on a CPU the ``training_seconds``, between 2 and 10 minutes; 30 minutes on
+    an accelerator): the first gradient, HVP and coherence rows are timed with ``clock``, and when the
+    estimate exceeds the budget the probe-set size, Lanczos iterations, trace probes, coherence examples
+    and probe steps are scaled down together (``budget.plan_report``; the plan and its estimate are printed
+    before the work starts, what was cut is in ``budget_cuts``). The verdict needs the SGD ``learning_rate``,
     ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``).
 
     Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
@@ -286,8 +303,14 @@ def sharpness_report(
     )
     if optimizer is not None and "sgd" not in optimizer.lower():
         report.warnings.append(f"optimizer {optimizer!r} is not plain SGD: see optimizer_note")
+    if max_seconds is None:
+        device_type = torch.device(device).type if device is not None else model_device(model).type
+        max_seconds = default_max_seconds(device_type, training_seconds)
+    if not max_seconds > 0:
+        raise ValueError(f"max_seconds: the report's time budget must be > 0 seconds (got {max_seconds})")
     options = _Options(lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
-                       probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress)
+                       probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress,
+                       float(max_seconds), clock)
     with curvature_mode(model, device):
         _fill(report, model, examples, batches, collate, chosen, options)
     return report
@@ -308,6 +331,8 @@ class _Options:
     coherence_examples: int | None
     coherence_memory_gb: float
     progress: bool
+    max_seconds: float
+    clock: Callable[[], float]
 
 
 def _check_outputs(model: torch.nn.Module, batch: Batch) -> Any:
@@ -351,6 +376,63 @@ def _baseline(report: SharpnessReport, model: torch.nn.Module, batches: list[Bat
         report.interpolates = fit
 
 
+def _plan(
+    report: SharpnessReport,
+    model: torch.nn.Module,
+    examples: list[dict[str, Any]],
+    batches: list[Batch],
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
+    chosen: tuple[str, ...],
+    o: _Options,
+) -> tuple[ReportPlan, WeightedNTK | Exception | None]:
+    """Time a gradient and an HVP on the first batch and the coherence rows of one example, fit the sizes to
+    ``o.max_seconds`` (``budget.plan_report``), print the plan, and record it in the report. Returns the plan
+    and the coherence Gram builder (or why it could not be set up)."""
+    start = o.clock()
+    first = HessianOperator(model, batches[:1])
+    tick = o.clock()
+    first.gradient()
+    gradient_seconds, tick = (o.clock() - tick) / first.num_examples, o.clock()
+    first.matvec(torch.ones(first.dim))
+    hvp_seconds = (o.clock() - tick) / first.num_examples
+    n_coh = min(o.coherence_examples or len(examples), len(examples)) if "coherence" in chosen else 0
+    ntk: WeightedNTK | Exception | None = None
+    row_seconds, rows, dim, rate = 0.0, 1, 1, 1.0
+    if n_coh and report.problem_type is not None:
+        try:
+            ntk = WeightedNTK(model, [collate([e]) for e in examples[:n_coh]], report.problem_type)
+            gram = ntk.plan(n_coh, o.coherence_memory_gb)
+            row_seconds = ntk.time_example(o.clock)
+            rate = gram.gram_flops / max(ntk.time_products(gram, o.clock), 1e-12)
+            rows, dim = ntk.rows_per_example, ntk.dim
+        except Exception as exc:  # reported by the coherence measure
+            ntk = exc
+    if not isinstance(ntk, WeightedNTK):
+        n_coh = 0
+    verdict_inputs = report.learning_rate is not None and report.train_batch_size is not None
+    requested = ReportSizes(
+        num_examples=len(examples),
+        lanczos_iterations=o.lanczos_iterations if "eigenvalues" in chosen else 0,
+        trace_probes=o.trace_probes if "trace" in chosen else 0,
+        coherence_examples=n_coh,
+        probe_steps=o.probe_steps if "probe" in chosen and verdict_inputs else 0,
+        m_sharpness="m_sharpness" in chosen,
+        probe_batch_size=report.train_batch_size or 1,
+    )
+    costs = ReportCosts(hvp_seconds, gradient_seconds, row_seconds, rows, dim, rate, o.coherence_memory_gb)
+    plan = plan_report(requested, costs, o.max_seconds)
+    report.seconds["planning"] = o.clock() - start
+    report.hvp_counts["planning"] = first.num_hvps
+    report.budget_seconds, report.estimated_seconds, report.budget_cuts = o.max_seconds, plan.total_seconds, plan.cuts
+    logger.info(plan.describe())
+    if o.progress:
+        print(plan.describe(), file=sys.stderr, flush=True)
+    if not plan.fits:
+        report.warnings.append(f"budget: even the smallest plan is estimated at {plan.total_seconds:.0f} s, over "
+                               f"the {o.max_seconds:.0f} s budget (max_seconds)")
+    return plan, ntk
+
+
 def _fill(
     report: SharpnessReport,
     model: torch.nn.Module,
@@ -360,9 +442,15 @@ def _fill(
     chosen: tuple[str, ...],
     o: _Options,
 ) -> None:
-    from tqdm.auto import tqdm
-
     _check_outputs(model, batches[0])
+    plan, ntk = _plan(report, model, examples, batches, collate, chosen, o)
+    sizes = plan.sizes
+    if sizes.num_examples < len(examples):
+        examples = examples[: sizes.num_examples]
+        batches = [collate(chunk) for chunk in _chunks(examples, o.batch_size)]
+        report.num_examples = len(examples)
+    o = replace(o, lanczos_iterations=sizes.lanczos_iterations or o.lanczos_iterations,
+                trace_probes=sizes.trace_probes or o.trace_probes, probe_steps=sizes.probe_steps or o.probe_steps)
     _baseline(report, model, batches)
     if not math.isfinite(report.loss):
         report.errors.append(
@@ -372,30 +460,32 @@ def _fill(
     op = HessianOperator(model, batches)
     device = model_device(model)
     verdict_inputs = report.learning_rate is not None and report.train_batch_size is not None
-    n_coh = min(o.coherence_examples or len(examples), len(examples))
-    planned = {
+    n_coh = sizes.coherence_examples or min(o.coherence_examples or len(examples), len(examples))
+    units = {
+        "gradient": 1,
         "eigenvalues": o.lanczos_iterations,
         "trace": o.trace_probes,
-        "m_sharpness": math.ceil(len(examples) / o.m),
-        "coherence": n_coh,
+        "m_sharpness": 1,
+        "coherence": ntk.plan(n_coh, o.coherence_memory_gb).row_evaluations if isinstance(ntk, WeightedNTK) else 1,
         "probe": o.probe_steps,
     }
-    bar = tqdm(total=sum(planned[x] for x in chosen), desc="sharpness report", disable=not o.progress)
+    bar = ReportProgress({name: plan.seconds[name] for name in ("gradient", *chosen)}, o.progress)
 
     def counted(v: torch.Tensor) -> torch.Tensor:
-        bar.update(1)
-        return op.matvec(v)
+        result = op.matvec(v)
+        bar.step()
+        return result
 
     def run(name: str, fn: Callable[[], None]) -> None:
-        start, hvps, done = time.perf_counter(), op.num_hvps, bar.n
-        bar.set_postfix_str(name)
+        start, hvps = o.clock(), op.num_hvps
+        bar.start(name, units[name])
         try:
             fn()
         except Exception as exc:  # a failed measure stays null and is explained; the report never crashes
             report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-        report.seconds[name] = time.perf_counter() - start
+        report.seconds[name] = o.clock() - start
         report.hvp_counts[name] = report.hvp_counts.get(name, 0) + op.num_hvps - hvps
-        bar.update(max(0, done + planned.get(name, 0) - bar.n))
+        bar.finish()
 
     def gradient() -> None:
         report.grad_norm = float(op.gradient().norm())
@@ -437,12 +527,10 @@ def _fill(
                 f"the model's loss ({theirs:.6g}) is not the mean {report.problem_type} loss of its logits "
                 f"({mine:.6g}); coherence needs the per-example loss Hessians of a standard head"
             )
-        rows = int(output_field(out, "logits").reshape(check_batch["labels"].shape[0], -1).shape[1])
-        per_example_bytes = 4 * rows * op.dim
-        chunk = max(1, int(o.coherence_memory_gb * 2**30 / (2 * per_example_bytes)))
-        singles = [collate([e]) for e in examples[:n_coh]]
-        result = ntk_coherence(model, singles, report.problem_type, chunk_examples=chunk,
-                               on_chunk=lambda done, total: bar.set_postfix_str(f"coherence {done}/{total}"))
+        if not isinstance(ntk, WeightedNTK):
+            raise ntk if ntk is not None else ValueError("coherence: no examples")
+        k = ntk.compute(ntk.plan(n_coh, o.coherence_memory_gb), on_progress=lambda done, total: bar.step(done))
+        result = coherence_from_blocks(k, n_coh)
         report.coherence, report.coherence_examples = result.sigma, n_coh
         report.coherence_hessian = "gauss-newton"
         report.lambda_max_ggn = result.lambda_max_ggn
@@ -461,9 +549,9 @@ def _fill(
 
         def batch_hvp(idx: list[int], v: torch.Tensor) -> torch.Tensor:
             chunks = [collate([examples[i] for i in part]) for part in _chunks(idx, o.batch_size)]
-            sub = HessianOperator(model, chunks)
-            bar.update(1)
-            return sub.matvec(v) * len(idx)
+            product = HessianOperator(model, chunks).matvec(v) * len(idx)
+            bar.step()
+            return product
 
         result = stability.linear_stability_probe(
             batch_hvp, op.dim, len(examples), learning_rate=report.learning_rate,

@@ -1,0 +1,192 @@
+"""The report's time budget (issue 9, item 6) and its progress bar over every phase (issue 11), with fake
+clocks: no test times anything real.
+
+The planner is checked against an independent brute force (every common scale factor on a fine grid), the
+cost model against counts made by hand, and the report against its own plan."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+from conftest import tiny_bert, token_dataset
+
+import hf_msam
+from hf_msam.curvature import budget, report as report_module
+from hf_msam.curvature.budget import (
+    FLOORS,
+    ReportCosts,
+    ReportProgress,
+    ReportSizes,
+    default_max_seconds,
+    estimate,
+    plan_report,
+)
+from hf_msam.curvature.gram import plan_gram
+
+REQUEST = ReportSizes(num_examples=256, lanczos_iterations=30, trace_probes=20, coherence_examples=256,
+                      probe_steps=30, m_sharpness=True, probe_batch_size=32)
+# the user's case of issue 9: one HVP on 256 examples of all-MiniLM-L6-v2 took about 27 s on 2 CPU cores
+COSTS = ReportCosts(hvp=27 / 256, gradient=9 / 256, coherence_row=0.15, coherence_rows_per_example=1,
+                    coherence_dim=11_000_000, gram_flops_per_second=20e9, coherence_memory_gb=2.0)
+
+
+def test_default_budget():
+    assert default_max_seconds("cpu") == 600
+    assert default_max_seconds("cpu", training_seconds=180) == 180  # about the training time
+    assert default_max_seconds("cpu", training_seconds=20) == 120
+    assert default_max_seconds("cpu", training_seconds=5000) == 600
+    assert default_max_seconds("cuda", training_seconds=20) == 1800
+
+
+def test_estimate_counts_each_measure():
+    seconds = estimate(REQUEST, COSTS)
+    assert seconds["gradient"] == pytest.approx(9)
+    assert seconds["eigenvalues"] == pytest.approx(27 * 30)
+    assert seconds["trace"] == pytest.approx(27 * 20)
+    assert seconds["m_sharpness"] == pytest.approx(1.5 * 9)
+    assert seconds["probe"] == pytest.approx(27 * 32 / 256 * 30)
+    gram = plan_gram(256, 1, 11_000_000, 2.0)
+    resident = gram.resident_examples
+    evaluations = 256 + sum(256 - end for end in range(resident, 256, resident))  # each later example per pass
+    pairs = sum(min(resident, 256 - a) * (256 - a) for a in range(0, 256, resident))
+    assert seconds["coherence"] == pytest.approx(evaluations * 0.15 + 2 * pairs * 11_000_000 / 20e9)
+    assert estimate(ReportSizes(256, 0, 0, 0, 0, False, 32), COSTS) == {
+        "gradient": pytest.approx(9), "eigenvalues": 0, "trace": 0, "m_sharpness": 0, "coherence": 0, "probe": 0}
+
+
+def test_request_that_fits_is_kept():
+    plan = plan_report(REQUEST, COSTS, max_seconds=math.inf)
+    assert plan.sizes == REQUEST and plan.cuts == [] and plan.fits and plan.factor == 1.0
+    assert plan.total_seconds == pytest.approx(sum(estimate(REQUEST, COSTS).values()))
+
+
+@pytest.mark.parametrize("max_seconds", [600, 180, 1200])
+def test_plan_fits_the_budget_with_the_largest_common_factor(max_seconds):
+    plan = plan_report(REQUEST, COSTS, max_seconds)
+    assert plan.fits and plan.total_seconds <= max_seconds
+    assert sum(estimate(REQUEST, COSTS).values()) > max_seconds  # the request did not fit: something was cut
+    assert plan.cuts and all(f"{name} {getattr(REQUEST, name)} -> {getattr(plan.sizes, name)}" in plan.cuts
+                             for name in FLOORS if getattr(plan.sizes, name) != getattr(REQUEST, name))
+    for name, floor in FLOORS.items():
+        assert min(floor, getattr(REQUEST, name)) <= getattr(plan.sizes, name) <= getattr(REQUEST, name)
+    # brute force: no common factor on a fine grid above the chosen one fits
+    grid = [plan.factor + k * 1e-3 for k in range(1, 1000) if plan.factor + k * 1e-3 <= 1]
+    for factor in grid:
+        sizes = {name: max(min(getattr(REQUEST, name), FLOORS[name]), math.ceil(getattr(REQUEST, name) * factor))
+                 for name in FLOORS}
+        sizes["coherence_examples"] = min(sizes["coherence_examples"], sizes["num_examples"])
+        candidate = ReportSizes(**sizes, m_sharpness=True, probe_batch_size=32)
+        if candidate != plan.sizes:
+            assert sum(estimate(candidate, COSTS).values()) > max_seconds
+            break
+
+
+def test_floors_that_do_not_fit_are_said():
+    plan = plan_report(REQUEST, COSTS, max_seconds=5)
+    assert not plan.fits
+    assert plan.sizes == ReportSizes(32, 10, 4, 32, 10, True, 32)
+    assert "does not fit" in plan.describe()
+
+
+def test_plan_line_names_sizes_estimate_and_cuts():
+    line = plan_report(REQUEST, COSTS, max_seconds=600).describe()
+    assert line.startswith("sharpness report plan: ") and "estimated" in line and "budget 10 min 00 s" in line
+    assert "cut to fit: num_examples 256 -> " in line
+
+
+def test_progress_moves_through_every_phase():
+    out = io.StringIO()
+    progress = ReportProgress({"gradient": 2.0, "eigenvalues": 8.0, "coherence": 10.0}, enabled=True)
+    progress.bar.fp = out
+    progress.start("gradient", 1)
+    progress.finish()
+    assert progress.bar.n == 2
+    progress.start("eigenvalues", 4)
+    progress.step()
+    assert progress.bar.n == pytest.approx(4)
+    progress.finish()  # Lanczos converged after one iteration: the phase still ends at its estimate
+    assert progress.bar.n == pytest.approx(10)
+    progress.start("coherence", 5)
+    seen = []
+    for done in range(1, 6):
+        progress.step(done)
+        seen.append(progress.bar.n)
+    assert seen == pytest.approx([12, 14, 16, 18, 20])
+    progress.close()
+
+
+class FakeClock:
+    """Every call advances one second: every timed interval of the planner is 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+SMALL = dict(num_examples=40, lanczos_iterations=12, top_k=2, trace_probes=6, batch_size=8, m=4, probe_steps=12,
+             coherence_examples=40, learning_rate=0.1, train_batch_size=4)
+
+
+def _report(max_seconds, capsys=None, **kwargs):
+    return hf_msam.sharpness_report(tiny_bert(2, seed=3), token_dataset(48, 6, 2, seed=4), max_seconds=max_seconds,
+                                    clock=FakeClock(), **{**SMALL, **kwargs})
+
+
+def test_report_follows_its_plan_under_a_fake_clock(capsys):
+    """1 s per timed interval: an HVP costs 1/8 s per example, a coherence row 1 s; 120 s forces cuts."""
+    full = _report(math.inf)
+    assert full.budget_cuts == [] and full.num_examples == 40 and full.lanczos_iterations <= 12
+    cut = _report(120.0, progress=True)
+    err = capsys.readouterr().err
+    assert "sharpness report plan: " in err and "cut to fit" in err
+    assert cut.budget_seconds == 120 and cut.estimated_seconds <= 120 and cut.budget_cuts
+    planned = {entry.split()[0]: int(entry.split()[-1]) for entry in cut.budget_cuts}
+    assert cut.num_examples == planned.get("num_examples", 40) < 40
+    assert cut.coherence_examples == planned["coherence_examples"] < 40
+    assert cut.trace_probes == planned.get("trace_probes", 6)
+    assert cut.lanczos_iterations <= planned.get("lanczos_iterations", 12)
+    assert cut.probe_steps == planned.get("probe_steps", 12)
+    assert cut.errors == [] and cut.coherence is not None
+
+
+def test_cut_report_is_the_report_of_the_cut_request():
+    """What the plan keeps is computed exactly as if it had been asked for."""
+    cut = _report(120.0)
+    planned = {entry.split()[0]: int(entry.split()[-1]) for entry in cut.budget_cuts}
+    asked = _report(math.inf, **{name: planned.get(name, SMALL[name]) for name in
+                                 ("num_examples", "lanczos_iterations", "trace_probes", "coherence_examples",
+                                  "probe_steps")})
+    assert asked.budget_cuts == []
+    for key in ("loss", "lambda_max", "trace", "coherence", "m_sharpness", "probe_growth_rate"):
+        assert getattr(cut, key) == pytest.approx(getattr(asked, key), rel=1e-6), key
+
+
+def test_report_bar_moves_during_coherence_and_ends_full(monkeypatch):
+    """Issue 11: the bar used to sit still through the whole coherence phase."""
+    positions: list[tuple[str, float]] = []
+    original = ReportProgress.step
+
+    def spy(self, done=None):
+        original(self, done)
+        positions.append((self.name, self.bar.n))
+
+    monkeypatch.setattr(budget.ReportProgress, "step", spy)
+    bars = []
+    monkeypatch.setattr(report_module, "ReportProgress",
+                        lambda seconds, enabled: bars.append(ReportProgress(seconds, enabled)) or bars[-1])
+    _report(math.inf, progress=True)
+    coherence = [n for name, n in positions if name == "coherence"]
+    assert len(coherence) >= 40 and all(b > a for a, b in zip(coherence, coherence[1:]))
+    phases = [name for name, _ in positions]
+    assert {"eigenvalues", "trace", "coherence", "probe"} <= set(phases)
+    assert bars[0].bar.n == pytest.approx(bars[0].bar.total)
+
+
+def test_bad_budget_is_refused_up_front():
+    with pytest.raises(ValueError, match="max_seconds"):
+        _report(0.0)
