@@ -127,6 +127,12 @@ def remove_stale_report_files(output_dir: str | os.PathLike) -> None:
             os.remove(path)
 
 
+def training_seconds(log_history: list[dict[str, Any]]) -> float | None:
+    """The run's ``train_runtime`` (logged by ``Trainer.train`` before ``on_train_end``); None before the end
+    of training, where the report's default time budget does not depend on it."""
+    return next((float(e["train_runtime"]) for e in reversed(log_history) if "train_runtime" in e), None)
+
+
 def sharpness_options_of(args: Any) -> SharpnessArguments:
     """The ``sharpness_*`` options of a run (a plain copy): those of its arguments when they carry them, else
     the defaults (reports off)."""
@@ -185,7 +191,8 @@ class SharpnessReportMixin:
         """The report on the current model and the training set (every process calls this)."""
         dataset = self.train_dataset
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
-        options = report_options(sharpness_options_of(self.args), self.args, num_train)
+        options = report_options(sharpness_options_of(self.args), self.args, num_train,
+                                 training_seconds(self.state.log_history))
         return compute_sharpness(
             self.model,
             dataset,
@@ -260,7 +267,7 @@ class SharpnessCallback(TrainerCallback):
             model,
             dataset,
             data_collator=collator,
-            options=report_options(options, args, num_train),
+            options=report_options(options, args, num_train, training_seconds(state.log_history)),
             progress=state.is_world_process_zero and not args.disable_tqdm,
         )
         if state.is_world_process_zero:

@@ -190,3 +190,54 @@ def test_report_bar_moves_during_coherence_and_ends_full(monkeypatch):
 def test_bad_budget_is_refused_up_front():
     with pytest.raises(ValueError, match="max_seconds"):
         _report(0.0)
+
+
+def test_option_is_validated_and_reaches_the_report(tmp_path):
+    from hf_msam.curvature.arguments import SharpnessArguments, report_options
+
+    for bad in (0, -1.0, "600", True):
+        with pytest.raises(ValueError, match="sharpness_max_seconds"):
+            SharpnessArguments(sharpness_max_seconds=bad)
+    options = SharpnessArguments(sharpness_max_seconds=math.inf)
+    assert report_options(options)["max_seconds"] == math.inf
+    assert report_options(SharpnessArguments(), training_seconds=42.0)["training_seconds"] == 42.0
+
+
+def test_hook_budget_follows_the_training_time(tmp_path):
+    """A stock Trainer run of a few seconds gets the 2-minute floor of the CPU default; an explicit budget wins."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_msam import SharpnessCallback
+    from hf_msam.reporting import training_seconds
+
+    assert training_seconds([{"loss": 1.0}, {"train_runtime": 12.5, "train_loss": 0.3}]) == 12.5
+    assert training_seconds([{"loss": 1.0}]) is None
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=1, learning_rate=0.1,
+                             optim="sgd", report_to="none", save_strategy="no", use_cpu=True)
+    for overrides, expected in (({}, 120.0), ({"max_seconds": 5000.0}, 5000.0)):
+        callback = SharpnessCallback(num_examples=8, measures=["eigenvalues"], lanczos_iterations=2, top_k=1,
+                                     **overrides)
+        trainer = Trainer(model=tiny_bert(2, seed=5), args=args, train_dataset=token_dataset(16, seed=6),
+                          callbacks=[callback])
+        trainer.train()
+        assert callback.result.report.budget_seconds == expected
+
+
+def test_cli_takes_max_seconds(tmp_path):
+    from test_report_cli import _save_text_model, _write_csv
+
+    from hf_msam.curvature.cli import main
+
+    folder = tmp_path / "model"
+    _save_text_model(folder)
+    data = tmp_path / "reviews.csv"
+    _write_csv(data, ["0", "1"], rows=6)
+    output = tmp_path / "report.json"
+    common = [str(folder), "--data", str(data), "--text_column", "review", "--label_column", "sentiment",
+              "--output", str(output), "--num_examples", "6", "--measures", "eigenvalues", "--lanczos_iterations",
+              "2", "--top_k", "1", "--quiet"]
+    assert main([*common, "--max_seconds", "900"]) == 0
+    import json
+
+    assert json.loads(output.read_text())["budget_seconds"] == 900
+    assert main([*common, "--max_seconds", "0"]) == 2

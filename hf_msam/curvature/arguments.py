@@ -81,6 +81,16 @@ class SharpnessArguments:
     sharpness_batch_size: int | None = field(
         default=None, metadata={"help": "Examples per forward/backward pass of the report. None: the report's default."}
     )
+    # --- time budget (hf_msam.curvature.budget) ---
+    sharpness_max_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "Time budget of the report in seconds: the first products are timed and the probe-set size, "
+            "Lanczos iterations, trace probes, coherence examples and probe steps are scaled down to fit it "
+            "(what was cut is in the report's budget_cuts). None: on a CPU the training time, between 2 and 10 "
+            "minutes (10 minutes without a training run); 30 minutes on an accelerator. inf: no limit."
+        },
+    )
 
     def __post_init__(self) -> None:
         validate_sharpness_options(self)
@@ -106,6 +116,10 @@ def validate_sharpness_options(options: Any) -> None:
         value = getattr(options, PREFIX + name)
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
             raise ValueError(f"{PREFIX}{name} must be a finite number > 0 (or None for the default), got {value!r}.")
+    budget = options.sharpness_max_seconds
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
+        raise ValueError(f"{PREFIX}max_seconds must be a number of seconds > 0, inf for no limit (or None for the "
+                         f"default), got {budget!r}.")
     measures = options.sharpness_measures
     if measures is not None and (isinstance(measures, str) or not measures or any(m not in MEASURES for m in measures)):
         raise ValueError(
@@ -117,14 +131,20 @@ def validate_sharpness_options(options: Any) -> None:
         raise ValueError(f"{PREFIX}probe_sampling must be one of {list(PROBE_SAMPLINGS)} (or None), got {sampling!r}.")
 
 
-def report_options(options: Any, training_args: Any | None = None, num_train_examples: int | None = None) -> dict[str, Any]:
+def report_options(
+    options: Any,
+    training_args: Any | None = None,
+    num_train_examples: int | None = None,
+    training_seconds: float | None = None,
+) -> dict[str, Any]:
     """Keyword arguments of ``sharpness_report`` for a run.
 
     ``options`` holds the ``sharpness_*`` fields (a :class:`SharpnessArguments`); ``training_args`` (a
     ``TrainingArguments``, possibly the same object) gives the run's defaults for rho and m and the
     verdict inputs: its learning rate and total train batch size (per device x processes x accumulation),
     with ``num_train_examples`` the training-set size, and its optimizer's name (the report notes that the
-    theory is about plain SGD). Options left at None are omitted.
+    theory is about plain SGD). ``training_seconds`` (the run's ``train_runtime``) sets the default time
+    budget on a CPU. Options left at None are omitted.
     """
     kwargs = {name: getattr(options, PREFIX + name) for name in option_names()}
     if training_args is not None:
@@ -137,6 +157,7 @@ def report_options(options: Any, training_args: Any | None = None, num_train_exa
         kwargs["train_batch_size"] = total_train_batch_size(training_args)
         kwargs["num_train_examples"] = num_train_examples
         kwargs["optimizer"] = str(getattr(training_args.optim, "value", training_args.optim))
+    kwargs["training_seconds"] = training_seconds
     return {name: value for name, value in kwargs.items() if value is not None}
 
 
