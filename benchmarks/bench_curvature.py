@@ -11,7 +11,8 @@ writes ``benchmarks/results/curvature_<device>.json``.
 measures the exact coherence Gram alone (``hf_msam.curvature.gram``), each case in a fresh process so that
 its peak RSS is its own: real sentences padded to 64 tokens (trimmed, as the report does), and every
 example a full 64 real tokens (several sentences joined). Writes ``benchmarks/results/coherence_<device>.json``
-with the machine's load average before and after each case (the machine may be shared).
+with the machine's load average before and after each case and the process's CPU time: on a shared machine
+the wall time measures the other users too, the CPU time of a 1-thread run what a dedicated core would take.
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def coherence_case(args) -> dict:
         examples = encode(tokenizer, rows[: args.coherence_examples])
     singles = [default_data_collator([e]) for e in examples]
     tokens = [int(e["attention_mask"].sum()) for e in singles]
+    cpu_start = time.process_time()
     start = time.perf_counter()
     ntk = WeightedNTK(model, singles, "single_label_classification")
     setup = time.perf_counter() - start
@@ -216,6 +218,7 @@ def coherence_case(args) -> dict:
     start = time.perf_counter()
     k = ntk.compute(plan)
     gram = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     result = coherence_from_blocks(k, len(singles))
     return {
         "case": args.case, "examples": len(singles), "tokens_mean": sum(tokens) / len(tokens), "tokens_max": max(tokens),
@@ -224,6 +227,7 @@ def coherence_case(args) -> dict:
         "resident_examples": plan.resident_examples, "stream_examples": plan.stream_examples,
         "row_evaluations": plan.row_evaluations, "gram_tflop": plan.gram_flops / 1e12,
         "setup_seconds": setup, "gram_seconds": gram, "coherence_seconds": setup + gram,
+        "cpu_seconds_incl_timing": cpu_seconds,
         "estimate_seconds": plan.row_evaluations * row_seconds + product_seconds,
         "one_example_seconds": row_seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "sigma": result.sigma, "lambda_max_ggn": result.lambda_max_ggn,
