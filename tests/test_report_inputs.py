@@ -105,3 +105,16 @@ def test_cli_reads_numeric_json_lines_labels(tmp_path):
     assert written["errors"] == [] and expected.errors == []
     assert written["lambda_max"] == pytest.approx(expected.lambda_max, rel=1e-5)
     assert written["coherence"] == pytest.approx(expected.coherence, rel=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["torch", "numpy"])
+def test_report_with_a_tokenizer_on_a_formatted_dataset(tmp_path, fmt):
+    """``tokenizer=`` (``DataCollatorWithPadding``) on ragged rows of a formatted Dataset."""
+    from test_report_cli import WORDS, _save_text_model
+
+    model, tokenizer = _save_text_model(tmp_path / "model")
+    rows = [{**tokenizer(" ".join(WORDS[i : i + 2 + i % 3])), "labels": i % 2} for i in range(6)]
+    kwargs = dict(tokenizer=tokenizer, num_examples=6, measures=["eigenvalues", "coherence"], lanczos_iterations=3,
+                  top_k=1)
+    expected = sharpness_report(model, rows, **kwargs)
+    _assert_same(sharpness_report(model, datasets.Dataset.from_list(rows).with_format(fmt), **kwargs), expected)
