@@ -278,6 +278,7 @@ def main() -> None:
     parser.add_argument("--lanczos_iterations", type=int, default=20)
     parser.add_argument("--trace_probes", type=int, default=8)
     parser.add_argument("--probe_steps", type=int, default=20)
+    parser.add_argument("--max_seconds", type=float, default=math.inf, help="time budget of the full report")
     parser.add_argument("--coherence_only", action="store_true", help="only the exact coherence Gram (its own JSON)")
     parser.add_argument("--coherence_case", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--coherence_output", default=None, help="file name of the coherence JSON in results/")
@@ -301,7 +302,7 @@ def main() -> None:
                    lanczos_iterations=args.lanczos_iterations, lanczos_tol=1e-3, top_k=3,
                    trace_probes=args.trace_probes, rho=0.05, m=16,
                    batch_size=32, learning_rate=0.01, train_batch_size=32, num_train_examples=len(rows),
-                   probe_steps=args.probe_steps, device=args.device, progress=True)
+                   probe_steps=args.probe_steps, max_seconds=args.max_seconds, device=args.device, progress=True)
     start = time.perf_counter()
     report = sharpness_report(model, examples, **options)
     wall = time.perf_counter() - start

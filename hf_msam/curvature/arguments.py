@@ -76,7 +76,8 @@ class SharpnessArguments:
     )
     sharpness_coherence_memory_gb: float | None = field(
         default=None,
-        metadata={"help": "Memory (GB) for the Jacobian rows of one coherence chunk. None: the report's default."},
+        metadata={"help": "Memory (GB) of the coherence's Jacobian-row buffers (more: fewer recomputed rows). "
+                          "None: the report's default."},
     )
     sharpness_batch_size: int | None = field(
         default=None, metadata={"help": "Examples per forward/backward pass of the report. None: the report's default."}
