@@ -28,6 +28,7 @@ Memory. All n r rows of d floats do not fit (all-MiniLM-L6-v2: 256 rows of 22.7M
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -215,13 +216,17 @@ class WeightedNTK:
     def plan(self, num_examples: int, memory_gb: float, *, stream_examples: int = 8) -> GramPlan:
         return plan_gram(num_examples, self.rows_per_example, self.dim, memory_gb, stream_examples=stream_examples)
 
-    def time_example(self, clock: Callable[[], float] = time.perf_counter) -> float:
-        """Seconds to compute the rows of one example (the first)."""
+    def time_example(self, clock: Callable[[], float] = time.perf_counter, repeats: int = 3) -> float:
+        """Seconds to compute the rows of one example: the median over the first ``repeats`` examples (one
+        timing on a shared machine can be off by a factor of two)."""
         with curvature_mode(self.model):
             out = torch.empty(self.rows_per_example, self.dim, device=model_device(self.model))
-            start = clock()
-            self._factors.write(0, out)
-            return clock() - start
+            times = []
+            for i in range(min(repeats, len(self._factors.examples))):
+                start = clock()
+                self._factors.write(i, out)
+                times.append(clock() - start)
+        return float(statistics.median(times))
 
     def time_products(self, plan: GramPlan, clock: Callable[[], float] = time.perf_counter) -> float:
         """Seconds of ``plan.gram_flops``, from timing one resident-by-stream product on a slice of columns."""
