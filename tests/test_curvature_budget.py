@@ -128,35 +128,45 @@ class FakeClock:
         return self.now
 
 
-SMALL = dict(num_examples=40, lanczos_iterations=12, top_k=2, trace_probes=6, batch_size=8, m=4, probe_steps=12,
-             coherence_examples=40, learning_rate=0.1, train_batch_size=4)
+SMALL = dict(num_examples=16, lanczos_iterations=6, top_k=1, trace_probes=4, batch_size=8, m=4, probe_steps=6,
+             coherence_examples=16, learning_rate=0.1, train_batch_size=4)
+TINY_FLOORS = {"num_examples": 8, "lanczos_iterations": 3, "trace_probes": 2, "coherence_examples": 8,
+               "probe_steps": 3}  # fmt: skip
+
+
+@pytest.fixture
+def tiny_floors(monkeypatch):
+    """Floors scaled to the tiny reports of these tests (the planner reads ``budget.FLOORS`` when called)."""
+    monkeypatch.setattr(budget, "FLOORS", TINY_FLOORS)
 
 
 def _report(max_seconds, capsys=None, **kwargs):
-    return hf_msam.sharpness_report(tiny_bert(2, seed=3), token_dataset(48, 6, 2, seed=4), max_seconds=max_seconds,
+    return hf_msam.sharpness_report(tiny_bert(2, seed=3), token_dataset(24, 6, 2, seed=4), max_seconds=max_seconds,
                                     clock=FakeClock(), **{**SMALL, **kwargs})
 
 
+@pytest.mark.usefixtures("tiny_floors")
 def test_report_follows_its_plan_under_a_fake_clock(capsys):
-    """1 s per timed interval: an HVP costs 1/8 s per example, a coherence row 1 s; 120 s forces cuts."""
+    """1 s per timed interval: an HVP costs 1/8 s per example, a coherence row 1 s; 30 s forces cuts."""
     full = _report(math.inf)
-    assert full.budget_cuts == [] and full.num_examples == 40 and full.lanczos_iterations <= 12
-    cut = _report(120.0, progress=True)
+    assert full.budget_cuts == [] and full.num_examples == 16 and full.lanczos_iterations <= 6
+    cut = _report(30.0, progress=True)
     err = capsys.readouterr().err
     assert "sharpness report plan: " in err and "cut to fit" in err
-    assert cut.budget_seconds == 120 and cut.estimated_seconds <= 120 and cut.budget_cuts
+    assert cut.budget_seconds == 30 and cut.estimated_seconds <= 30 and cut.budget_cuts
     planned = {entry.split()[0]: int(entry.split()[-1]) for entry in cut.budget_cuts}
-    assert cut.num_examples == planned.get("num_examples", 40) < 40
-    assert cut.coherence_examples == planned["coherence_examples"] < 40
-    assert cut.trace_probes == planned.get("trace_probes", 6)
-    assert cut.lanczos_iterations <= planned.get("lanczos_iterations", 12)
-    assert cut.probe_steps == planned.get("probe_steps", 12)
+    assert cut.num_examples == planned.get("num_examples", 16) < 16
+    assert cut.coherence_examples == planned["coherence_examples"] < 16
+    assert cut.trace_probes == planned.get("trace_probes", 4)
+    assert cut.lanczos_iterations <= planned.get("lanczos_iterations", 6)
+    assert cut.probe_steps == planned.get("probe_steps", 6)
     assert cut.errors == [] and cut.coherence is not None
 
 
+@pytest.mark.usefixtures("tiny_floors")
 def test_cut_report_is_the_report_of_the_cut_request():
     """What the plan keeps is computed exactly as if it had been asked for."""
-    cut = _report(120.0)
+    cut = _report(30.0)
     planned = {entry.split()[0]: int(entry.split()[-1]) for entry in cut.budget_cuts}
     asked = _report(math.inf, **{name: planned.get(name, SMALL[name]) for name in
                                  ("num_examples", "lanczos_iterations", "trace_probes", "coherence_examples",
@@ -166,6 +176,7 @@ def test_cut_report_is_the_report_of_the_cut_request():
         assert getattr(cut, key) == pytest.approx(getattr(asked, key), rel=1e-6), key
 
 
+@pytest.mark.usefixtures("tiny_floors")
 def test_report_bar_moves_during_coherence_and_ends_full(monkeypatch):
     """Issue 11: the bar used to sit still through the whole coherence phase."""
     positions: list[tuple[str, float]] = []
@@ -181,7 +192,7 @@ def test_report_bar_moves_during_coherence_and_ends_full(monkeypatch):
                         lambda seconds, enabled: bars.append(ReportProgress(seconds, enabled)) or bars[-1])
     _report(math.inf, progress=True)
     coherence = [n for name, n in positions if name == "coherence"]
-    assert len(coherence) >= 40 and all(b > a for a, b in zip(coherence, coherence[1:]))
+    assert len(coherence) >= 16 and all(b > a for a, b in zip(coherence, coherence[1:]))
     phases = [name for name, _ in positions]
     assert {"eigenvalues", "trace", "coherence", "probe"} <= set(phases)
     assert bars[0].bar.n == pytest.approx(bars[0].bar.total)
