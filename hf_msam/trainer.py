@@ -33,6 +33,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .arguments import SAMTrainingArguments
+from .modelcard import MODEL_TAGS
 from .msam import MicroBatchSAM, Perturbation, batch_size_of, split_micro_batches
 from .reporting import SharpnessReportMixin
 
@@ -69,6 +70,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 f"SAMTrainer does not support torch.nn.DataParallel over {self.args.n_gpu} GPUs in one process: "
                 "launch one process per GPU with `accelerate launch --multi_gpu` (or torchrun)."
             )
+        if hasattr(self.model, "add_model_tags"):  # as TRL's trainers do: any push of this model carries the tags
+            self.model.add_model_tags(MODEL_TAGS)
         self._sam: MicroBatchSAM | None = None
         self._sam_module: nn.Module | None = None  # the module self._sam was built for
         self._batchnorms: list[nn.Module] = []
