@@ -1,6 +1,6 @@
 """The mSAM update, in plain torch (no Trainer, no accelerate).
 
-This module is the mathematics of ``DESIGN.md`` section 2 and nothing else. Per optimizer step the
+This module is the mathematics of ``docs/design.md`` section 2 and nothing else. Per optimizer step the
 mini-batch ``D`` is cut into disjoint micro-batches ``D_1 .. D_m``; with ``w`` the current weights and
 ``L_k`` the loss on ``D_k``::
 

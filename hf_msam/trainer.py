@@ -6,7 +6,7 @@ accumulation, clipping, ``optimizer.step()``, the scheduler and ``zero_grad``. E
 micro-batches and, for each one, perturbs the weights along its own ascent gradient, back-propagates the
 descent loss at the perturbed point into ``.grad`` and restores the weights exactly (``hf_msam.msam``).
 
-How the traps of the Trainer are handled (``DESIGN.md`` section 2, notes section 1.10):
+How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
 
 * ``.grad`` holds the descent gradients of earlier chunks: ascent gradients come from
   ``torch.autograd.grad`` and never touch it.

@@ -1,4 +1,4 @@
-"""An independent plain-loop implementation of the mSAM equations of DESIGN.md section 2, for tests.
+"""An independent plain-loop implementation of the mSAM equations of docs/design.md section 2.1, for tests.
 
 Written without ``hf_msam``: per-tensor Python loops, fresh copies, float64 accumulation of the averaged
 descent gradient. Slow and obvious on purpose.

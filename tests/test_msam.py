@@ -1,4 +1,4 @@
-"""The torch-only mSAM module against the plain-loop reference of DESIGN.md section 2."""
+"""The torch-only mSAM module against the plain-loop reference of docs/design.md section 2.1."""
 
 from __future__ import annotations
 

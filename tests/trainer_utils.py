@@ -10,7 +10,7 @@ from hf_msam import SAMTrainer, SAMTrainingArguments
 
 
 class SequentialSAMTrainer(SAMTrainer):
-    """Batches in dataset order, so a test knows which examples form each step (DESIGN.md section 7)."""
+    """Batches in dataset order, so a test knows which examples form each step (docs/design.md section 7)."""
 
     def _get_train_sampler(self, train_dataset=None):
         return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
