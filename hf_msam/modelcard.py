@@ -116,7 +116,7 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
         finetuned_from = model.peft_config[model.active_adapter].base_model_name_or_path
     if finetuned_from is None and config is not None:
         finetuned_from = getattr(config, "_name_or_path", None) or None
-    tasks = kwargs.get("tasks") or ("image-classification" if "pixel_values" in getattr(model, "main_input_name", "") else "text-classification")
+    tasks = kwargs.get("tasks") or _task_of(model.get_base_model() if is_peft else model)
     tasks = tasks[0] if isinstance(tasks, (list, tuple)) else tasks
     dataset_tags = kwargs.get("dataset_tags")
     dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
@@ -178,6 +178,18 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
         "versions": {"hf_msam": hf_msam.__version__, "transformers": transformers.__version__,
                      "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__},
     }
+
+
+def _task_of(model) -> str:
+    """The pipeline task of ``model``'s class (``transformers.modelcard.TASK_MAPPING``, the Auto-class tables);
+    text classification when the class is in none of them."""
+    from transformers.modelcard import TASK_MAPPING
+
+    name = type(model).__name__
+    for task, mapping in TASK_MAPPING.items():
+        if any(name in ((value,) if isinstance(value, str) else value) for value in mapping.values()):
+            return task
+    return "text-classification"
 
 
 def _length(dataset) -> int | None:
@@ -314,6 +326,7 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
         base_model_url=f"https://huggingface.co/{base}" if base else None,
         base_model_note=f"a fine-tuned version of `{data['base_model_source']}`" if data.get("base_model_source") else None,
         is_peft=data.get("library_name") == "peft",
+        base_model_path=data.get("base_model_source"),
         dataset_text=dataset_name + (f" (`{dataset_id}`" + (f", `{data['dataset_args']}`" if data.get("dataset_args") else "") + ")" if dataset_id else ""),
         task=task,
         pipeline_tag=task,

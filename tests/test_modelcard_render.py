@@ -208,6 +208,11 @@ def test_lora_model_card_is_a_peft_card_with_the_base_model(tmp_path):
     assert meta["library_name"] == "peft"
     assert meta["base_model"] == "prajjwal1/bert-tiny"
     assert "msam" in meta["tags"]
+    card = render_model_card(tmp_path, data)
+    assert "AutoPeftModelForSequenceClassification.from_pretrained" in card and "pipeline(" not in card
+    image = render_model_card(tmp_path, {**data, "task": "image-classification"})
+    assert 'AutoModelForImageClassification.from_pretrained("prajjwal1/bert-tiny")' in image
+    assert "PeftModel.from_pretrained(base" in image
 
 
 def test_licence_taken_from_the_base_model_card(tmp_path):
@@ -253,3 +258,22 @@ def test_hyperparameters_of_the_trainer(tmp_path):
     json.dumps(data)  # saved as msam_card.json
     assert data["msam"]["rho"] == 0.05 and data["msam"]["micro-batch size"] == 4
     assert data["msam"]["m (micro-batches per optimizer step)"] == 4  # 2 per chunk, 2 accumulation chunks
+
+
+@pytest.mark.parametrize("architecture, task, usage", [
+    ("bert", "text-classification", 'pipeline("text-classification"'),
+    ("vit", "image-classification", 'pipeline("image-classification"'),
+    ("llama", "text-generation", 'pipeline("text-generation"'),
+])
+def test_task_follows_the_model_head(tmp_path, architecture, task, usage):
+    from conftest import tiny_bert
+    from recipe_fixtures import save_tiny_vit
+    from trainer_utils import tiny_llama
+    from transformers import ViTForImageClassification
+
+    model = {"bert": tiny_bert, "llama": tiny_llama,
+             "vit": lambda: ViTForImageClassification.from_pretrained(save_tiny_vit(tmp_path / "vit"))}[architecture]()
+    data = card_data_from_trainer(_trainer(tmp_path, model))
+    assert data["task"] == task
+    card = render_model_card(tmp_path, data)
+    assert _metadata(card)["pipeline_tag"] == task and usage in card
