@@ -25,6 +25,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 __all__ = ["CARD_DATA_NAME", "MODEL_TAGS", "TEMPLATE_PATH", "base_model_license", "card_data_from_trainer",
            "create_model_card", "curvature_summary", "load_card_data", "render_model_card", "write_model_card"]
 
@@ -65,9 +70,6 @@ def _fmt(value: Any) -> str:
 
 def _hub_id(name: str | None) -> str | None:
     """``name`` if it is a Hub repo id (``model`` or ``org/model``) and not a local path, else None."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if not name or os.path.exists(name):
         return None
     try:
@@ -80,8 +82,6 @@ def _hub_id(name: str | None) -> str | None:
 def base_model_license(name_or_path: str | None) -> str | None:
     """The ``license`` in the model card of the base model, when that card is at hand without the network:
     ``README.md`` of a local model folder, or of a Hub id in the local Hugging Face cache. None otherwise."""
-    from huggingface_hub import ModelCard, try_to_load_from_cache
-
     if not name_or_path:
         return None
     readme: str | os.PathLike | None = Path(name_or_path) / "README.md"
@@ -89,7 +89,7 @@ def base_model_license(name_or_path: str | None) -> str | None:
         readme = try_to_load_from_cache(name_or_path, "README.md") if _hub_id(name_or_path) else None
         if not isinstance(readme, str):
             return None
-    return ModelCard.load(readme).data.license
+    return ModelCard.load(readme, ignore_metadata_errors=True).data.license
 
 
 def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
     import torch
     import transformers
     from peft import PeftModel
-    from transformers.modelcard import extract_hyperparameters_from_trainer, parse_log_history
+    from transformers.modelcard import parse_log_history
 
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -141,18 +141,13 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
     if args.sam_adaptive:
         msam["ASAM eta"] = args.sam_adaptive_eta
 
-    hyper = {k: v if isinstance(v, (int, float, bool)) else str(getattr(v, "value", v)).replace(str(args.optim), optimizer)
-             for k, v in extract_hyperparameters_from_trainer(trainer).items()}  # (it writes the enum's repr)
-    if args.bf16:
-        hyper["mixed_precision_training"] = "bf16"
+    hyper = _hyperparameters(trainer)
     _, training_results, _ = parse_log_history(trainer.state.log_history)
 
     label_names = kwargs.get("label_names")
     if label_names is None and config is not None and getattr(config, "id2label", None) and config.num_labels > 1:
         label_names = [config.id2label[i] for i in sorted(config.id2label)]
-    import huggingface_hub
-
-    import hf_msam
+    from . import __version__
 
     return {
         "model_name": kwargs.get("model_name") or output_dir.resolve().name,
@@ -175,9 +170,25 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
         "hyperparameters": hyper,
         "results": _final_results(trainer.state.log_history),
         "training_results": training_results or [],
-        "versions": {"hf_msam": hf_msam.__version__, "transformers": transformers.__version__,
+        "versions": {"hf_msam": __version__, "transformers": transformers.__version__,
                      "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__},
     }
+
+
+def _hyperparameters(trainer) -> dict[str, Any]:
+    """``transformers.modelcard.extract_hyperparameters_from_trainer`` (the stock card's table) as JSON-able
+    values, with the optimizer's name instead of its enum's repr, and bf16 named too (it names fp16 only)."""
+    from transformers.modelcard import extract_hyperparameters_from_trainer
+
+    optim = trainer.args.optim
+    hyper = {}
+    for key, value in extract_hyperparameters_from_trainer(trainer).items():
+        if not isinstance(value, (int, float, bool)):
+            value = str(getattr(value, "value", value)).replace(str(optim), str(getattr(optim, "value", optim)))
+        hyper[key] = value
+    if trainer.args.bf16:
+        hyper["mixed_precision_training"] = "bf16"
+    return hyper
 
 
 def _task_of(model) -> str:
@@ -282,8 +293,6 @@ def curvature_summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], st
 
 def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> str:
     """The card's markdown (YAML metadata included) for ``data`` and the curvature report in ``output_dir``."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     output_dir = Path(output_dir)
     task = data.get("task") or "text-classification"
     dataset_id = _hub_id((data.get("dataset_tags") or [None])[0])
