@@ -100,3 +100,22 @@ def test_preflight_names_the_endpoint_it_could_not_reach(monkeypatch):
     online_hub(monkeypatch, f"http://127.0.0.1:{port}")
     with pytest.raises(hub.HubError, match=f"127.0.0.1:{port}"):
         hub.preflight("me/model", GOOD_TOKEN)
+
+
+def test_model_push_outside_the_recipes_carries_the_msam_tags(tmp_path, monkeypatch):
+    """``SAMTrainer`` tags the model (``add_model_tags``), so ``model.push_to_hub`` writes them into the card."""
+    import yaml
+
+    from conftest import tiny_bert
+    from hf_msam import SAMTrainer, SAMTrainingArguments
+
+    model = tiny_bert()
+    SAMTrainer(model=model, args=SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    with FakeHub() as fake:
+        online_hub(monkeypatch, fake.endpoint)
+        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                            fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        model.push_to_hub("tester/pushed", token=GOOD_TOKEN)
+    assert "model.safetensors" in fake.files
+    tags = yaml.safe_load(fake.files["README.md"].decode().split("---")[1])["tags"]
+    assert {"msam", "hf_msam"} <= set(tags)
