@@ -279,7 +279,7 @@ def curvature_summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], st
     add("Adam edge-of-stability threshold (2 + 2 beta1) / ((1 - beta1) eta)", "adam_stability_threshold")
     add("Preconditioned sharpness / threshold", "adam_edge_ratio")
 
-    where = f"SGD stability verdict at learning rate {_fmt(lr)} and batch size {batch}"
+    where = "SGD stability verdict" + (f" at learning rate {_fmt(lr)} and batch size {batch}" if lr and batch else "")
     if r.get("stability_verdict"):
         reason = f" {r['stability_reason']}" if r.get("stability_reason") else ""
         return rows, f"{where}: **{r['stability_verdict']}**.{reason}"
