@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 EPS = 1e-12
 """The constant in the denominator of the perturbation, as in Foret et al. (2021)."""
@@ -122,6 +123,7 @@ class MicroBatchSAM:
         if self._saved is not None:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + e_k.")
         weights = [p.detach() for p in self.params]
+        grads = _private_buffers(grads, weights)
         if self.adaptive:
             # T g_k, then T^2 g_k in place: e_k = rho * T^2 g_k / ||T g_k||.
             scale_t = torch._foreach_abs(weights)
@@ -147,6 +149,58 @@ class MicroBatchSAM:
         """Compute ``g_k`` from ``loss`` (the micro-batch loss at ``w``, possibly multiplied by a loss scale)
         and move the weights to ``w + e_k``."""
         return self.perturb_with(self.ascent_gradients(loss), grad_scale=grad_scale)
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The states of the CPU generator and of the current accelerator's generator (CUDA, XPU, MPS, ...).
+
+    Both passes of a micro-batch must see the same function, dropout masks included, as in the reference SAM
+    implementation (google-research/sam evaluates the ascent and the descent gradient under one random key).
+    Capture before the ascent pass and restore before the descent pass: the descent pass then draws the
+    masks of the ascent pass, and leaves the generators where a single pass would have left them.
+    """
+
+    cpu: torch.Tensor
+    accelerator: torch.Tensor | None
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        """The current states (one small host copy per generator, no device sync)."""
+        device_module = _accelerator_module()
+        return cls(torch.get_rng_state(), device_module.get_rng_state() if device_module is not None else None)
+
+    def restore(self) -> None:
+        """Rewind the generators to the captured states."""
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            _accelerator_module().set_rng_state(self.accelerator)
+
+
+def _accelerator_module():
+    """``torch.cuda`` (or ``torch.xpu``, ``torch.mps``, ...) when an accelerator is available, else ``None``."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return None if accelerator is None else torch.get_device_module(accelerator)
+
+
+def _private_buffers(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` with every tensor that in-place arithmetic could not safely overwrite replaced by a private copy.
+
+    Autograd may hand several parameters one gradient buffer (a Hugging Face ViT gives ``cls_token`` and
+    ``position_embeddings`` the same storage when a pass holds one example), return an expanded tensor
+    (stride 0: the gradient of ``p.sum()``), or a view of a weight. Such a gradient is copied, in the layout
+    of its weight; every other one is used as it is (no copy in the common case).
+    """
+    seen = {w.untyped_storage().data_ptr() for w in weights}
+    private = []
+    for grad, weight in zip(grads, weights):
+        storage = grad.untyped_storage().data_ptr()
+        if storage in seen or not is_non_overlapping_and_dense_or_false(grad):
+            grad = torch.empty_like(weight, dtype=grad.dtype).copy_(grad)
+            storage = grad.untyped_storage().data_ptr()
+        seen.add(storage)
+        private.append(grad)
+    return private
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> float:
