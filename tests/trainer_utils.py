@@ -57,7 +57,7 @@ def tensor_batch(dataset, start: int, stop: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in rows.items()}
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **overrides):
     """A 1-layer causal LM whose loss is normalised by ``num_items_in_batch`` when it is given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,6 +71,7 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=32,
         attn_implementation="eager",
+        **overrides,
     )
     return LlamaForCausalLM(config)
 
