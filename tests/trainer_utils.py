@@ -85,3 +85,12 @@ def lm_dataset(n: int = 32, length: int = 10, seed: int = 0):
     labels = ids.clone()
     labels[torch.rand(n, length, generator=g) < 0.4] = -100
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def lm_dataset_without_labels_in(start: int | None = None, stop: int | None = None, n: int = 32, seed: int = 19):
+    """``lm_dataset`` with every label of the examples ``start:stop`` set to -100 (a chunk with nothing supervised)."""
+    data = lm_dataset(n, seed=seed)
+    if start is None:
+        return data
+    return data.map(lambda row, index: {"labels": [-100] * len(row["labels"]) if start <= index < stop else row["labels"]},
+                    with_indices=True)
