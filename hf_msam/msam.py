@@ -11,17 +11,25 @@ mini-batch ``D`` is cut into disjoint micro-batches ``D_1 .. D_m``; with ``w`` t
     update = base_optimizer.step( sum_k (|D_k| / |D|) d_k )     weights restored to w first
 
 ``m = 1`` is SAM; ``rho = 0`` is the base optimizer. Only trainable tensors (``requires_grad``) are
-perturbed and enter ``||g_k||``. The restore is exact (bit for bit: the parameters get their original
-tensors back) and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The extra memory
-is one parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a
-micro-batch is in flight.
+perturbed and enter ``||g_k||``. ASAM's ``T = |w| + eta`` applies to every trainable tensor, biases and
+LayerNorm weights included, as in davda54/sam and pytorch-optimizer (the ASAM authors' code applies it to
+weight matrices only). The restore is exact (bit for bit: the parameters get their original tensors back)
+and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The extra memory is one
+parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a micro-batch
+is in flight; a gradient that autograd shares between tensors (or returns expanded) is copied first.
+
+Dropout: both passes of a micro-batch must see the same function, so the descent pass replays the random
+state the ascent pass started from (:class:`RandomState`), as the reference SAM implementation evaluates
+both gradients under one random key. The generators then end where one pass would have left them.
 
 Use it in any training loop::
 
     sam = MicroBatchSAM(model.parameters(), rho=0.05)
     for batch in loader:
         for micro_batch, weight in split_micro_batches(batch, 8):
-            sam.perturb(model(**micro_batch).loss)         # w -> w + e_k
+            randomness = RandomState.capture()
+            sam.perturb(model(**micro_batch).loss)           # w -> w + e_k
+            randomness.restore()                             # the descent pass draws the same dropout masks
             (weight * model(**micro_batch).loss).backward()  # accumulates d_k into .grad
             sam.restore()                                    # w + e_k -> w, exactly
         optimizer.step()
@@ -63,7 +71,9 @@ class MicroBatchSAM:
         params: the model's parameters; those with ``requires_grad=False`` (frozen base weights under
             PEFT/LoRA) are ignored.
         rho: radius of the perturbation, ``rho >= 0``.
-        adaptive: ASAM: scale the perturbation elementwise by ``T = |w| + adaptive_eta``.
+        adaptive: ASAM (Kwon et al., 2021): ``e_k = rho * T^2 g_k / ||T g_k||`` with ``T = |w| + adaptive_eta``
+            elementwise, on every trainable tensor (biases and LayerNorm weights included, as davda54/sam and
+            pytorch-optimizer do; the ASAM authors' code applies ``T`` to weight matrices only).
         adaptive_eta: the ``eta`` of ASAM.
     """
 

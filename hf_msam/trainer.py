@@ -19,6 +19,13 @@ How the traps of the Trainer are handled (``DESIGN.md`` section 2, notes section
 * fp16: ascent gradients are taken from the scaled loss (the direction is scale-invariant) and checked
   for inf/NaN; ``scaler.unscale_`` is left to the loop. A non-finite ascent skips that perturbation.
 * BatchNorm running statistics are updated by the ascent pass only; the descent pass leaves them as found.
+* Dropout: the descent pass of a micro-batch replays the random state of its ascent pass (CPU and the current
+  accelerator, ``hf_msam.msam.RandomState``), so both see the same masks and the generators end where the
+  stock step's single pass would leave them; with a tiny ``rho`` and one micro-batch per chunk the step is the
+  stock step, dropout on.
+* A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
+  zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
+  same collectives in every step.
 """
 
 from __future__ import annotations
