@@ -116,10 +116,12 @@ class MicroBatchSAM:
     def ascent_gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """``g_k = grad L_k(w)`` by ``torch.autograd.grad``, so ``.grad`` (the accumulated descent) is untouched.
 
-        A trainable tensor that the loss does not reach gets a zero gradient.
+        A trainable tensor that the loss does not reach gets a zero gradient. Each returned tensor has storage
+        of its own, so in-place arithmetic on one (an all-reduce, :meth:`perturb_with`) changes no other.
         """
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        return _private_buffers(grads, [p.detach() for p in self.params])
 
     @torch.no_grad()
     def perturb_with(self, grads: list[torch.Tensor], grad_scale: float = 1.0) -> Perturbation:
@@ -127,7 +129,8 @@ class MicroBatchSAM:
 
         ``w + e_k`` is built in place in the buffers of ``grads``, which the parameters then hold while ``w``
         is kept aside for :meth:`restore`: one parameter-sized buffer in flight at any time, no copy of the
-        weights. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of
+        weights. A gradient that shares storage with another or with a weight, or is not dense (expanded), is
+        copied first. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of
         ``e_k`` does not depend on it, only the reported norm does.
         """
         if self._saved is not None:

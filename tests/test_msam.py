@@ -86,6 +86,16 @@ def test_perturbation_of_shared_gradient_storage_has_norm_rho():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_ascent_gradients_have_storage_of_their_own():
+    """What the global-SAM all-reduce writes into in place: no two gradients (nor a gradient and a weight) share memory."""
+    model = tiny_vit(seed=8)
+    sam = MicroBatchSAM(model.parameters(), rho=0.05)
+    grads = sam.ascent_gradients(model(**{k: v[:1] for k, v in _images(2, seed=8).items()}).loss)
+    storages = [g.untyped_storage().data_ptr() for g in grads] + [p.untyped_storage().data_ptr() for p in sam.params]
+    assert len(set(storages)) == len(storages)
+    torch._foreach_mul_(grads, 2.0)  # in-place arithmetic on all of them is allowed
+
+
 class _BiasedLinear(torch.nn.Module):
     """A linear model whose loss adds ``offset.sum()``: autograd returns the gradient of ``offset`` as an expanded
     scalar (stride 0, one element for the whole tensor), on which in-place arithmetic is refused."""
