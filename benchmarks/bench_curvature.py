@@ -159,7 +159,7 @@ def exact_second_moment_radius(h: torch.Tensor, eta: float, n: int, b: int) -> f
 
 def theorem1_tightness() -> list[dict]:
     """Exact mean-square critical eta vs the restated Theorem-1 eta on the construction of
-    ``notes/papers.md`` section 1.5 (sigma examples share a direction, the rest are orthogonal)."""
+    ``docs/design.md`` section 3.5 (sigma examples share a direction, the rest are orthogonal)."""
     from hf_msam.curvature.coherence import coherence_from_hessians
     from hf_msam.curvature.stability import eta_critical_theorem1
 

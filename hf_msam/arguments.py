@@ -15,13 +15,43 @@ from .curvature.arguments import SharpnessArguments
 
 @dataclass
 class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
-    """``TrainingArguments`` plus micro-batch sharpness-aware minimization (``DESIGN.md`` section 2).
+    """``TrainingArguments`` plus micro-batch sharpness-aware minimization (``docs/design.md`` section 2) and the
+    curvature report (the ``sharpness_*`` fields of :class:`~hf_msam.SharpnessArguments`).
 
-    Each optimizer step's effective mini-batch (all processes, all gradient-accumulation chunks) is cut into
-    micro-batches of ``sam_micro_batch_size`` examples; each micro-batch gets its own perturbation
-    ``e_k = rho * g_k / ||g_k||`` and the descent gradients ``grad L_k(w + e_k)`` are averaged with weights
-    ``|D_k| / |D|`` before the base optimizer (``optim``) steps. ``m = |D| / sam_micro_batch_size``; m = 1 is
-    SAM and ``sam_rho = 0`` is the plain base optimizer.
+    Each optimizer step's effective mini-batch D (all processes, all gradient-accumulation chunks) is cut into
+    micro-batches D_k of ``sam_micro_batch_size`` examples; each gets its own perturbation
+    ``e_k = rho * g_k / ||g_k||``, ``g_k = grad L_k(w)``, and the descent gradients ``grad L_k(w + e_k)`` are averaged
+    with weights ``|D_k| / |D|`` before the base optimizer (``optim``) steps (Foret et al., 2021, section 4.1;
+    Behdin et al., 2023). ``m = |D| / sam_micro_batch_size``; m = 1 is SAM and ``sam_rho = 0`` is the plain base
+    optimizer. Every field is also a command-line flag (``HfArgumentParser``) and is saved with the other
+    arguments (``training_args.bin``, the model card).
+
+    Parameters:
+        sam_rho (`float`, *optional*, defaults to 0.05):
+            The SAM radius rho: the length of each micro-batch's perturbation ``e_k``. 0 trains with the plain
+            base optimizer, bit for bit as the stock ``Trainer``.
+        sam_micro_batch_size (`int`, *optional*):
+            Examples per perturbation (the mSAM micro-batch). None: each per-device batch is one micro-batch,
+            so m is the number of processes times ``gradient_accumulation_steps``. It need not divide the batch:
+            the last micro-batch of a batch may be smaller, and is weighted by its size. At most
+            ``per_device_train_batch_size``.
+        sam_micro_batch_mode (`str`, *optional*, defaults to `"auto"`):
+            How the micro-batches of a step are run: ``"loop"``, one ascent and one descent pass per micro-batch;
+            ``"vmap"``, all micro-batches of equal size in one vectorised ascent and one vectorised descent pass
+            (``torch.func.vmap``; costs a copy of the trainable parameters per micro-batch, bounded by
+            ``sam_vmap_memory_budget_mb``; refused with the reason when the model cannot take it); ``"auto"``,
+            vmap where the model is eligible and it was measured faster on the device type, else the loop. The
+            update is the same in every mode.
+        sam_adaptive (`bool`, *optional*, defaults to `False`):
+            ASAM (Kwon et al., 2021): the perturbation ``e_k = rho * T^2 g_k / ||T g_k||`` with the elementwise
+            scale ``T = |w| + sam_adaptive_eta``, applied to every trainable tensor (biases and LayerNorm
+            included, as davda54/sam and pytorch-optimizer do).
+        sam_adaptive_eta (`float`, *optional*, defaults to 0.01):
+            The eta of ASAM's ``T = |w| + eta``; used only with ``sam_adaptive``.
+        sam_global (`bool`, *optional*, defaults to `False`):
+            Classic (global) SAM: one perturbation from the ascent gradient averaged over the whole mini-batch on
+            all processes, at the cost of one extra all-reduce per step. Excludes ``sam_micro_batch_size`` and
+            needs ``gradient_accumulation_steps=1``.
     """
 
     sam_rho: float = field(

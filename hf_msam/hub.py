@@ -14,6 +14,10 @@ import os
 import sys
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub import HfApi, constants, is_offline_mode
+from huggingface_hub.errors import HfHubHTTPError
+
 __all__ = ["HubError", "IGNORE_PATTERNS", "main", "preflight", "push_later_message", "push_output_dir", "resolve_token"]
 
 IGNORE_PATTERNS = [
@@ -27,7 +31,6 @@ IGNORE_PATTERNS = [
     "*.pkl",
     "*.ckpt",
 ]
-_TRUE = {"1", "on", "yes", "true"}
 
 
 class HubError(RuntimeError):
@@ -35,32 +38,8 @@ class HubError(RuntimeError):
 
 
 def resolve_token(explicit: str | None = None) -> str | None:
-    """``explicit``, else ``HF_TOKEN``, else the token saved by ``hf auth login`` (``huggingface_hub.get_token``)."""
-    if explicit:
-        return explicit
-    from huggingface_hub import get_token
-
-    return get_token()
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE or (
-        "HF_HUB_OFFLINE" not in os.environ and bool(constants.HF_HUB_OFFLINE)
-    )
-
-
-def _api(token: str):
-    from huggingface_hub import HfApi
-
-    return HfApi(endpoint=_endpoint(), token=token)
+    """``explicit``, else ``huggingface_hub.get_token()`` (``HF_TOKEN``, then the token saved by ``hf auth login``)."""
+    return explicit or huggingface_hub.get_token()
 
 
 def preflight(repo_id: str | None, token: str | None, default_name: str | None = None) -> str:
@@ -70,7 +49,7 @@ def preflight(repo_id: str | None, token: str | None, default_name: str | None =
     unreachable endpoint (``HF_ENDPOINT``).
     """
     later = "Or train without --push_to_hub and push the finished output_dir later with `hf-msam push OUTPUT_DIR`."
-    if _offline():
+    if is_offline_mode():
         raise HubError(
             "--push_to_hub was given but the Hugging Face Hub is switched off (HF_HUB_OFFLINE=1). Unset "
             f"HF_HUB_OFFLINE to push. {later}"
@@ -80,11 +59,9 @@ def preflight(repo_id: str | None, token: str | None, default_name: str | None =
             "--push_to_hub needs a Hugging Face token with write access, and none was found: run `hf auth login`, "
             f"or set HF_TOKEN in the environment (avoid --hub_token on shared machines: it shows in `ps`). {later}"
         )
-    from huggingface_hub.errors import HfHubHTTPError
-
-    endpoint = _endpoint()
+    endpoint = constants.ENDPOINT
     try:
-        user = _api(token).whoami()
+        user = HfApi(token=token).whoami()
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
@@ -120,7 +97,7 @@ def push_output_dir(
 ) -> str:
     """Create ``repo_id`` if needed and upload ``output_dir`` (model, tokenizer/processor, card, results),
     without checkpoints or pickles. Returns the commit URL."""
-    api = _api(token)
+    api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(
         repo_id=repo_id,

@@ -4,11 +4,14 @@ Two steps, so that a card can be rebuilt from a finished ``output_dir`` (``hf-ms
 
 1. :func:`card_data_from_trainer` gathers everything from a ``SAMTrainer`` (arguments, ``log_history``,
    model config, data sizes) plus the ``create_model_card`` keyword arguments into a JSON-able dict,
-   saved as ``output_dir/msam_card.json`` (no token, no paths to secrets).
+   saved as ``output_dir/msam_card.json`` (no token, no paths to secrets). The training-results table and
+   the hyperparameters come from ``transformers.modelcard`` (``parse_log_history``,
+   ``extract_hyperparameters_from_trainer``), as in the stock Trainer's card.
 2. :func:`write_model_card` renders ``output_dir/README.md`` from that dict, the curvature report in
    ``output_dir/sharpness.json`` and its plot ``output_dir/sharpness.png`` when present, with the template
-   ``hf_msam/model_cards/msam_model_card.md`` through ``huggingface_hub.ModelCard.from_template`` (YAML
-   metadata: base model, datasets, tags including ``msam``, model-index with the evaluation metrics).
+   ``model_cards/msam_model_card.md`` through ``huggingface_hub.ModelCard.from_template`` (YAML metadata:
+   base model, datasets, licence, library (``peft`` for adapters), tags including ``msam``, model-index with
+   the evaluation metrics).
 
 ``SAMTrainer.create_model_card`` calls :func:`create_model_card`, so ``trainer.push_to_hub()`` and the recipes
 both produce this card.
@@ -19,36 +22,36 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CARD_DATA_NAME", "TEMPLATE_PATH", "card_data_from_trainer", "create_model_card", "load_card_data",
-           "render_model_card", "write_model_card"]
+import huggingface_hub
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+__all__ = ["CARD_DATA_NAME", "MODEL_TAGS", "TEMPLATE_PATH", "base_model_license", "card_data_from_trainer",
+           "create_model_card", "curvature_summary", "load_card_data", "render_model_card", "write_model_card"]
 
 CARD_DATA_NAME = "msam_card.json"
-TEMPLATE_PATH = Path(__file__).parent / "model_cards" / "msam_model_card.md"
+# The tags SAMTrainer puts on the model (``model.add_model_tags``), so that every push of it carries them.
+MODEL_TAGS = ["msam", "sam", "sharpness-aware-minimization", "hf_msam"]
+_TEMPLATE_NAME = "msam_model_card.md"
+# Installed: package data (hf_msam/model_cards/, mapped from the top-level model_cards/ in pyproject.toml).
+# Source checkout: the top-level model_cards/ itself.
+_INSTALLED_TEMPLATE = Path(__file__).parent / "model_cards" / _TEMPLATE_NAME
+TEMPLATE_PATH = _INSTALLED_TEMPLATE if _INSTALLED_TEMPLATE.is_file() else Path(__file__).parents[1] / "model_cards" / _TEMPLATE_NAME
 # Metric names the Hub's model-index understands (transformers.modelcard.METRIC_TAGS) -> display names.
 _INDEX_METRICS = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "Matthews Correlation",
                   "pearson": "Pearson", "pearsonr": "Pearson", "spearmanr": "Spearmanr", "precision": "Precision",
                   "recall": "Recall"}
 _INDEX_TYPES = {"pearson": "pearsonr"}
-_SHARPNESS_MEANING = {
-    "lambda_max": "largest Hessian eigenvalue",
-    "lambda_max_residual": "Lanczos residual",
-    "top_eigenvalues": "top Hessian eigenvalues",
-    "trace": "Hessian trace (Hutchinson)",
-    "trace_stderr": "standard error of the trace",
-    "coherence": "Hessian coherence sigma",
-    "m_sharpness": "mean loss increase at micro-batch SAM perturbations",
-    "eta_critical_theorem1": "largest stable SGD learning rate, Theorem 1",
-    "eta_critical_gd": "2 / lambda_max, gradient-descent bound",
-    "stable_sgd": "SGD stability verdict at the run's learning rate and batch size",
-    "growth_rate": "linearised SGD growth rate of ||v|| per step",
-    "num_examples": "probe-set examples",
-    "hvp_count": "Hessian-vector products used",
+_NOT_RESULTS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
+_BASIS = {
+    "theorem1": "by Theorem 1 of Dexter et al. (2024): lambda_max reaches sigma / (eta sqrt(n/B - 1))",
+    "gd_bound": "by the gradient-descent bound: the learning rate exceeds 2 / lambda_max",
+    "probe": "by the linear-stability probe (the simulated linearised SGD dynamics {grow})",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def _fmt(value: Any) -> str:
@@ -66,134 +69,170 @@ def _fmt(value: Any) -> str:
 
 
 def _hub_id(name: str | None) -> str | None:
-    """``name`` if it is a Hub repo id (``org/model``) and not a local path, else None."""
-    if not name or os.path.exists(name) or not _HUB_ID.match(name):
+    """``name`` if it is a Hub repo id (``model`` or ``org/model``) and not a local path, else None."""
+    if not name or os.path.exists(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
         return None
     return name
+
+
+def base_model_license(name_or_path: str | None) -> str | None:
+    """The ``license`` in the model card of the base model, when that card is at hand without the network:
+    ``README.md`` of a local model folder, or of a Hub id in the local Hugging Face cache. None otherwise."""
+    if not name_or_path:
+        return None
+    readme: str | os.PathLike | None = Path(name_or_path) / "README.md"
+    if not Path(readme).is_file():
+        readme = try_to_load_from_cache(name_or_path, "README.md") if _hub_id(name_or_path) else None
+        if not isinstance(readme, str):
+            return None
+    return ModelCard.load(readme, ignore_metadata_errors=True).data.license
 
 
 def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
     """Everything the card shows, from a trained ``SAMTrainer`` and ``create_model_card``'s keyword arguments
     (``model_name, finetuned_from, tasks, dataset, dataset_tags, dataset_args, language, license, tags``) plus
-    the hf_msam extras ``label_names``, ``hub_model_id``."""
+    the hf_msam extras ``label_names``, ``hub_model_id``.
+
+    For a PEFT model (LoRA) the card is a PEFT card: ``library_name: peft`` and ``base_model`` from the adapter's
+    ``base_model_name_or_path``. The licence is the base model's when its card is at hand
+    (:func:`base_model_license`) and none is given."""
     import torch
     import transformers
+    from peft import PeftModel
+    from transformers.modelcard import parse_log_history
 
     args = trainer.args
-    model = trainer.accelerator.unwrap_model(trainer.model) if trainer.model is not None else None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_peft = isinstance(model, PeftModel)
     config = getattr(model, "config", None)
     output_dir = Path(args.output_dir)
 
     finetuned_from = kwargs.get("finetuned_from")
+    if finetuned_from is None and is_peft:
+        finetuned_from = model.peft_config[model.active_adapter].base_model_name_or_path
     if finetuned_from is None and config is not None:
         finetuned_from = getattr(config, "_name_or_path", None) or None
-    tasks = kwargs.get("tasks") or ("image-classification" if "pixel_values" in getattr(model, "main_input_name", "") else "text-classification")
+    tasks = kwargs.get("tasks") or _task_of(model.get_base_model() if is_peft else model)
     tasks = tasks[0] if isinstance(tasks, (list, tuple)) else tasks
     dataset_tags = kwargs.get("dataset_tags")
     dataset_tags = [dataset_tags] if isinstance(dataset_tags, str) else list(dataset_tags or [])
     dataset_args = kwargs.get("dataset_args")
     dataset_args = dataset_args[0] if isinstance(dataset_args, (list, tuple)) else dataset_args
 
-    world = max(getattr(args, "world_size", 1), 1)
+    optimizer = str(getattr(args.optim, "value", args.optim))
+    world = max(args.world_size, 1)
     ga = args.gradient_accumulation_steps
-    total = args.per_device_train_batch_size * world * ga
-    micro = getattr(args, "sam_micro_batch_size", None)
+    micro = args.sam_micro_batch_size
     per_device = args.per_device_train_batch_size
-    m_per_device = math.ceil(per_device / micro) if micro else 1
     msam = {
-        "rho": getattr(args, "sam_rho", None),
+        "rho": args.sam_rho,
         "micro-batch size": micro if micro else f"{per_device} (the per-device batch)",
-        "m (micro-batches per optimizer step)": 1 if getattr(args, "sam_global", False) else m_per_device * world * ga,
-        "adaptive (ASAM)": getattr(args, "sam_adaptive", False),
-        "global SAM": getattr(args, "sam_global", False),
-        "base optimizer": str(getattr(args.optim, "value", args.optim)),
+        "m (micro-batches per optimizer step)": 1 if args.sam_global else args.sam_num_micro_batches * world * ga,
+        "adaptive (ASAM)": args.sam_adaptive,
+        "global SAM": args.sam_global,
+        "base optimizer": optimizer,
         "learning rate": args.learning_rate,
-        "mini-batch size (all processes, all accumulation steps)": total,
+        "mini-batch size (all processes, all accumulation steps)": per_device * world * ga,
     }
-    if getattr(args, "sam_adaptive", False):
-        msam["ASAM eta"] = getattr(args, "sam_adaptive_eta", None)
+    if args.sam_adaptive:
+        msam["ASAM eta"] = args.sam_adaptive_eta
 
-    hyper = {
-        "learning_rate": args.learning_rate,
-        "train_batch_size (per device)": per_device,
-        "eval_batch_size (per device)": args.per_device_eval_batch_size,
-        "seed": args.seed,
-        "num_processes": world,
-        "gradient_accumulation_steps": ga,
-        "total_train_batch_size": total,
-        "optimizer": f"{getattr(args.optim, 'value', args.optim)} (betas={args.adam_beta1},{args.adam_beta2}, eps={args.adam_epsilon}, weight_decay={args.weight_decay})",
-        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
-        "warmup_steps (a fraction if < 1)": getattr(args, "warmup_steps", 0),
-        "num_epochs" if args.max_steps <= 0 else "training_steps": args.num_train_epochs if args.max_steps <= 0 else args.max_steps,
-        "mixed_precision": "bf16" if args.bf16 else ("fp16" if args.fp16 else "no"),
-    }
+    hyper = _hyperparameters(trainer)
+    _, training_results, _ = parse_log_history(trainer.state.log_history)
 
-    results, header, rows = _results_from_history(trainer.state.log_history)
-    train_n = _length(getattr(trainer, "train_dataset", None))
-    eval_n = _length(getattr(trainer, "eval_dataset", None))
     label_names = kwargs.get("label_names")
     if label_names is None and config is not None and getattr(config, "id2label", None) and config.num_labels > 1:
         label_names = [config.id2label[i] for i in sorted(config.id2label)]
-    try:
-        import huggingface_hub
-
-        hub_version = huggingface_hub.__version__
-    except Exception:  # pragma: no cover
-        hub_version = "?"
-    import hf_msam
+    from . import __version__
 
     return {
         "model_name": kwargs.get("model_name") or output_dir.resolve().name,
         "hub_model_id": kwargs.get("hub_model_id") or args.hub_model_id,
         "base_model": _hub_id(finetuned_from),
         "base_model_source": finetuned_from if finetuned_from and not _hub_id(finetuned_from) else None,
+        "library_name": "peft" if is_peft else "transformers",
         "task": tasks,
         "dataset": kwargs.get("dataset") or (dataset_tags[0] if dataset_tags else "a custom data set"),
         "dataset_tags": dataset_tags,
         "dataset_args": dataset_args,
         "language": kwargs.get("language"),
-        "license": kwargs.get("license"),
-        "tags": list(kwargs.get("tags") or []),
+        "license": kwargs.get("license") or base_model_license(finetuned_from),
+        "tags": list(dict.fromkeys(list(getattr(model, "model_tags", None) or []) + list(kwargs.get("tags") or []))),
         "num_labels": getattr(config, "num_labels", None),
         "label_names": label_names,
-        "train_examples": train_n,
-        "eval_examples": eval_n,
+        "train_examples": _length(trainer.train_dataset),
+        "eval_examples": _length(trainer.eval_dataset),
         "msam": msam,
         "hyperparameters": hyper,
-        "results": results,
-        "training_header": header,
-        "training_rows": rows,
-        "versions": {"hf_msam": hf_msam.__version__, "transformers": transformers.__version__,
-                     "torch": torch.__version__, "huggingface_hub": hub_version},
+        "results": _final_results(trainer.state.log_history),
+        "training_results": training_results or [],
+        "versions": {"hf_msam": __version__, "transformers": transformers.__version__,
+                     "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__},
     }
+
+
+def _hyperparameters(trainer) -> dict[str, Any]:
+    """``transformers.modelcard.extract_hyperparameters_from_trainer`` (the stock card's table) as JSON-able
+    values, with the optimizer's name instead of its enum's repr, and bf16 named too (it names fp16 only)."""
+    from transformers.modelcard import extract_hyperparameters_from_trainer
+
+    optim = trainer.args.optim
+    hyper = {}
+    for key, value in extract_hyperparameters_from_trainer(trainer).items():
+        if not isinstance(value, (int, float, bool)):
+            value = str(getattr(value, "value", value)).replace(str(optim), str(getattr(optim, "value", optim)))
+        hyper[key] = value
+    if trainer.args.bf16:
+        hyper["mixed_precision_training"] = "bf16"
+    return hyper
+
+
+def _task_of(model) -> str:
+    """The pipeline task of ``model``'s class (``transformers.modelcard.TASK_MAPPING``, the Auto-class tables);
+    text classification when the class is in none of them."""
+    from transformers.modelcard import TASK_MAPPING
+
+    name = type(model).__name__
+    for task, mapping in TASK_MAPPING.items():
+        if any(name in ((value,) if isinstance(value, str) else value) for value in mapping.values()):
+            return task
+    return "text-classification"
 
 
 def _length(dataset) -> int | None:
     try:
         return len(dataset)
-    except Exception:
+    except TypeError:  # None, or an iterable dataset
         return None
 
 
-def _results_from_history(history: list[dict]) -> tuple[dict[str, float], list[str], list[list[str]]]:
-    """Final evaluation metrics (the last entry with ``eval_loss``) and a per-evaluation table."""
+def _final_results(history: list[dict]) -> dict[str, float]:
+    """The metrics of the last evaluation (the last log entry with ``eval_loss``), without the prefix, the
+    timings and the curvature numbers (the card has its own section for those)."""
     evals = [h for h in history if "eval_loss" in h]
-    skip = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch", "step"}
-    results: dict[str, float] = {}
-    if evals:
-        for key, value in evals[-1].items():
-            if key.startswith("eval_") and key not in skip and isinstance(value, (int, float)):
-                results[key[len("eval_"):]] = float(value)
-    metric_keys = [k for k in results if k != "loss"]
-    header = ["Training Loss", "Epoch", "Step", "Validation Loss"] + [k.replace("_", " ").title() for k in metric_keys]
-    rows, last_loss = [], "No log"
-    for entry in history:
-        if "loss" in entry:
-            last_loss = _fmt(float(entry["loss"]))
-        if "eval_loss" in entry:
-            rows.append([last_loss, _fmt(float(entry.get("epoch", 0) or 0)), str(entry.get("step", "")),
-                         _fmt(float(entry["eval_loss"]))] + [_fmt(entry.get(f"eval_{k}", float("nan"))) for k in metric_keys])
-    return results, header, rows
+    if not evals:
+        return {}
+    results = {}
+    for key, value in evals[-1].items():
+        name = key.removeprefix("eval_")
+        if key.startswith("eval_") and name not in _NOT_RESULTS and not name.startswith("sharpness_") and (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+        ):
+            results[name] = float(value)
+    return results
+
+
+def _training_table(lines: list[dict[str, Any]]) -> str:
+    """``transformers.modelcard.make_markdown_table`` of the per-evaluation rows (``parse_log_history``), every
+    row with the columns of all rows (an evaluation may log more metrics than another)."""
+    from transformers.modelcard import make_markdown_table
+
+    columns = list(dict.fromkeys(key for line in lines for key in line))
+    return make_markdown_table([{key: line.get(key, "") for key in columns} for line in lines])
 
 
 def load_card_data(output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -204,27 +243,59 @@ def load_card_data(output_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _sharpness_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
-    rows = []
-    for key, value in report.items():
-        if isinstance(value, dict):
-            for sub, subvalue in value.items():
-                if isinstance(subvalue, (int, float, bool, str)) and len(str(subvalue)) < 80:
-                    rows.append((f"{key}.{sub}", _fmt(subvalue), _SHARPNESS_MEANING.get(sub, "")))
-        elif isinstance(value, (int, float, bool)) or (isinstance(value, str) and len(value) < 80):
-            rows.append((key, _fmt(value), _SHARPNESS_MEANING.get(key, "")))
-        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value) and len(value) <= 20:
-            rows.append((key, _fmt(value), _SHARPNESS_MEANING.get(key, "")))
-    return rows
+def curvature_summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
+    """The few numbers of a curvature report (``sharpness.json``) a reader wants, as (quantity, value) rows,
+    and the SGD stability verdict in words (None without one).
+
+    The verdict is the report's ``stability_verdict`` ("stable" / "unstable" / "inconclusive") with its
+    ``stability_reason`` when the report has them, else ``stable_sgd`` with the rule that decided it
+    (``stability_basis``). Theorem 1 of Dexter et al. (2024) gives the learning rate *from which* SGD is provably
+    unstable, eta >= sigma / (lambda_max sqrt(n/B - 1)); 2 / lambda_max is the gradient-descent bound.
+    """
+    r = report
+    rows: list[tuple[str, str]] = []
+
+    def add(name: str, *keys: str, text: str | None = None) -> None:
+        if all(r.get(k) is not None for k in keys):
+            rows.append((name, text if text is not None else _fmt(r[keys[0]])))
+
+    n, batch, lr = r.get("num_train_examples"), r.get("train_batch_size"), r.get("learning_rate")
+    add("Largest Hessian eigenvalue lambda_max", "lambda_max")
+    add("Hessian trace (Hutchinson)", "trace", "trace_stderr", text=f"{_fmt(r.get('trace'))} ± {_fmt(r.get('trace_stderr'))}")
+    if r.get("trace_stderr") is None:
+        add("Hessian trace (Hutchinson)", "trace")
+    add(f"m-sharpness (rho {_fmt(r.get('m_sharpness_rho'))}, micro-batch size {r.get('m_sharpness_m')})", "m_sharpness")
+    hessian = f" ({r['coherence_hessian']} Hessians)" if r.get("coherence_hessian") else ""
+    add(f"Hessian coherence sigma of the {r.get('coherence_examples')} probe examples{hessian}", "coherence")
+    if r.get("coherence_train_interval"):
+        low, high = r["coherence_train_interval"]
+        add(f"Hessian coherence sigma of the {n} training examples (estimate, interval)", "coherence_train_estimate",
+            text=f"{_fmt(r.get('coherence_train_estimate'))} [{_fmt(low)}, {_fmt(high)}]")
+    else:
+        add(f"Hessian coherence sigma of the {n} training examples (estimate)", "coherence_train_estimate")
+    add(f"Learning rate from which SGD (batch size {batch}) is provably unstable (Theorem 1)", "eta_critical_theorem1")
+    add("Learning rate above which gradient descent is unstable (2 / lambda_max)", "eta_critical_gd")
+    add("Preconditioned sharpness lambda_max(P^-1 H) of Adam", "adam_preconditioned_lambda_max")
+    add("Adam edge-of-stability threshold (2 + 2 beta1) / ((1 - beta1) eta)", "adam_stability_threshold")
+    add("Preconditioned sharpness / threshold", "adam_edge_ratio")
+
+    where = "SGD stability verdict" + (f" at learning rate {_fmt(lr)} and batch size {batch}" if lr and batch else "")
+    if r.get("stability_verdict"):
+        reason = f" {r['stability_reason']}" if r.get("stability_reason") else ""
+        return rows, f"{where}: **{r['stability_verdict']}**.{reason}"
+    if r.get("stable_sgd") is None:
+        return rows, None
+    growth = r.get("probe_growth_rate")
+    grow = f"{'shrink' if r['stable_sgd'] else 'grow'} by a factor {growth:.6f} per step" if growth is not None else ""
+    basis = _BASIS.get(r.get("stability_basis"), "").format(grow=grow)
+    return rows, f"{where}: **{'stable' if r['stable_sgd'] else 'unstable'}**" + (f", {basis}." if basis else ".")
 
 
 def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> str:
     """The card's markdown (YAML metadata included) for ``data`` and the curvature report in ``output_dir``."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     output_dir = Path(output_dir)
     task = data.get("task") or "text-classification"
-    dataset_id = (data.get("dataset_tags") or [None])[0]
+    dataset_id = _hub_id((data.get("dataset_tags") or [None])[0])
     dataset_name = data.get("dataset") or "custom data"
     results = data.get("results") or {}
     model_name = data.get("model_name") or output_dir.resolve().name
@@ -237,14 +308,14 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
                 dataset_config=data.get("dataset_args"), dataset_split="validation",
                 metric_type=_INDEX_TYPES.get(key, key), metric_name=_INDEX_METRICS[key], metric_value=round(value, 4),
             ))
-    tags = ["msam", "sam", "sharpness-aware-minimization", "hf_msam", task, "generated_from_trainer"]
-    tags = list(dict.fromkeys(tags + list(data.get("tags") or [])))
+    tags = list(dict.fromkeys(MODEL_TAGS + [task, "generated_from_trainer"] + list(data.get("tags") or [])))
+    base = data.get("base_model")
     card_data = ModelCardData(
-        base_model=data.get("base_model"),
-        datasets=[dataset_id] if dataset_id and _HUB_ID.match(dataset_id) else None,
+        base_model=base,
+        datasets=[dataset_id] if dataset_id else None,
         language=data.get("language"),
         license=data.get("license"),
-        library_name="transformers",
+        library_name=data.get("library_name") or "transformers",
         pipeline_tag=task,
         tags=tags,
         model_name=model_name,
@@ -252,16 +323,8 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
     )
 
     report_path = output_dir / "sharpness.json"
-    sharpness, note = [], None
-    if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text())
-            sharpness = _sharpness_rows(report) if isinstance(report, dict) else []
-            if isinstance(report, dict) and isinstance(report.get("optimizer_note") or report.get("note"), str):
-                note = report.get("optimizer_note") or report.get("note")
-        except (OSError, ValueError):
-            sharpness = [("sharpness.json", "unreadable", "")]
-    base = data.get("base_model")
+    report = json.loads(report_path.read_text()) if report_path.is_file() else None
+    curvature, verdict = curvature_summary(report) if report else ([], None)
     label_names = data.get("label_names")
     card = ModelCard.from_template(
         card_data,
@@ -271,6 +334,8 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
         base_model=base,
         base_model_url=f"https://huggingface.co/{base}" if base else None,
         base_model_note=f"a fine-tuned version of `{data['base_model_source']}`" if data.get("base_model_source") else None,
+        is_peft=data.get("library_name") == "peft",
+        base_model_path=data.get("base_model_source"),
         dataset_text=dataset_name + (f" (`{dataset_id}`" + (f", `{data['dataset_args']}`" if data.get("dataset_args") else "") + ")" if dataset_id else ""),
         task=task,
         pipeline_tag=task,
@@ -281,10 +346,11 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
         results=[(k.replace("_", " ").title(), _fmt(v)) for k, v in results.items()],
         msam=[(k, _fmt(v)) for k, v in (data.get("msam") or {}).items()],
         hyperparameters=[(k, _fmt(v)) for k, v in (data.get("hyperparameters") or {}).items()],
-        training_header=data.get("training_header") or [],
-        training_rows=data.get("training_rows") or [],
-        sharpness=sharpness,
-        sharpness_note=note,
+        training_table=_training_table(data.get("training_results") or []),
+        has_report=report is not None,
+        curvature=curvature,
+        verdict=verdict,
+        sharpness_note=(report or {}).get("optimizer_note"),
         sharpness_plot="sharpness.png" if (output_dir / "sharpness.png").is_file() else None,
         versions=sorted((data.get("versions") or {}).items()),
     )

@@ -1,4 +1,4 @@
-"""The curvature report inside training (``DESIGN.md`` section 4): where its numbers go, and when.
+"""The curvature report inside training (``docs/design.md`` section 4): where its numbers go, and when.
 
 ``Trainer.evaluate`` logs its metrics *before* ``on_evaluate`` fires, and a callback is never handed the
 Trainer, so a plain callback cannot put numbers into the log entry that holds ``eval_loss`` (the one the

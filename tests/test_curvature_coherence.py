@@ -24,7 +24,7 @@ def test_sigma_is_one_for_orthogonal_and_n_for_identical_hessians():
     assert coherence_from_hessians(orthogonal).sigma == pytest.approx(1.0, rel=1e-12)
     identical = _rank_one(q[:, :1].T.expand(n, 10), torch.full((n,), 0.7, dtype=torch.float64))
     assert coherence_from_hessians(identical).sigma == pytest.approx(float(n), rel=1e-12)
-    # the construction of notes/papers.md section 1.5: k examples share a direction, the rest are orthogonal
+    # the construction of docs/design.md section 3.5: k examples share a direction, the rest are orthogonal
     k = 3
     mixed = torch.stack([_rank_one(q[:, :1].T, torch.ones(1, dtype=torch.float64))[0]] * k
                         + [_rank_one(q[:, i : i + 1].T, torch.ones(1, dtype=torch.float64))[0] for i in range(1, n - k + 1)])

@@ -40,7 +40,7 @@ def monte_carlo_second_moment(h: torch.Tensor, eta: float, b: int, steps: int, r
 
 
 def constructions(seed: int = 0):
-    """Per-example Hessians: the sigma-aligned construction of notes/papers.md 1.5, and random PSD ones."""
+    """Per-example Hessians: the sigma-aligned construction of docs/design.md section 3.5, and random PSD ones."""
     n = 8
     for sigma in (1, 2, 4, 8):
         d = n - sigma + 1
@@ -79,7 +79,7 @@ def test_theorem1_never_calls_a_stable_setting_unstable(capsys):
         for name, b, sigma, exact, eta1 in rows:
             print(f"  {name:14s} B={b} sigma={sigma:6.3f} exact={exact:.4f} thm1={eta1:.4f} ratio={eta1 / exact:.3f}")
     assert min(eta1 / exact for *_, exact, eta1 in rows) >= 1 - 1e-6
-    # the aligned construction with sigma = 1 and n/B = 2 is tight (notes/papers.md 1.5)
+    # the aligned construction with sigma = 1 and n/B = 2 is tight (docs/design.md section 3.5)
     tight = [eta1 / exact for name, b, _, exact, eta1 in rows if name == "aligned-1" and b == 4]
     assert abs(tight[0] - 1) < 1e-6
 

@@ -85,3 +85,37 @@ def test_failed_upload_keeps_the_folder_and_says_how_to_retry(tmp_path, monkeypa
     assert f"hf-msam push {run}" in err
     assert set(before) <= {p.name for p in run.iterdir()}
     assert (run / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_token_order_explicit_then_environment(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_from_environment")
+    assert hub.resolve_token("hf_explicit") == "hf_explicit"
+    assert hub.resolve_token(None) == "hf_from_environment"
+
+
+def test_preflight_names_the_endpoint_it_could_not_reach(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    online_hub(monkeypatch, f"http://127.0.0.1:{port}")
+    with pytest.raises(hub.HubError, match=f"127.0.0.1:{port}"):
+        hub.preflight("me/model", GOOD_TOKEN)
+
+
+def test_model_push_outside_the_recipes_carries_the_msam_tags(tmp_path, monkeypatch):
+    """``SAMTrainer`` tags the model (``add_model_tags``), so ``model.push_to_hub`` writes them into the card."""
+    import yaml
+
+    from conftest import tiny_bert
+    from hf_msam import SAMTrainer, SAMTrainingArguments
+
+    model = tiny_bert()
+    SAMTrainer(model=model, args=SAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    with FakeHub() as fake:
+        online_hub(monkeypatch, fake.endpoint)
+        monkeypatch.setattr("huggingface_hub.constants.HUGGINGFACE_CO_URL_TEMPLATE",
+                            fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        model.push_to_hub("tester/pushed", token=GOOD_TOKEN)
+    assert "model.safetensors" in fake.files
+    tags = yaml.safe_load(fake.files["README.md"].decode().split("---")[1])["tags"]
+    assert {"msam", "hf_msam"} <= set(tags)

@@ -154,7 +154,7 @@ def test_accelerate_launch_glue_two_processes(text_assets, tmp_path):
     _one_model_one_card(out)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2  # 32 examples / (2 processes x 8)
-    assert "| num_processes | 2 |" in (out / "README.md").read_text()
+    assert "| num_devices | 2 |" in (out / "README.md").read_text()  # transformers' hyperparameter name
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_model_card_shows_the_report(sam_run):
     with open(os.path.join(out, "README.md")) as handle:
         card = handle.read()
     value = trainer.state.log_history[-1]["eval_sharpness_lambda_max"]
-    assert f"Sharpness Lambda Max: {value:.4f}" in card
+    assert f"| Largest Hessian eigenvalue lambda_max | {value:.4f}".rstrip("0").rstrip(".") in card
 
 
 def test_saved_model_is_the_final_model(sam_run):

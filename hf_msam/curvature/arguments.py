@@ -21,7 +21,7 @@ PROBE_SAMPLINGS = ("uniform", "bernoulli")
 
 @dataclass
 class SharpnessArguments:
-    """When and how the sharpness / coherence report of ``DESIGN.md`` section 3 is computed."""
+    """When and how the sharpness / coherence report of ``docs/design.md`` section 3 is computed."""
 
     sharpness_report: bool = field(
         default=False,

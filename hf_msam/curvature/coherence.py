@@ -1,6 +1,6 @@
 """Hessian coherence (Dexter et al., ICLR 2024) from per-example Gauss-Newton blocks via the empirical NTK.
 
-For per-example Hessians H_1..H_n (``notes/papers.md`` section 1.2):
+For per-example Hessians H_1..H_n (``docs/design.md`` section 3.3):
 
     S_ij  = sqrt(Tr(H_i H_j)),      sigma = lambda_max(S) / max_i lambda_max(H_i).
 

@@ -1,4 +1,4 @@
-"""m-sharpness: the quantity mSAM minimises (``DESIGN.md`` sections 2-3; Foret et al. 2021, section 4.1;
+"""m-sharpness: the quantity mSAM minimises (``docs/design.md`` sections 2 and 3.2; Foret et al. 2021, section 4.1;
 Andriushchenko & Flammarion 2022)."""
 
 from __future__ import annotations

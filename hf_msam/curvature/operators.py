@@ -1,6 +1,6 @@
 """The Hessian-vector-product operator of the mean training loss on a fixed probe set.
 
-``DESIGN.md`` section 3: curvature is computed in float32, in eval mode, with autocast off (accelerate
+``docs/design.md`` section 3.1: curvature is computed in float32, in eval mode, with autocast off (accelerate
 patches ``model.forward`` and keeps ``model._original_forward``), and with attention that has a double
 backward (eager attention, or the math SDPA backend; fused kernels have none, pytorch#116350). The
 operator works on flat vectors over the trainable parameters, so that the estimators (Lanczos,

@@ -1,5 +1,5 @@
 """The picture of a curvature report: the top of the Hessian spectrum, and lambda_max against the critical
-learning rates of SGD over batch sizes (``DESIGN.md`` section 3).
+learning rates of SGD over batch sizes (``docs/design.md`` section 3.4).
 
 Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend switch), so it works on headless
 machines and inside training scripts that use another backend.

@@ -1,4 +1,4 @@
-"""``sharpness_report``: the curvature report of ``DESIGN.md`` section 3 for a Hugging Face model.
+"""``sharpness_report``: the curvature report of ``docs/design.md`` section 3 for a Hugging Face model.
 
 Measures (the ``measures`` option): ``eigenvalues`` (Lanczos top-k of the Hessian), ``trace``
 (Hutchinson), ``m_sharpness``, ``coherence`` (Gauss-Newton coherence sigma and the Gauss-Newton

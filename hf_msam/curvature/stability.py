@@ -1,8 +1,8 @@
 """Linear stability of SGD at a minimum: the critical learning rates and the simulated probe.
 
-Linearised SGD at a minimum w* (Dexter et al., ICLR 2024; ``notes/papers.md`` section 1.1) moves
+Linearised SGD at a minimum w* (Dexter et al., ICLR 2024; ``docs/design.md`` section 3.4) moves
 v = w - w* by v <- (I - (eta/B) sum_i x_i H_i) v with x_i ~ Bernoulli(B/n) independent. As restated
-in ``notes/papers.md`` section 1.3 (and checked numerically in ``tests/test_curvature_stability.py``):
+in ``docs/design.md`` sections 3.4-3.5 (and checked numerically in ``tests/test_curvature_stability.py``):
 
 - Theorem 1: lambda_max(H) >= (sigma / eta) (n/B - 1)^(-1/2) implies instability, i.e. SGD is unstable
   for eta >= eta_1 = sigma / (lambda_max sqrt(n/B - 1)).

@@ -205,7 +205,7 @@ def preflight_or_exit(push: bool, training_args, token: str | None) -> tuple[int
 
 
 def shutdown_distributed() -> None:
-    """End a multi-process run cleanly (without it a gloo rank can abort at exit; DESIGN.md section 7)."""
+    """End a multi-process run cleanly (without it a gloo rank can abort at exit; docs/design.md section 7)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -1,1 +1,0 @@
-"""Model card templates shipped as package data (``msam_model_card.md``)."""
