@@ -10,8 +10,8 @@ the logits (``heads.logit_hessian``), eigendecomposed as A_i = U_i diag(a_i) U_i
 so that H_i = J_i^T A_i J_i = Phi_i^T Phi_i, and the Gram matrix is K = Phi Phi^T (nr x nr), block K_ij =
 Phi_i Phi_j^T. Phi_i = U_i^T A_i^{1/2} J_i up to the dropped null rows, so K_ij = U_i^T (A_i^{1/2} J_i J_j^T
 A_j^{1/2}) U_j: every quantity coherence takes from K (the Frobenius norm of a block, the eigenvalues of a
-diagonal block, the eigenvalues of K) equals that of the weighted NTK A^{1/2} J J^T A^{1/2} (``DESIGN.md``
-section 3). Each row of Phi_i is one reverse pass, a vector-Jacobian product with a row of diag(a_i)^{1/2}
+diagonal block, the eigenvalues of K) equals that of the weighted NTK A^{1/2} J J^T A^{1/2} (``docs/design.md``
+section 3.3). Each row of Phi_i is one reverse pass, a vector-Jacobian product with a row of diag(a_i)^{1/2}
 U_i^T as the cotangent; binary cross-entropy heads thus need one backward pass per example.
 
 Memory. All n r rows of d floats do not fit (all-MiniLM-L6-v2: 256 rows of 22.7M floats are 23 GB), so
