@@ -312,7 +312,8 @@ def main() -> None:
     parser.add_argument("--coherence_only", action="store_true", help="only the exact coherence Gram (its own JSON)")
     parser.add_argument("--budget_only", action="store_true", help="only the default-size report under --max_seconds")
     parser.add_argument("--coherence_case", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--coherence_output", default=None, help="file name of the --coherence_only or --budget_only JSON in results/")
+    parser.add_argument("--coherence_output", default=None,
+                        help="file name of the --coherence_only or --budget_only JSON in results/")
     parser.add_argument("--memory_gb", type=float, default=2.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
