@@ -315,3 +315,88 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     for name, single in (("bert", bert), ("llama", llama)):
         two = load_file(os.path.join(tmp_path, f"{name}.safetensors"))
         assert max((two[k] - v).abs().max().item() for k, v in single.items()) < 1e-6, name
+
+
+# --- fp16 overflow through the Trainer; the CUDA checks (SDPA batching rule, GradScaler, bf16) -------------
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (what an fp16 overflow of the ascent pass gives). Works
+    under vmap (``generate_vmap_rule``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _train_on(device, tmp_path, make_model, data, mode, **overrides):
+    return _train(tmp_path / device, make_model, data, mode, use_cpu=device == "cpu", **overrides)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_non_finite_ascent_is_skipped_and_counted(tmp_path, device):
+    """Every ascent overflows: each perturbation is skipped and counted, and the step is the plain gradient step
+    (on CPU accelerate runs an fp16 request without autocast or GradScaler; on CUDA with both)."""
+    data = padded_dataset(8, seed=16)
+
+    def make():
+        model = tiny_bert(seed=16)
+        calls = {"n": 0}
+
+        def overflow_on_ascent(module, inputs, output):  # forward passes alternate: ascent, descent
+            calls["n"] += 1
+            return _InfiniteGradient.apply(output) if calls["n"] % 2 == 1 else output
+
+        model.classifier.register_forward_hook(overflow_on_ascent)
+        return model
+
+    results = {}
+    for mode in ("vmap", "loop"):
+        trainer, results[mode] = _train_on(device, tmp_path / mode, make, data, mode, sam_micro_batch_size=2, fp16=True)
+        assert trainer.state.log_history[0]["sam_skipped"] == 4
+        assert all(torch.isfinite(v).all() for v in results[mode].values())
+    _, plain = _train_on(device, tmp_path / "rho0", lambda: tiny_bert(seed=16), data, "loop", sam_micro_batch_size=2,
+                         fp16=True, sam_rho=1e-30)
+    tolerance = 1e-6 if device == "cpu" else 2e-3  # fp16 autocast on CUDA
+    assert max_abs_diff(results["vmap"], plain) < tolerance
+    assert max_abs_diff(results["vmap"], results["loop"]) < tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_cuda_padded_bert_and_vit_match_loop(tmp_path, attention, monkeypatch):
+    """On CUDA the SDPA batching rule (efficient attention with an attention bias) is exercised."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    data = padded_dataset(16, length=16, seed=17)
+    make = lambda: tiny_bert(seed=17, attn_implementation=attention, max_position_embeddings=16)  # noqa: E731
+    _, vmap_weights = _train_on("cuda", tmp_path / "bert", make, data, "vmap", sam_micro_batch_size=2, per_device_train_batch_size=16)
+    _, loop_weights = _train_on("cuda", tmp_path / "bert", make, data, "loop", sam_micro_batch_size=2, per_device_train_batch_size=16)
+    assert max_abs_diff(vmap_weights, loop_weights) < 1e-5
+    images = image_dataset(8, seed=17)
+    _, vmap_weights = _train_on("cuda", tmp_path / "vit", lambda: tiny_vit(seed=17), images, "vmap", sam_micro_batch_size=2)
+    _, loop_weights = _train_on("cuda", tmp_path / "vit", lambda: tiny_vit(seed=17), images, "loop", sam_micro_batch_size=2)
+    assert max_abs_diff(vmap_weights, loop_weights) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_picks_vmap_and_bf16_matches_loop(tmp_path):
+    data = padded_dataset(8, seed=18)
+    start = snapshot(tiny_bert(seed=18))
+    trainer, auto = _train_on("cuda", tmp_path, lambda: tiny_bert(seed=18), data, "auto", sam_micro_batch_size=2, bf16=True)
+    assert trainer._vmap_verified
+    _, loop = _train_on("cuda", tmp_path, lambda: tiny_bert(seed=18), data, "loop", sam_micro_batch_size=2, bf16=True)
+    update = torch.cat([(loop[k].cpu() - start[k]).flatten() for k in start]).norm()
+    difference = torch.cat([(loop[k] - auto[k]).flatten() for k in start]).norm()
+    assert difference / update < 2e-2
