@@ -4,7 +4,7 @@ sharpness / Hessian-coherence report of what it trains."""
 from .arguments import SAMTrainingArguments
 from .curvature.arguments import SharpnessArguments
 from .curvature.report import SharpnessReport, sharpness_report
-from .msam import MicroBatchSAM, Perturbation, split_micro_batches
+from .msam import MicroBatchSAM, Perturbation, RandomState, split_micro_batches
 from .reporting import SharpnessCallback, SharpnessReportMixin, SharpnessResult
 from .trainer import SAMTrainer
 
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MicroBatchSAM",
     "Perturbation",
+    "RandomState",
     "SAMTrainer",
     "SAMTrainingArguments",
     "SharpnessArguments",

@@ -11,17 +11,25 @@ mini-batch ``D`` is cut into disjoint micro-batches ``D_1 .. D_m``; with ``w`` t
     update = base_optimizer.step( sum_k (|D_k| / |D|) d_k )     weights restored to w first
 
 ``m = 1`` is SAM; ``rho = 0`` is the base optimizer. Only trainable tensors (``requires_grad``) are
-perturbed and enter ``||g_k||``. The restore is exact (bit for bit: the parameters get their original
-tensors back) and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The extra memory
-is one parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a
-micro-batch is in flight.
+perturbed and enter ``||g_k||``. ASAM's ``T = |w| + eta`` applies to every trainable tensor, biases and
+LayerNorm weights included, as in davda54/sam and pytorch-optimizer (the ASAM authors' code applies it to
+weight matrices only). The restore is exact (bit for bit: the parameters get their original tensors back)
+and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The extra memory is one
+parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a micro-batch
+is in flight; a gradient that autograd shares between tensors (or returns expanded) is copied first.
+
+Dropout: both passes of a micro-batch must see the same function, so the descent pass replays the random
+state the ascent pass started from (:class:`RandomState`), as the reference SAM implementation evaluates
+both gradients under one random key. The generators then end where one pass would have left them.
 
 Use it in any training loop::
 
     sam = MicroBatchSAM(model.parameters(), rho=0.05)
     for batch in loader:
         for micro_batch, weight in split_micro_batches(batch, 8):
-            sam.perturb(model(**micro_batch).loss)         # w -> w + e_k
+            randomness = RandomState.capture()
+            sam.perturb(model(**micro_batch).loss)           # w -> w + e_k
+            randomness.restore()                             # the descent pass draws the same dropout masks
             (weight * model(**micro_batch).loss).backward()  # accumulates d_k into .grad
             sam.restore()                                    # w + e_k -> w, exactly
         optimizer.step()
@@ -36,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 EPS = 1e-12
 """The constant in the denominator of the perturbation, as in Foret et al. (2021)."""
@@ -62,7 +71,9 @@ class MicroBatchSAM:
         params: the model's parameters; those with ``requires_grad=False`` (frozen base weights under
             PEFT/LoRA) are ignored.
         rho: radius of the perturbation, ``rho >= 0``.
-        adaptive: ASAM: scale the perturbation elementwise by ``T = |w| + adaptive_eta``.
+        adaptive: ASAM (Kwon et al., 2021): ``e_k = rho * T^2 g_k / ||T g_k||`` with ``T = |w| + adaptive_eta``
+            elementwise, on every trainable tensor (biases and LayerNorm weights included, as davda54/sam and
+            pytorch-optimizer do; the ASAM authors' code applies ``T`` to weight matrices only).
         adaptive_eta: the ``eta`` of ASAM.
     """
 
@@ -105,10 +116,12 @@ class MicroBatchSAM:
     def ascent_gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """``g_k = grad L_k(w)`` by ``torch.autograd.grad``, so ``.grad`` (the accumulated descent) is untouched.
 
-        A trainable tensor that the loss does not reach gets a zero gradient.
+        A trainable tensor that the loss does not reach gets a zero gradient. Each returned tensor has storage
+        of its own, so in-place arithmetic on one (an all-reduce, :meth:`perturb_with`) changes no other.
         """
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        return _private_buffers(grads, [p.detach() for p in self.params])
 
     @torch.no_grad()
     def perturb_with(self, grads: list[torch.Tensor], grad_scale: float = 1.0) -> Perturbation:
@@ -116,12 +129,14 @@ class MicroBatchSAM:
 
         ``w + e_k`` is built in place in the buffers of ``grads``, which the parameters then hold while ``w``
         is kept aside for :meth:`restore`: one parameter-sized buffer in flight at any time, no copy of the
-        weights. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of
+        weights. A gradient that shares storage with another or with a weight, or is not dense (expanded), is
+        copied first. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of
         ``e_k`` does not depend on it, only the reported norm does.
         """
         if self._saved is not None:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + e_k.")
         weights = [p.detach() for p in self.params]
+        grads = _private_buffers(grads, weights)
         if self.adaptive:
             # T g_k, then T^2 g_k in place: e_k = rho * T^2 g_k / ||T g_k||.
             scale_t = torch._foreach_abs(weights)
@@ -147,6 +162,58 @@ class MicroBatchSAM:
         """Compute ``g_k`` from ``loss`` (the micro-batch loss at ``w``, possibly multiplied by a loss scale)
         and move the weights to ``w + e_k``."""
         return self.perturb_with(self.ascent_gradients(loss), grad_scale=grad_scale)
+
+
+@dataclass(frozen=True)
+class RandomState:
+    """The states of the CPU generator and of the current accelerator's generator (CUDA, XPU, MPS, ...).
+
+    Both passes of a micro-batch must see the same function, dropout masks included, as in the reference SAM
+    implementation (google-research/sam evaluates the ascent and the descent gradient under one random key).
+    Capture before the ascent pass and restore before the descent pass: the descent pass then draws the
+    masks of the ascent pass, and leaves the generators where a single pass would have left them.
+    """
+
+    cpu: torch.Tensor
+    accelerator: torch.Tensor | None
+
+    @classmethod
+    def capture(cls) -> RandomState:
+        """The current states (one small host copy per generator, no device sync)."""
+        device_module = _accelerator_module()
+        return cls(torch.get_rng_state(), device_module.get_rng_state() if device_module is not None else None)
+
+    def restore(self) -> None:
+        """Rewind the generators to the captured states."""
+        torch.set_rng_state(self.cpu)
+        if self.accelerator is not None:
+            _accelerator_module().set_rng_state(self.accelerator)
+
+
+def _accelerator_module():
+    """``torch.cuda`` (or ``torch.xpu``, ``torch.mps``, ...) when an accelerator is available, else ``None``."""
+    accelerator = torch.accelerator.current_accelerator(check_available=True)
+    return None if accelerator is None else torch.get_device_module(accelerator)
+
+
+def _private_buffers(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``grads`` with every tensor that in-place arithmetic could not safely overwrite replaced by a private copy.
+
+    Autograd may hand several parameters one gradient buffer (a Hugging Face ViT gives ``cls_token`` and
+    ``position_embeddings`` the same storage when a pass holds one example), return an expanded tensor
+    (stride 0: the gradient of ``p.sum()``), or a view of a weight. Such a gradient is copied, in the layout
+    of its weight; every other one is used as it is (no copy in the common case).
+    """
+    seen = {w.untyped_storage().data_ptr() for w in weights}
+    private = []
+    for grad, weight in zip(grads, weights):
+        storage = grad.untyped_storage().data_ptr()
+        if storage in seen or not is_non_overlapping_and_dense_or_false(grad):
+            grad = torch.empty_like(weight, dtype=grad.dtype).copy_(grad)
+            storage = grad.untyped_storage().data_ptr()
+        seen.add(storage)
+        private.append(grad)
+    return private
 
 
 def _global_norm(tensors: list[torch.Tensor]) -> float:

@@ -19,6 +19,13 @@ How the traps of the Trainer are handled (``DESIGN.md`` section 2, notes section
 * fp16: ascent gradients are taken from the scaled loss (the direction is scale-invariant) and checked
   for inf/NaN; ``scaler.unscale_`` is left to the loop. A non-finite ascent skips that perturbation.
 * BatchNorm running statistics are updated by the ascent pass only; the descent pass leaves them as found.
+* Dropout: the descent pass of a micro-batch replays the random state of its ascent pass (CPU and the current
+  accelerator, ``hf_msam.msam.RandomState``), so both see the same masks and the generators end where the
+  stock step's single pass would leave them; with a tiny ``rho`` and one micro-batch per chunk the step is the
+  stock step, dropout on.
+* A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
+  zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
+  same collectives in every step.
 """
 
 from __future__ import annotations
@@ -26,16 +33,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import SAMTrainingArguments
-from .msam import MicroBatchSAM, Perturbation, batch_size_of, split_micro_batches
+from .msam import MicroBatchSAM, Perturbation, RandomState, batch_size_of, split_micro_batches
 from .reporting import SharpnessReportMixin
 from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches
 
@@ -96,6 +103,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._logged_fallbacks: set[str] = set()
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
         self._sam_stats = torch.zeros(4, dtype=torch.float64, device=self.args.device)
+        self._sam_last_logged_step = 0  # where the window of _sam_stats starts; reset when training (re)starts
+        self.add_callback(_SAMLogWindow(self))
 
     # ------------------------------------------------------------------------------------------------
     # The step
@@ -149,9 +158,15 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 return vmap_loss
         micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         clean_loss = torch.zeros((), device=args.device)
+        if not micro_batches:  # nothing supervised here: still take part in every collective of the step
+            if args.sam_global and world > 1:
+                _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
+            self._zero_loss_backward(model, inputs)
+            return clean_loss
         for index, (micro_batch, items) in enumerate(micro_batches):
             weight = world * items / items_step
 
+            randomness = RandomState.capture()  # the descent pass replays the ascent pass's dropout masks
             with self.compute_loss_context_manager():
                 loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
             clean_loss += weight * loss_at_w.detach().float()
@@ -163,6 +178,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            randomness.restore()
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager():
@@ -172,6 +188,19 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
         return clean_loss
+
+    def _zero_loss_backward(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """A synced backward of zero through the (DDP-wrapped) model, as the stock step back-propagates a zero loss
+        for a chunk without supervised items: the gradient all-reduce of the step then runs on every process.
+
+        The zero comes from the model's outputs without labels, not from its loss, a mean over no items (NaN) here.
+        """
+        unsupervised = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+        with self.compute_loss_context_manager():
+            outputs = model(**unsupervised)
+        values = outputs.values() if isinstance(outputs, Mapping) else outputs
+        tensors = [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad and v.is_floating_point()]
+        self.accelerator.backward(sum(t.sum() for t in tensors) * 0.0)
 
     def _get_sam(self, model: nn.Module) -> MicroBatchSAM:
         """The perturbation state for the trainable parameters of ``model`` (built once per model)."""
@@ -342,7 +371,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 stats = self.accelerator.reduce(stats, reduction="sum")
             perturbations, skipped, norm_sum, perturbed_loss = stats.tolist()
             if perturbations > 0:
-                steps = max(self.state.global_step - getattr(self, "_sam_last_logged_step", 0), 1)
+                steps = max(self.state.global_step - self._sam_last_logged_step, 1)
                 logs["sam_perturbed_loss"] = perturbed_loss / steps
                 applied = perturbations - skipped
                 logs["sam_ascent_grad_norm"] = norm_sum / applied if applied > 0 else float("nan")
@@ -357,6 +386,18 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         from .modelcard import create_model_card
 
         create_model_card(self, **kwargs)
+
+
+class _SAMLogWindow(TrainerCallback):
+    """Starts the window of the mSAM log counters where training starts, at ``state.global_step`` as restored from
+    a checkpoint, so that the first ``sam_perturbed_loss`` after a resume is a mean over the steps since then."""
+
+    def __init__(self, trainer: SAMTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        self.trainer._sam_stats.zero_()
+        self.trainer._sam_last_logged_step = state.global_step
 
 
 def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:

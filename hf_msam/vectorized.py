@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from .msam import EPS
+from .msam import EPS, RandomState, _private_buffers
 
 
 @dataclass
@@ -91,16 +91,14 @@ class VectorizedMicroBatchSAM:
         """
         m = weights.shape[0]
         batch = _with_4d_attention_mask(self.module, stacked)
-        devices = _rng_devices(self.params)
-
-        states = _get_rng_states(devices)
+        randomness = RandomState.capture()
 
         # Ascent: one vmap forward at w for all k, one backward to the batched copies of w.
         points = [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in self.params]
         with autocast():
             clean = self._losses(points, batch)
         grads = torch.autograd.grad((clean.float() * grad_scale).sum(), points, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)]
+        grads = _private_buffers([torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)], points)
         del points
         self._zero_padding_rows(grads)
         with torch.no_grad():
@@ -108,7 +106,7 @@ class VectorizedMicroBatchSAM:
         del grads
 
         # Descent: one vmap forward at w + e_k (differentiable in w), one ordinary backward into .grad.
-        _set_rng_states(devices, states)
+        randomness.restore()
         points = [p.unsqueeze(0) + e for p, e in zip(self.params, perturbations)]
         del perturbations
         hooks = [x.register_hook(self._padding_hook(i)) for i, x in enumerate(points) if i in self._padding_rows]
@@ -174,23 +172,6 @@ def _padding_rows(module: nn.Module, params: dict[str, nn.Parameter]) -> dict[in
         for m in module.modules()
         if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index_of
     }
-
-
-def _rng_devices(params) -> list[torch.device]:
-    return sorted({p.device for p in params if p.device.type != "cpu"}, key=str)
-
-
-def _get_rng_states(devices: list[torch.device]) -> list[torch.Tensor]:
-    states = [torch.get_rng_state()]
-    for device in devices:
-        states.append(torch.get_device_module(device.type).get_rng_state(device))
-    return states
-
-
-def _set_rng_states(devices: list[torch.device], states: list[torch.Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    for device, state in zip(devices, states[1:]):
-        torch.get_device_module(device.type).set_rng_state(state, device)
 
 
 def _with_4d_attention_mask(module: nn.Module, stacked: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-
 def tiny_bert_config(num_labels: int = 2, **overrides):
     """A 1-layer BERT with no dropout, so that both passes of a micro-batch see the same function."""
     from transformers import BertConfig
@@ -53,6 +52,42 @@ def token_dataset(n: int = 64, length: int = 8, num_labels: int = 2, seed: int =
     else:
         labels = torch.randint(0, num_labels, (n,), generator=g).tolist()
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels})
+
+
+def tiny_vit(num_labels: int = 3, seed: int = 0, **overrides):
+    """A 1-layer ViT on 8x8 one-channel images (4 patches + CLS), no dropout unless overridden.
+
+    Its embeddings add ``cls_token`` and ``position_embeddings``, so with one example per pass their gradients
+    come back from autograd sharing storage: the trap of in-place arithmetic on ascent gradients.
+    """
+    from transformers import ViTConfig, ViTForImageClassification
+
+    values = dict(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
+    values.update(overrides)
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(**values))
+
+
+def image_dataset(n: int = 8, num_labels: int = 3, seed: int = 0):
+    """``n`` random 1x8x8 images with random class labels."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, 1, 8, 8, generator=g)
+    labels = torch.randint(0, num_labels, (n,), generator=g)
+    return datasets.Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": labels.tolist()})
 
 
 @pytest.fixture

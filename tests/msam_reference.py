@@ -22,10 +22,13 @@ def reference_msam_gradient(
     eta: float = 0.01,
     weights: list[float] | None = None,
     loss_fn=loss_of,
+    cpu_rng_state: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``sum_k (|D_k| / |D|) grad L_k(w + e_k)`` for the trainable parameters of ``model``.
 
-    ``weights`` overrides ``|D_k| / |D|`` (token-level losses weight by supervised tokens).
+    ``weights`` overrides ``|D_k| / |D|`` (token-level losses weight by supervised tokens). With ``cpu_rng_state``
+    (dropout on, CPU) the CPU generator starts from that state and the descent pass of each micro-batch
+    replays the state its ascent pass started from, so both passes draw the same dropout masks.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     w = [p.detach().clone() for p in params]
@@ -33,9 +36,12 @@ def reference_msam_gradient(
     size = n if micro_batch_size is None else micro_batch_size
     total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
     starts = list(range(0, n, size))
+    if cpu_rng_state is not None:
+        torch.set_rng_state(cpu_rng_state)
     for index, start in enumerate(starts):
         stop = min(start + size, n)
         micro = {k: v[start:stop] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        state_before_ascent = torch.get_rng_state()
         loss = loss_fn(model, micro)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
@@ -49,6 +55,8 @@ def reference_msam_gradient(
         with torch.no_grad():
             for p, wi, ei in zip(params, w, e):
                 p.copy_(wi + ei)
+        if cpu_rng_state is not None:
+            torch.set_rng_state(state_before_ascent)
         descent = torch.autograd.grad(loss_fn(model, micro), params, allow_unused=True)
         share = (stop - start) / n if weights is None else weights[index]
         for acc, d in zip(total, descent):

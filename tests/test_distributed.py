@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import tiny_bert, token_dataset
 from safetensors.torch import load_file
-from trainer_utils import SequentialSAMTrainer, max_abs_diff, sam_args
+from trainer_utils import SequentialSAMTrainer, lm_dataset_without_labels_in, max_abs_diff, sam_args, tiny_llama
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "msam_ddp.py")
+LM_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "msam_ddp_lm.py")
 
 
 def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> None:
@@ -22,9 +25,17 @@ def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> 
         script, *script_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-    assert "terminate called" not in result.stderr
+    # A session of its own, so that a hung run is ended with all its workers, not just the launcher.
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        stdout, stderr = launcher.communicate()
+        pytest.fail(f"the 2-process run did not finish in {timeout} s (hung collective?)\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    assert launcher.returncode == 0, f"exit {launcher.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    assert "terminate called" not in stderr
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +73,34 @@ def test_ascent_gradient_is_not_all_reduced_without_sam_global(ddp_weights):
     per_device = load_file(str(ddp_weights / "per_device.safetensors"))
     global_sam = load_file(str(ddp_weights / "global.safetensors"))
     assert max_abs_diff(per_device, global_sam) > 1e-4
+
+
+# --- issue 7, item 2: processes with unequal supervised tokens, and a process with none ------------------
+@pytest.fixture(scope="module")
+def lm_ddp_weights(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_lm")
+    launch_two_processes(LM_SCRIPT, str(out), timeout=240)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setting, unsupervised, single_process",
+    [
+        ("holes_micro4", (), dict(sam_micro_batch_size=4)),  # token counts differ between the processes
+        ("empty_micro4", (8, 16), dict(sam_micro_batch_size=4)),  # step 1: the second process has no label at all
+        ("empty_per_device", (8, 16), dict(sam_micro_batch_size=8)),
+        ("empty_global", (8, 16), dict(sam_micro_batch_size=None)),
+    ],
+)
+def test_two_processes_with_unequal_supervision_equal_one_process(lm_ddp_weights, tmp_path, setting, unsupervised,
+                                                                   single_process):
+    data = lm_dataset_without_labels_in(*unsupervised)
+    labels = torch.tensor(data["labels"])[:, 1:]
+    per_process = [int(labels[start : start + 8].ne(-100).sum()) for start in (0, 8)]  # step 1: process 0, 1
+    assert per_process[0] != per_process[1] and (per_process[1] == 0) == bool(unsupervised)
+    model = tiny_llama(seed=19)
+    args = sam_args(tmp_path, per_device_train_batch_size=16, max_steps=2, sam_rho=0.2, **single_process)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+    distributed = load_file(str(lm_ddp_weights / f"{setting}.safetensors"))
+    assert max_abs_diff(distributed, {k: v.detach() for k, v in model.state_dict().items()}) < 1e-6

@@ -1,12 +1,15 @@
-"""Issue 2, item 5: tests a, d and f on a CUDA GPU (fp32, bf16, fp16 with a real GradScaler). Skipped without one."""
+"""Issue 2, item 5: tests a, d and f on a CUDA GPU (fp32, bf16, fp16 with a real GradScaler); issue 7: shared gradient
+storage and dropout masks on the GPU generator. Skipped without a GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
+from conftest import image_dataset, tiny_bert, tiny_vit, token_dataset
 from msam_reference import reference_msam_gradient, reference_sgd_step
-from test_trainer import _InfiniteGradient, _learnable_dataset
+from test_trainer import DROPOUT_CASES, _InfiniteGradient, _learnable_dataset, _relative_update_difference, _stock_run
+
+from hf_msam import RandomState
 from trainer_utils import SequentialSAMTrainer, lm_dataset, max_abs_diff, sam_args, snapshot, tensor_batch, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -80,3 +83,42 @@ def test_fp16_overflowing_ascent_is_skipped_with_grad_scaler(tmp_path):
     SequentialSAMTrainer(model=tiny_rho_model, args=cuda_args(tmp_path / "b", fp16=True, sam_rho=1e-30, sam_micro_batch_size=4),
                          train_dataset=data).train()
     assert max_abs_diff(snapshot(skipped_model), snapshot(tiny_rho_model)) < 1e-6
+
+
+def test_random_state_replays_the_cuda_generator():
+    x = torch.ones(4096, device="cuda")
+    torch.manual_seed(20)
+    single_pass = torch.nn.functional.dropout(x, 0.5)
+    after_single_pass = torch.cuda.get_rng_state()
+    torch.manual_seed(20)
+    randomness = RandomState.capture()
+    first = torch.nn.functional.dropout(x, 0.5)
+    randomness.restore()
+    second = torch.nn.functional.dropout(x, 0.5)
+    assert torch.equal(first, second) and torch.equal(second, single_pass)
+    assert torch.equal(torch.cuda.get_rng_state(), after_single_pass)
+
+
+@pytest.mark.parametrize("n, micro_batch_size", [(8, 1), (7, 3)], ids=["micro-batch-1", "uneven-3-3-1"])
+def test_vit_one_example_micro_batches_match_reference(tmp_path, n, micro_batch_size):
+    data = image_dataset(n, seed=15)
+    model, reference = tiny_vit(seed=15), tiny_vit(seed=15).cuda()
+    args = cuda_args(tmp_path, sam_rho=0.05, sam_micro_batch_size=micro_batch_size, per_device_train_batch_size=n)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+    gradient = reference_msam_gradient(reference, on_cuda(tensor_batch(data, 0, n)), micro_batch_size, 0.05)
+    reference_sgd_step(reference, gradient, lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_dropout_tiny_rho_equals_stock_step(tmp_path, case):
+    """The CUDA generator draws the masks here: the descent pass must replay it."""
+    make_model, make_data = DROPOUT_CASES[case]
+    data = make_data()
+    common = dict(per_device_train_batch_size=8, max_steps=2)
+    start = snapshot(make_model())
+    sam_model = make_model()
+    SequentialSAMTrainer(model=sam_model, args=cuda_args(tmp_path / "sam", sam_rho=1e-7, **common), train_dataset=data).train()
+    stock = _stock_run(tmp_path / "stock", make_model(), data, use_cpu=False, **common)
+    on_cpu = {k: v.cpu() for k, v in snapshot(sam_model).items()}
+    assert _relative_update_difference(start, on_cpu, {k: v.cpu() for k, v in stock.items()}) < 1e-5

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import image_dataset, tiny_bert, tiny_vit
 from msam_reference import reference_msam_gradient
 
-from hf_msam import MicroBatchSAM, split_micro_batches
+from hf_msam import MicroBatchSAM, RandomState, split_micro_batches
 
 
 def _batch(n=10, length=6, seed=0):
@@ -21,15 +21,22 @@ def _batch(n=10, length=6, seed=0):
     }
 
 
-def _msam_gradient_with_module(model, batch, micro_batch_size, **sam_kwargs):
+def _msam_gradient_with_module(model, batch, micro_batch_size, loss_fn=lambda m, b: m(**b).loss, **sam_kwargs):
     """The loop from the module docstring, returning the accumulated ``.grad``."""
     sam = MicroBatchSAM(model.parameters(), **sam_kwargs)
     model.zero_grad(set_to_none=True)
     for micro, share in split_micro_batches(batch, micro_batch_size):
-        sam.perturb(model(**micro).loss)
-        (share * model(**micro).loss).backward()
+        randomness = RandomState.capture()
+        sam.perturb(loss_fn(model, micro))
+        randomness.restore()
+        (share * loss_fn(model, micro)).backward()
         sam.restore()
     return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _images(n, seed=0):
+    data = image_dataset(n, seed=seed)
+    return {k: torch.tensor(v) for k, v in data[:].items()}
 
 
 @pytest.mark.parametrize(
@@ -47,6 +54,113 @@ def test_module_matches_plain_loop_reference(micro_batch_size, adaptive):
     # and it differs from the plain gradient, so the comparison has teeth
     plain = reference_msam_gradient(model, batch, micro_batch_size, rho=0.0)
     assert max((a - b).abs().max().item() for a, b in zip(got, plain)) > 1e-4
+
+
+# --- ascent gradients that share storage (issue 7, item 1) ----------------------------------------------
+@pytest.mark.parametrize("n, micro_batch_size", [(4, 1), (7, 3)], ids=["micro-batch-1", "uneven-3-3-1"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+def test_vit_with_one_example_per_micro_batch_matches_reference(n, micro_batch_size, adaptive):
+    """ViT embeddings add cls_token and position_embeddings: for a single example autograd hands both the same
+    gradient storage, so in-place arithmetic on one corrupts the other unless the gradients are made private."""
+    batch = _images(n, seed=7)
+    model = tiny_vit(seed=7)
+    expected = reference_msam_gradient(model, batch, micro_batch_size, rho=0.05, adaptive=adaptive, eta=0.05)
+    got = _msam_gradient_with_module(model, batch, micro_batch_size, rho=0.05, adaptive=adaptive, adaptive_eta=0.05)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    plain = reference_msam_gradient(model, batch, micro_batch_size, rho=0.0)
+    assert max((a - b).abs().max().item() for a, b in zip(got, plain)) > 1e-4
+
+
+def test_perturbation_of_shared_gradient_storage_has_norm_rho():
+    model = tiny_vit(seed=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sam = MicroBatchSAM(model.parameters(), rho=0.05)
+    micro = {k: v[:1] for k, v in _images(2, seed=8).items()}
+    grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(model(**micro).loss, sam.params)))
+    expected_step = {n: 0.05 * g / math.sqrt(sum(float((h**2).sum()) for h in grads.values())) for n, g in grads.items()}
+    sam.perturb(model(**micro).loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach() - before[n], expected_step[n], rtol=0, atol=1e-7)
+    sam.restore()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_ascent_gradients_have_storage_of_their_own():
+    """What the global-SAM all-reduce writes into in place: no two gradients (nor a gradient and a weight) share memory."""
+    model = tiny_vit(seed=8)
+    sam = MicroBatchSAM(model.parameters(), rho=0.05)
+    grads = sam.ascent_gradients(model(**{k: v[:1] for k, v in _images(2, seed=8).items()}).loss)
+    storages = [g.untyped_storage().data_ptr() for g in grads] + [p.untyped_storage().data_ptr() for p in sam.params]
+    assert len(set(storages)) == len(storages)
+    torch._foreach_mul_(grads, 2.0)  # in-place arithmetic on all of them is allowed
+
+
+class _BiasedLinear(torch.nn.Module):
+    """A linear model whose loss adds ``offset.sum()``: autograd returns the gradient of ``offset`` as an expanded
+    scalar (stride 0, one element for the whole tensor), on which in-place arithmetic is refused."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(9)
+        self.linear = torch.nn.Linear(5, 3)
+        self.offset = torch.nn.Parameter(torch.randn(4, 3))
+
+    def forward(self, features, labels):
+        loss = torch.nn.functional.cross_entropy(self.linear(features), labels)
+        return {"loss": loss + 0.1 * self.offset.sum()}
+
+
+def test_expanded_gradient_of_a_sum_matches_reference():
+    g = torch.Generator().manual_seed(9)
+    batch = {"features": torch.randn(6, 5, generator=g), "labels": torch.randint(0, 3, (6,), generator=g)}
+    model = _BiasedLinear()
+    loss_fn = lambda m, b: m(**b)["loss"]  # noqa: E731
+    assert torch.autograd.grad(loss_fn(model, batch), model.offset)[0].stride() == (0, 0)  # the case under test
+    expected = reference_msam_gradient(model, batch, 4, rho=0.2, loss_fn=loss_fn)
+    got = _msam_gradient_with_module(model, batch, 4, loss_fn=loss_fn, rho=0.2)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert all(p.is_contiguous() for p in model.parameters())  # the weights keep their layout
+
+
+# --- dropout: both passes of a micro-batch draw the same masks (issue 7, item 4) ------------------------
+def test_random_state_replays_dropout_masks_and_ends_where_one_pass_ends():
+    x = torch.ones(1000)
+    torch.manual_seed(10)
+    single_pass = torch.nn.functional.dropout(x, 0.5)
+    after_single_pass = torch.get_rng_state()
+    torch.manual_seed(10)
+    randomness = RandomState.capture()
+    first = torch.nn.functional.dropout(x, 0.5)
+    randomness.restore()
+    second = torch.nn.functional.dropout(x, 0.5)
+    assert torch.equal(first, second) and torch.equal(second, single_pass)
+    assert torch.equal(torch.get_rng_state(), after_single_pass)
+
+
+@pytest.mark.parametrize(
+    "make_model, make_batch",
+    [
+        (lambda: tiny_bert(seed=11, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), lambda: _batch(seed=11)),
+        (lambda: tiny_vit(seed=11, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), lambda: _images(10, seed=11)),
+    ],
+    ids=["bert", "vit"],
+)
+def test_dropout_module_loop_matches_reference_that_replays_the_rng(make_model, make_batch):
+    batch = make_batch()
+    model = make_model()
+    model.train()
+    start = torch.get_rng_state()
+    expected = reference_msam_gradient(model, batch, 3, rho=0.3, cpu_rng_state=start)
+    torch.set_rng_state(start)
+    got = _msam_gradient_with_module(model, batch, 3, rho=0.3)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # without the replay the descent pass sees other masks: the comparison has teeth
+    torch.set_rng_state(start)
+    unreplayed = reference_msam_gradient(model, batch, 3, rho=0.3)
+    assert max((a - b).abs().max().item() for a, b in zip(expected, unreplayed)) > 1e-4
 
 
 def test_restore_is_bit_exact_and_grad_untouched():

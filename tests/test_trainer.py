@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
+from conftest import image_dataset, tiny_bert, tiny_vit, token_dataset
 from msam_reference import reference_msam_gradient, reference_sgd_step
 from trainer_utils import (
     SequentialSAMTrainer,
@@ -331,3 +331,110 @@ def test_batchnorm_statistics_are_updated_by_the_ascent_pass_only(tmp_path):
     assert torch.equal(bn.num_batches_tracked, ref_bn.num_batches_tracked) and int(bn.num_batches_tracked) == 2
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean, rtol=0, atol=1e-7)
     torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=1e-7)
+
+
+# --- issue 7, item 1: a ViT with one example per micro-batch (shared gradient storage) ---------------
+@pytest.mark.parametrize("n, micro_batch_size", [(8, 1), (7, 3)], ids=["micro-batch-1", "uneven-3-3-1"])
+def test_vit_one_example_micro_batches_match_reference(tmp_path, n, micro_batch_size):
+    data = image_dataset(n, seed=15)
+    model, reference = tiny_vit(seed=15), tiny_vit(seed=15)
+    args = sam_args(tmp_path, sam_rho=0.05, sam_micro_batch_size=micro_batch_size, per_device_train_batch_size=n)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, n), micro_batch_size, 0.05)
+    reference_sgd_step(reference, gradient, lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+# --- issue 7, item 4: dropout masks are shared by the two passes of a micro-batch ------------------------
+def _relative_update_difference(start, a, b):
+    """``||(a - start) - (b - start)|| / ||b - start||`` over all parameters."""
+    diff = math.sqrt(sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in start))
+    step = math.sqrt(sum(float(((b[k] - start[k]).double() ** 2).sum()) for k in start))
+    return diff / step
+
+
+DROPOUT_CASES = {
+    "bert": (lambda: tiny_bert(seed=16, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2),
+             lambda: token_dataset(16, seed=16)),
+    "vit": (lambda: tiny_vit(seed=16, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2),
+            lambda: image_dataset(16, seed=16)),
+    "llama": (lambda: tiny_llama(seed=16, attention_dropout=0.2), lambda: lm_dataset(16, seed=16)),
+}
+
+
+def _stock_run(tmp_path, model, data, **overrides):
+    values = dict(sam_args(tmp_path, **overrides).to_dict())
+    args = TrainingArguments(**{k: v for k, v in values.items() if k in TrainingArguments.__dataclass_fields__
+                                and k not in ("hub_token",)})
+    SequentialTrainer(model=model, args=args, train_dataset=data).train()
+    return snapshot(model)
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_dropout_tiny_rho_equals_stock_step(tmp_path, case):
+    """With rho -> 0 the SAM step tends to the stock step only if the descent pass draws the stock pass's masks."""
+    make_model, make_data = DROPOUT_CASES[case]
+    data = make_data()
+    common = dict(per_device_train_batch_size=8, max_steps=2)
+    start = snapshot(make_model())
+    sam_model, stock_model = make_model(), make_model()
+    SequentialSAMTrainer(model=sam_model, args=sam_args(tmp_path / "sam", sam_rho=1e-7, **common), train_dataset=data).train()
+    stock = _stock_run(tmp_path / "stock", stock_model, data, **common)
+    assert _relative_update_difference(start, snapshot(sam_model), stock) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["bert", "vit"])
+def test_dropout_step_matches_reference_that_replays_the_rng(tmp_path, case):
+    make_model, make_data = DROPOUT_CASES[case]
+    data = make_data()
+    model, reference = make_model(), make_model()
+    first_forward_rng = []
+    model.register_forward_pre_hook(lambda module, inputs: first_forward_rng.append(torch.get_rng_state()))
+    args = sam_args(tmp_path, sam_rho=0.3, sam_micro_batch_size=3, per_device_train_batch_size=8)
+    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+
+    reference.train()
+    batch = tensor_batch(data, 0, 8)
+    gradient = reference_msam_gradient(reference, batch, 3, 0.3, cpu_rng_state=first_forward_rng[0])
+    unreplayed = reference_msam_gradient(reference, batch, 3, 0.3)
+    reference_sgd_step(reference, gradient, lr=0.5)
+    assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(gradient, unreplayed)) > 1e-4  # the masks matter
+
+
+# --- issue 7, Also: the loss weighting of the mSAM path against the stock Trainer ------------------------
+def test_tiny_rho_equals_stock_trainer_token_loss_with_accumulation(tmp_path):
+    """rho = 1e-7, no dropout: a causal LM with -100 holes, micro-batches of 4 and gradient accumulation 2 gives the
+    stock step (which counts the step's tokens itself), so every micro-batch's weight is right."""
+    data = lm_dataset(32, seed=17)
+    common = dict(per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=2)
+    start = snapshot(tiny_llama(seed=17))
+    sam_model = tiny_llama(seed=17)
+    args = sam_args(tmp_path / "sam", sam_rho=1e-7, sam_micro_batch_size=4, **common)
+    SequentialSAMTrainer(model=sam_model, args=args, train_dataset=data).train()
+    stock = _stock_run(tmp_path / "stock", tiny_llama(seed=17), data, **common)
+    assert _relative_update_difference(start, snapshot(sam_model), stock) < 1e-5
+    labels = torch.tensor(data["labels"])[:, 1:]
+    items = [int(labels[k : k + 4].ne(-100).sum()) for k in range(0, 32, 4)]
+    assert len(set(items)) > 1  # unequal micro-batches: equal weights would not give the stock step
+
+
+# --- issue 7, item 3: the first sam_perturbed_loss after a resume covers one logging window --------------
+def test_perturbed_loss_logged_after_resume_equals_uninterrupted_run(tmp_path):
+    data = token_dataset(64, seed=18)
+    common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, sam_rho=0.1, sam_micro_batch_size=4)
+    straight = SequentialSAMTrainer(model=tiny_bert(seed=18), args=sam_args(tmp_path / "a", **common), train_dataset=data)
+    straight.train()
+
+    interrupted_args = sam_args(tmp_path / "b", save_strategy="steps", save_steps=2, **common)
+    SequentialSAMTrainer(model=tiny_bert(seed=18), args=interrupted_args, train_dataset=data).train()
+    resumed = SequentialSAMTrainer(model=tiny_bert(seed=98), args=interrupted_args, train_dataset=data)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+
+    def perturbed_losses(trainer):
+        return {e["step"]: e["sam_perturbed_loss"] for e in trainer.state.log_history if "sam_perturbed_loss" in e}
+
+    expected, got = perturbed_losses(straight), perturbed_losses(resumed)
+    assert set(got) >= {3, 4}
+    for step in (3, 4):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6)

@@ -100,12 +100,14 @@ def test_padded_bert_matches_loop_and_reference(tmp_path, micro_batch_size, atte
     assert max_abs_diff(vmap_weights, snapshot(make())) > 1e-3  # it did train
 
 
-def test_vit_matches_loop_and_reference(tmp_path):
+@pytest.mark.parametrize("micro_batch_size", [2, 1])
+def test_vit_matches_loop_and_reference(tmp_path, micro_batch_size):
+    """Micro-batch 1: autograd hands cls_token and position_embeddings one gradient buffer (issue 7)."""
     data = image_dataset(8, seed=2)
-    trainer, vmap_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "vmap", sam_micro_batch_size=2)
+    trainer, vmap_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "vmap", sam_micro_batch_size=micro_batch_size)
     assert trainer._vmap_verified
-    _, loop_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "loop", sam_micro_batch_size=2)
-    reference = _reference(lambda: tiny_vit(seed=2), data, 2)
+    _, loop_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "loop", sam_micro_batch_size=micro_batch_size)
+    reference = _reference(lambda: tiny_vit(seed=2), data, micro_batch_size)
     assert max_abs_diff(vmap_weights, reference) < 1e-6
     assert max_abs_diff(loop_weights, reference) < 1e-6
 

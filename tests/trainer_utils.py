@@ -57,7 +57,7 @@ def tensor_batch(dataset, start: int, stop: int) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v) for k, v in rows.items()}
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, **overrides):
     """A 1-layer causal LM whose loss is normalised by ``num_items_in_batch`` when it is given."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -71,6 +71,7 @@ def tiny_llama(seed: int = 0):
         num_key_value_heads=2,
         max_position_embeddings=32,
         attn_implementation="eager",
+        **overrides,
     )
     return LlamaForCausalLM(config)
 
@@ -84,3 +85,12 @@ def lm_dataset(n: int = 32, length: int = 10, seed: int = 0):
     labels = ids.clone()
     labels[torch.rand(n, length, generator=g) < 0.4] = -100
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def lm_dataset_without_labels_in(start: int | None = None, stop: int | None = None, n: int = 32, seed: int = 19):
+    """``lm_dataset`` with every label of the examples ``start:stop`` set to -100 (a chunk with nothing supervised)."""
+    data = lm_dataset(n, seed=seed)
+    if start is None:
+        return data
+    return data.map(lambda row, index: {"labels": [-100] * len(row["labels"]) if start <= index < stop else row["labels"]},
+                    with_indices=True)
