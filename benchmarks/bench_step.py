@@ -5,7 +5,7 @@ all-MiniLM-L6-v2 (22.7M parameters, dropout as configured), batch 32, length 64,
 
 Configs: ``stock`` (``transformers.Trainer``), ``rho0`` (``SAMTrainer``, ``sam_rho=0``), ``sam`` (m=1),
 ``loop_m{2,4,8,16}`` and ``vmap_m{2,4,8,16}`` (mSAM with m micro-batches of 32/m examples, with
-``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8), ``peer`` (``pytorch_optimizer.SAM`` around
+``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8; ``vmap_m1`` is SAM on the vmap path), ``peer`` (``pytorch_optimizer.SAM`` around
 the same AdamW in a hand-written loop, clipping like the Trainer), and ``floor`` (no SAM arithmetic at all:
 the forward/backward passes mSAM cannot avoid, plus the parameter-sized vector work, each timed alone).
 
@@ -42,6 +42,7 @@ TRAINER_CONFIGS = {
     "rho0": dict(sam_rho=0.0),
     "sam": dict(sam_rho=RHO, sam_micro_batch_mode="loop"),
     **{f"loop_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="loop") for m in MICRO_BATCH_COUNTS},
+    "vmap_m1": dict(sam_rho=RHO, sam_micro_batch_mode="vmap"),  # SAM on the vmap path
     **{f"vmap_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="vmap") for m in MICRO_BATCH_COUNTS},
 }
 CONFIGS = [*TRAINER_CONFIGS, "peer"]

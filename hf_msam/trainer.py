@@ -230,7 +230,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if mode == "auto" and self.args.device.type not in AUTO_VMAP_DEVICE_TYPES:
             self._log_fallback_once(
                 f"sam_micro_batch_mode='auto' runs the loop on {self.args.device.type}: the vmap path was measured "
-                f"slower there (it is picked on {', '.join(AUTO_VMAP_DEVICE_TYPES)})."
+                f"slower there (it is picked on {', '.join(AUTO_VMAP_DEVICE_TYPES)}).",
+                level=logging.INFO,
             )
             return False
         module = self.accelerator.unwrap_model(model)
@@ -315,10 +316,10 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._vmap_group_size = max(1, min(num_micro_batches, int(budget_mb // (VMAP_COPIES_PER_MICRO_BATCH * param_mb))))
         return self._vmap_group_size
 
-    def _log_fallback_once(self, message: str) -> None:
+    def _log_fallback_once(self, message: str, level: int = logging.WARNING) -> None:
         if message not in self._logged_fallbacks:
             self._logged_fallbacks.add(message)
-            logger.warning(message)
+            logger.log(level, message)
 
     def _item_counts(self, micro_batches: list[dict[str, Any]]) -> list[int]:
         """:meth:`_count_items` of every micro-batch, with one host sync for all of them."""
