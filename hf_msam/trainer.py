@@ -290,7 +290,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             stacked = stack_micro_batches(micro_batches[start : start + group])
             group_weights = weights[start : start + group]
             try:
-                result = self._vmap.step(stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager)
+                result = self._vmap.step(
+                    stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
+                )
             except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
                 if self._vmap_verified or self.args.sam_micro_batch_mode == "vmap":
                     raise

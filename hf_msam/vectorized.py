@@ -83,11 +83,13 @@ class VectorizedMicroBatchSAM:
         weights: torch.Tensor,
         grad_scale: float = 1.0,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     ) -> VectorizedResult:
         """Ascent, perturbation and descent of all micro-batches in ``stacked`` (tensors ``[m, b, ...]``).
 
-        Accumulates ``sum_k weights[k] * grad L_k(w + e_k)`` into ``.grad`` of the trainable parameters.
-        ``grad_scale`` multiplies the ascent loss (the fp16 loss scale; the direction is scale-invariant).
+        Accumulates ``sum_k weights[k] * grad L_k(w + e_k)`` into ``.grad`` of the trainable parameters, through
+        ``backward`` (``accelerator.backward`` applies the fp16 loss scale). ``grad_scale`` multiplies the ascent
+        loss (the fp16 loss scale; the direction is scale-invariant). ``autocast`` wraps both forwards.
         """
         m = weights.shape[0]
         batch = _with_4d_attention_mask(self.module, stacked)
@@ -112,7 +114,7 @@ class VectorizedMicroBatchSAM:
         hooks = [x.register_hook(self._padding_hook(i)) for i, x in enumerate(points) if i in self._padding_rows]
         with autocast():
             perturbed = self._losses(points, batch)
-        (perturbed.float() * weights).sum().backward()
+        backward((perturbed.float() * weights).sum())
         for hook in hooks:
             hook.remove()
         return VectorizedResult(clean.detach().float(), perturbed.detach().float(), norms / grad_scale, ~finite)
