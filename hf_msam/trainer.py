@@ -51,13 +51,20 @@ logger = logging.getLogger(__name__)
 AUTO_VMAP_DEVICE_TYPES = ("cuda",)
 """Device types on which ``sam_micro_batch_mode="auto"`` picks the vmap path (when the model is eligible).
 
-Measured with ``benchmarks/bench_step.py`` (all-MiniLM-L6-v2, batch 32, length 64): on 2 CPU cores the vmap
-path is slower than the loop (it materialises m copies of every trainable tensor, the word embedding
-included, and CPU SDPA has no batching rule), so "auto" keeps the loop there."""
+CPU, measured (``benchmarks/results/step_cpu_issue8.json``: all-MiniLM-L6-v2, batch 32, length 64, 1 thread on
+a shared 2-core machine): the vmap path took more CPU time than the loop at every m (m = 8: 1.49x SAM against
+1.20x; m = 16: 2.12x against 1.44x) and 4 to 4.5 more parameter copies per micro-batch (it materialises
+every trainable tensor per micro-batch, the word embedding included, and CPU SDPA has no batching rule), so
+"auto" keeps the loop there. CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made
+the loop 3.2x (m = 4) and 6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``)
+measures it."""
 
-VMAP_COPIES_PER_MICRO_BATCH = 3
-"""Parameter-sized tensors the vmap path holds per micro-batch at its peak (the batched point, its gradient
-and the perturbation), used to size the groups to ``sam_vmap_memory_budget_mb``."""
+VMAP_COPIES_PER_MICRO_BATCH = 5
+"""Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
+its gradient in each pass, the perturbation, the batched embedding gradient), used to size the groups to
+``sam_vmap_memory_budget_mb``. Measured: the extra peak memory of vmap over the loop in
+``benchmarks/results/step_cpu_issue8.json`` is 4.5, 4.2 and 3.7 parameter copies per micro-batch at m = 4, 8,
+16 (peak RSS); rounded up."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",
