@@ -74,7 +74,7 @@ class VectorizedMicroBatchSAM:
         self.adaptive = adaptive
         self.adaptive_eta = float(adaptive_eta)
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
-        self._padding_rows = _padding_rows(module, dict(zip(self.names, self.params)))
+        self._padding_rows = _padding_rows(module, self.params)
 
     # --------------------------------------------------------------------------------------------------
     def step(
@@ -166,9 +166,9 @@ class VectorizedMicroBatchSAM:
         return hook
 
 
-def _padding_rows(module: nn.Module, params: dict[str, nn.Parameter]) -> dict[int, int]:
-    """``{index of the trainable tensor: padding_idx}`` for every ``nn.Embedding`` with a ``padding_idx``."""
-    index_of = {id(p): i for i, p in enumerate(params.values())}
+def _padding_rows(module: nn.Module, params: tuple[nn.Parameter, ...]) -> dict[int, int]:
+    """``{index in params: padding_idx}`` for every trainable ``nn.Embedding`` weight with a ``padding_idx``."""
+    index_of = {id(p): i for i, p in enumerate(params)}
     return {
         index_of[id(m.weight)]: m.padding_idx
         for m in module.modules()
