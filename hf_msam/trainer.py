@@ -296,6 +296,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         for start in range(0, len(micro_batches), group):
             stacked = stack_micro_batches(micro_batches[start : start + group])
             group_weights = weights[start : start + group]
+            randomness = None if self._vmap_verified else RandomState.capture()  # to undo a failed first try
             try:
                 result = self._vmap.step(
                     stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
@@ -303,6 +304,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
                 if self._vmap_verified or self.args.sam_micro_batch_mode == "vmap":
                     raise
+                randomness.restore()
                 self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
                 self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
                 return None

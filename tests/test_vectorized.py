@@ -261,6 +261,36 @@ def test_auto_falls_back_with_its_reason(tmp_path, caplog, auto_picks_vmap_on_cp
         _train(tmp_path, make_model, data, "vmap", sam_micro_batch_size=2, **overrides)
 
 
+class DataDependentClassifier(torch.nn.Module):
+    """A forward with Python control flow on a tensor value, which vmap rejects."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(19)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, labels):
+        hidden = self.embed(input_ids).mean(1)
+        if hidden.abs().max() > 100:  # data-dependent branch
+            hidden = hidden / 100
+        logits = self.head(hidden)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_auto_falls_back_when_vmap_rejects_the_forward(tmp_path, caplog, auto_picks_vmap_on_cpu):
+    """Caught on the first try, logged once, the step (and every later one) runs with the loop, unchanged."""
+    data = padded_dataset(8, seed=19).remove_columns("attention_mask")
+    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+        trainer, auto = _train(tmp_path, DataDependentClassifier, data, "auto", sam_micro_batch_size=2, max_steps=2)
+    assert not trainer._vmap_verified
+    assert sum("failed under vmap" in r.getMessage() for r in caplog.records) == 1
+    _, loop = _train(tmp_path, DataDependentClassifier, data, "loop", sam_micro_batch_size=2, max_steps=2)
+    assert max_abs_diff(auto, loop) == 0
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        _train(tmp_path, DataDependentClassifier, data, "vmap", sam_micro_batch_size=2)
+
+
 def test_auto_runs_an_uneven_last_batch_with_the_loop(tmp_path, caplog, auto_picks_vmap_on_cpu):
     data = padded_dataset(14, seed=12)  # steps of 8 (4 + 4: vmap) and 6 (4 + 2: the loop)
     with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
