@@ -7,6 +7,7 @@ from .curvature.report import SharpnessReport, sharpness_report
 from .msam import MicroBatchSAM, Perturbation, RandomState, split_micro_batches
 from .reporting import SharpnessCallback, SharpnessReportMixin, SharpnessResult
 from .trainer import SAMTrainer
+from .vectorized import VectorizedMicroBatchSAM
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,7 @@ __all__ = [
     "SharpnessReportMixin",
     "SharpnessResult",
     "SharpnessReport",
+    "VectorizedMicroBatchSAM",
     "sharpness_report",
     "split_micro_batches",
 ]

@@ -78,6 +78,27 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
         },
     )
 
+    sam_micro_batch_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "How the micro-batches of a step are run. 'loop': one ascent and one descent pass per "
+            "micro-batch. 'vmap': all micro-batches of equal size in one vectorised ascent and one vectorised "
+            "descent pass (torch.func.vmap; memory: copies of the trainable parameters per micro-batch, bounded "
+            "by sam_vmap_memory_budget_mb); an error names the reason when the model cannot take it. 'auto': "
+            "vmap where the model is eligible and vmap was measured faster on the device type (CUDA), else the "
+            "loop, with the reason logged once.",
+            "choices": ["loop", "vmap", "auto"],
+        },
+    )
+    sam_vmap_memory_budget_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "Memory (MiB) the vmap path may spend on the per-micro-batch copies of the trainable "
+            "parameters; micro-batches are vectorised in groups that fit it. None: half of the device memory "
+            "free at the first vmap step (CUDA: torch.cuda.mem_get_info; CPU: MemAvailable)."
+        },
+    )
+
     def __post_init__(self) -> None:
         self._validate_sam()
         super().__post_init__()
@@ -98,7 +119,25 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             self.sam_adaptive_eta < 0
         ):
             raise ValueError(f"sam_adaptive_eta must be a finite number >= 0, got {self.sam_adaptive_eta!r}.")
+        if self.sam_micro_batch_mode not in ("loop", "vmap", "auto"):
+            raise ValueError(
+                f"sam_micro_batch_mode must be 'loop', 'vmap' or 'auto', got {self.sam_micro_batch_mode!r}."
+            )
+        budget = self.sam_vmap_memory_budget_mb
+        if budget is not None and (not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0):
+            raise ValueError(f"sam_vmap_memory_budget_mb must be a number > 0 (MiB) or None, got {budget!r}.")
         size = self.sam_micro_batch_size
+        if self.sam_micro_batch_mode == "vmap" and self.sam_global:
+            raise ValueError(
+                "sam_micro_batch_mode='vmap' cannot run sam_global=True (its ascent gradient is all-reduced between "
+                "the two passes): use sam_micro_batch_mode='loop' or 'auto'."
+            )
+        if self.sam_micro_batch_mode == "vmap" and size is not None and self.per_device_train_batch_size % size:
+            raise ValueError(
+                f"sam_micro_batch_mode='vmap' needs micro-batches of equal size, but sam_micro_batch_size={size} does "
+                f"not divide per_device_train_batch_size={self.per_device_train_batch_size}: choose a divisor, or "
+                "use sam_micro_batch_mode='auto' (which runs uneven batches with the loop)."
+            )
         if size is not None:
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"sam_micro_batch_size must be an integer >= 1 (or None), got {size!r}.")

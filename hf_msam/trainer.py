@@ -31,6 +31,8 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -43,6 +45,27 @@ from .arguments import SAMTrainingArguments
 from .modelcard import MODEL_TAGS
 from .msam import MicroBatchSAM, Perturbation, RandomState, batch_size_of, split_micro_batches
 from .reporting import SharpnessReportMixin
+from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+
+logger = logging.getLogger(__name__)
+
+AUTO_VMAP_DEVICE_TYPES = ("cuda",)
+"""Device types on which ``sam_micro_batch_mode="auto"`` picks the vmap path (when the model is eligible).
+
+CPU, measured (``benchmarks/results/step_cpu_issue8.json``: all-MiniLM-L6-v2, batch 32, length 64, 1 thread on
+a shared 2-core machine): the vmap path took more CPU time than the loop at every m (m = 8: 1.49x SAM against
+1.20x; m = 16: 2.12x against 1.44x) and 4 to 4.5 more parameter copies per micro-batch (it materialises
+every trainable tensor per micro-batch, the word embedding included, and CPU SDPA has no batching rule), so
+"auto" keeps the loop there. CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made
+the loop 3.2x (m = 4) and 6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``)
+measures it."""
+
+VMAP_COPIES_PER_MICRO_BATCH = 5
+"""Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
+its gradient in each pass, the perturbation, the batched embedding gradient), used to size the groups to
+``sam_vmap_memory_budget_mb``. Measured: the extra peak memory of vmap over the loop in
+``benchmarks/results/step_cpu_issue8.json`` is 4.5, 4.2 and 3.7 parameter copies per micro-batch at m = 4, 8,
+16 (peak RSS); rounded up."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",
@@ -83,6 +106,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._sam_module: nn.Module | None = None  # the module self._sam was built for
         self._batchnorms: list[nn.Module] = []
         self._sam_items_in_step: float | None = None
+        self._vmap: VectorizedMicroBatchSAM | None = None
+        self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
+        self._vmap_verified = False  # a vmap step has run once (later failures are real errors)
+        self._vmap_group_size: int | None = None
+        self._logged_fallbacks: set[str] = set()
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
         self._sam_stats = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         self._sam_last_logged_step = 0  # where the window of _sam_stats starts; reset when training (re)starts
@@ -132,11 +160,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if items_step is None:  # called outside the Trainer loop: this chunk is the whole local step
             items_step = float(self._count_items(inputs) * self.current_gradient_accumulation_steps * world)
 
-        micro_batches = [
-            (micro_batch, items)
-            for micro_batch, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)
-            if (items := self._count_items(micro_batch)) > 0  # nothing supervised: no loss, no gradient
-        ]
+        split = [mb for mb, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)]
+        counts = self._item_counts(split)
+        if self._vmap_chosen(model, split, counts):
+            vmap_loss = self._vmap_step(model, split, counts, items_step, grad_scale)
+            if vmap_loss is not None:
+                return vmap_loss
+        micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         clean_loss = torch.zeros((), device=args.device)
         if not micro_batches:  # nothing supervised here: still take part in every collective of the step
             if args.sam_global and world > 1:
@@ -198,7 +228,126 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             ]
         return self._sam
 
+    # ------------------------------------------------------------------------------------------------
+    # The vectorised path (hf_msam.vectorized)
+    # ------------------------------------------------------------------------------------------------
+    def _vmap_chosen(self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int]) -> bool:
+        """Whether this chunk runs on the vmap path; logs the reason of a fallback once (``"auto"``, or an
+        uneven chunk), raises with it for ``"vmap"`` when the model itself cannot take the path."""
+        mode = self.args.sam_micro_batch_mode
+        if mode == "loop":
+            return False
+        if mode == "auto" and self.args.device.type not in AUTO_VMAP_DEVICE_TYPES:
+            self._log_fallback_once(
+                f"sam_micro_batch_mode='auto' runs the loop on {self.args.device.type}: the vmap path was measured "
+                f"slower there (it is picked on {', '.join(AUTO_VMAP_DEVICE_TYPES)}).",
+                level=logging.INFO,
+            )
+            return False
+        module = self.accelerator.unwrap_model(model)
+        if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
+            self._vmap_model_check(model)
+        reason = self._vmap_ineligible
+        if reason is not None:
+            if mode == "vmap":
+                raise ValueError(f"sam_micro_batch_mode='vmap' cannot run this training: {reason}. Use 'auto' or 'loop'.")
+            self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {reason}.")
+            return False
+        sizes = {batch_size_of(mb) for mb in micro_batches}
+        if len(sizes) > 1:
+            self._log_fallback_once(
+                f"micro-batches of unequal sizes {sorted(sizes)} (an uneven last batch) run with the loop, not vmap."
+            )
+            return False
+        if min(counts) == 0:
+            self._log_fallback_once("a micro-batch with no supervised item (all labels -100) runs with the loop, not vmap.")
+            return False
+        return True
+
+    def _vmap_model_check(self, model: nn.Module) -> None:
+        """Build the vectorised step for the model, or set why the model or the Trainer set-up cannot take it."""
+        self._get_sam(model)
+        module = self.accelerator.unwrap_model(model)
+        if self._batchnorms:
+            reason = "the model has BatchNorm layers (their running statistics cannot be updated under vmap)"
+        elif self.label_smoother is not None:
+            reason = "a label smoother (label_smoothing_factor > 0) computes the loss outside the model"
+        elif self.compute_loss_func is not None:
+            reason = "a compute_loss_func computes the loss outside the model"
+        elif type(self).compute_loss is not Trainer.compute_loss:
+            reason = f"{type(self).__name__} overrides compute_loss, which the vmap path cannot call"
+        elif self.args.sam_global:
+            reason = "sam_global=True all-reduces the ascent gradient between the two passes"
+        else:
+            self._vmap = VectorizedMicroBatchSAM(
+                module, rho=self.args.sam_rho, adaptive=self.args.sam_adaptive, adaptive_eta=self.args.sam_adaptive_eta
+            )
+            self._vmap_group_size = None
+            return
+        self._vmap_ineligible = reason
+
+    def _vmap_step(
+        self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int], items_step: float, grad_scale: float
+    ) -> torch.Tensor | None:
+        """All micro-batches of the chunk in groups of vectorised passes; ``None`` when the first try of
+        ``"auto"`` met an operation that vmap rejects (the chunk then runs with the loop, nothing changed)."""
+        world = self.accelerator.num_processes
+        device = self.args.device
+        weights = torch.tensor([world * c / items_step for c in counts], device=device, dtype=torch.float32)
+        group = self._vmap_group_size or self._group_size_for_budget(len(micro_batches))
+        clean_loss = torch.zeros((), device=device)
+        for start in range(0, len(micro_batches), group):
+            stacked = stack_micro_batches(micro_batches[start : start + group])
+            group_weights = weights[start : start + group]
+            randomness = None if self._vmap_verified else RandomState.capture()  # to undo a failed first try
+            try:
+                result = self._vmap.step(
+                    stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
+                )
+            except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
+                if self._vmap_verified or self.args.sam_micro_batch_mode == "vmap":
+                    raise
+                randomness.restore()
+                self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
+                self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
+                return None
+            self._vmap_verified = True
+            clean_loss += (group_weights * result.clean_losses).sum()
+            self._record_vectorized(result, group_weights / world)
+        if world > 1 and self.accelerator.sync_gradients:
+            _all_reduce_gradients_mean_([p for p in self._vmap.params if p.grad is not None], world)
+        return clean_loss
+
+    def _group_size_for_budget(self, num_micro_batches: int) -> int:
+        """Micro-batches per vectorised group: as many as ``sam_vmap_memory_budget_mb`` holds copies of the
+        trainable parameters (``VMAP_COPIES_PER_MICRO_BATCH`` each); default budget: half the free device memory.
+        Activations need no budget: a group of g micro-batches of size b holds those of one g*b batch, at most
+        the per-device batch that the stock step holds."""
+        budget_mb = self.args.sam_vmap_memory_budget_mb
+        if budget_mb is None:
+            budget_mb = _free_memory_mb(self.args.device) / 2
+        param_mb = sum(p.numel() * p.element_size() for p in self._vmap.params) / 2**20
+        self._vmap_group_size = max(1, min(num_micro_batches, int(budget_mb // (VMAP_COPIES_PER_MICRO_BATCH * param_mb))))
+        return self._vmap_group_size
+
+    def _log_fallback_once(self, message: str, level: int = logging.WARNING) -> None:
+        if message not in self._logged_fallbacks:
+            self._logged_fallbacks.add(message)
+            logger.log(level, message)
+
+    def _item_counts(self, micro_batches: list[dict[str, Any]]) -> list[int]:
+        """:meth:`_count_items` of every micro-batch, with one host sync for all of them."""
+        counts = [self._count_items_tensor(mb) for mb in micro_batches]
+        if all(isinstance(c, int) for c in counts):
+            return counts
+        return [int(c) for c in torch.stack([torch.as_tensor(c, device=self.args.device) for c in counts]).tolist()]
+
     def _count_items(self, batch: dict[str, Any]) -> int:
+        """Supervised items of a batch, counted like the Trainer's ``num_items_in_batch``: labels that are not
+        -100 (shifted for causal-LM losses); the number of examples when the batch has no labels."""
+        return int(self._count_items_tensor(batch))
+
+    def _count_items_tensor(self, batch: dict[str, Any]) -> torch.Tensor | int:
         """Supervised items of a batch, counted like the Trainer's ``num_items_in_batch``: labels that are not
         -100 (shifted for causal-LM losses); the number of examples when the batch has no labels."""
         labels = batch.get("shift_labels")
@@ -207,7 +356,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             if isinstance(labels, torch.Tensor) and getattr(self, "_loss_shifts_labels", False):
                 labels = labels[..., 1:]
         if isinstance(labels, torch.Tensor) and labels.dim() > 0:
-            return int(labels.ne(-100).sum().item())
+            return labels.ne(-100).sum()
         return batch_size_of(batch)
 
     # ------------------------------------------------------------------------------------------------
@@ -221,6 +370,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         else:
             stats[2] += perturbation.grad_norm
         stats[3] += perturbed_loss_share.to(stats.dtype)
+
+    def _record_vectorized(self, result, perturbed_loss_weights: torch.Tensor) -> None:
+        stats = self._sam_stats
+        stats[0] += result.skipped.numel()
+        stats[1] += result.skipped.sum().to(stats.dtype)
+        stats[2] += torch.where(result.skipped, 0.0, result.grad_norms).sum().to(stats.dtype)
+        stats[3] += (perturbed_loss_weights * result.perturbed_losses).sum().to(stats.dtype)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mSAM counters (summed over processes since the last training log) to training logs."""
@@ -277,6 +433,23 @@ def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
     torch.distributed.all_reduce(flat)
     for tensor, reduced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
         tensor.copy_(reduced)
+
+
+def _all_reduce_gradients_mean_(params: list[torch.Tensor], world: int) -> None:
+    """What the DDP reducer does at the synced backward, for the vmap path (which runs on the unwrapped module):
+    ``.grad`` becomes its mean over processes, in one all-reduce."""
+    grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads).div_(world)
+    torch.distributed.all_reduce(flat)
+    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(reduced)
+
+
+def _free_memory_mb(device: torch.device) -> float:
+    """Free memory of the device in MiB (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable``)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @contextlib.contextmanager

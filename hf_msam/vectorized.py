@@ -1,0 +1,222 @@
+"""The mSAM step for a group of equal-sized micro-batches in two vectorised passes (``torch.func.vmap``).
+
+The same mathematics as :mod:`hf_msam.msam` (``DESIGN.md`` section 2), for ``m`` micro-batches at once.
+With ``W_i = w_i + 0`` broadcast to ``[m, ...]`` for every trainable tensor ``w_i``::
+
+    L_k     = loss of functional_call(model, {W_i[k]}) on D_k      one vmap forward for all k
+    g_k     = d (sum_k L_k) / d W[k]                               one backward, outside vmap
+    e_k     = where(isfinite(||g_k||), rho * g_k / (||g_k|| + 1e-12), 0)    on the device, no host sync
+    loss    = sum_k weight_k * L_k(w + e_k)                        one vmap forward at w + e_k
+    .grad  += d loss / d w                                         one ordinary backward
+
+ASAM uses ``T = |w| + eta``: ``e_k = rho * T^2 g_k / (||T g_k|| + 1e-12)``. The backward of both passes
+runs outside ``vmap`` (no batching rules for backward are needed), and the weights ``w`` are never
+modified: the perturbed point is a separate tensor, so there is nothing to restore. The price is memory:
+``W`` and its gradient are ``m`` copies of the trainable parameters in each pass (``groups_for_budget``
+bounds ``m`` per group).
+
+Traps handled here (transformers 5.x):
+
+* Hugging Face mask helpers inspect the padding mask on the host (``mask.all()``), which ``vmap``
+  rejects: the 4D attention mask is built outside ``vmap`` with ``transformers.masking_utils`` for the
+  model's attention implementation and passed in.
+* Dropout: ``vmap(randomness="different")`` draws independent masks per micro-batch; the random state of
+  the CPU and of the model's accelerator is saved before the ascent pass and restored before the descent
+  pass, so both passes of each micro-batch see the same masks, and the generator ends where one pass
+  would leave it.
+* An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
+  one to every micro-batch but the first: those rows of the gradient of ``W`` are zeroed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from .msam import EPS, RandomState, _private_buffers
+
+
+@dataclass
+class VectorizedResult:
+    """What one vectorised group did; all tensors stay on the device (no host sync).
+
+    Attributes:
+        clean_losses: ``L_k(w)``, shape ``[m]``.
+        perturbed_losses: ``L_k(w + e_k)``, shape ``[m]``.
+        grad_norms: ``||g_k||`` (``||T g_k||`` for ASAM) divided by ``grad_scale``, shape ``[m]``.
+        skipped: boolean ``[m]``, the ascent gradient was not finite so ``e_k = 0``.
+    """
+
+    clean_losses: torch.Tensor
+    perturbed_losses: torch.Tensor
+    grad_norms: torch.Tensor
+    skipped: torch.Tensor
+
+
+class VectorizedMicroBatchSAM:
+    """Both passes of mSAM for ``m`` stacked micro-batches of equal size, for one model.
+
+    Args:
+        module: the (unwrapped) model; its forward must return the loss (``labels`` in the batch).
+        rho, adaptive, adaptive_eta: as in :class:`hf_msam.msam.MicroBatchSAM`.
+    """
+
+    def __init__(self, module: nn.Module, rho: float, adaptive: bool = False, adaptive_eta: float = 0.01) -> None:
+        self.module = module
+        self.rho = float(rho)
+        self.adaptive = adaptive
+        self.adaptive_eta = float(adaptive_eta)
+        self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
+        self._padding_rows = _padding_rows(module, self.params)
+
+    # --------------------------------------------------------------------------------------------------
+    def step(
+        self,
+        stacked: Mapping[str, Any],
+        weights: torch.Tensor,
+        grad_scale: float = 1.0,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    ) -> VectorizedResult:
+        """Ascent, perturbation and descent of all micro-batches in ``stacked`` (tensors ``[m, b, ...]``).
+
+        Accumulates ``sum_k weights[k] * grad L_k(w + e_k)`` into ``.grad`` of the trainable parameters, through
+        ``backward`` (``accelerator.backward`` applies the fp16 loss scale). ``grad_scale`` multiplies the ascent
+        loss (the fp16 loss scale; the direction is scale-invariant). ``autocast`` wraps both forwards.
+        """
+        m = weights.shape[0]
+        batch = _with_4d_attention_mask(self.module, stacked)
+        randomness = RandomState.capture()
+
+        # Ascent: one vmap forward at w for all k, one backward to the batched copies of w.
+        points = [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in self.params]
+        with autocast():
+            clean = self._losses(points, batch)
+        grads = torch.autograd.grad((clean.float() * grad_scale).sum(), points, allow_unused=True)
+        grads = _private_buffers([torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)], points)
+        del points
+        self._zero_padding_rows(grads)
+        with torch.no_grad():
+            perturbations, norms, finite = self._perturbations(grads, grad_scale)
+        del grads
+
+        # Descent: one vmap forward at w + e_k (differentiable in w), one ordinary backward into .grad.
+        randomness.restore()
+        points = [p.unsqueeze(0) + e for p, e in zip(self.params, perturbations)]
+        del perturbations
+        hooks = [x.register_hook(self._padding_hook(i)) for i, x in enumerate(points) if i in self._padding_rows]
+        with autocast():
+            perturbed = self._losses(points, batch)
+        backward((perturbed.float() * weights).sum())
+        for hook in hooks:
+            hook.remove()
+        return VectorizedResult(clean.detach().float(), perturbed.detach().float(), norms / grad_scale, ~finite)
+
+    # --------------------------------------------------------------------------------------------------
+    def _losses(self, points: list[torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
+        """``[L_k]`` of the model at the per-micro-batch parameters ``points[i][k]``, one vmap forward."""
+        names = self.names
+        keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
+        constants = {k: v for k, v in batch.items() if k not in keys}
+
+        def loss_of_one(params_k, tensors_k):
+            outputs = functional_call(self.module, dict(zip(names, params_k)), args=(), kwargs={**constants, **tensors_k})
+            return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+
+        return vmap(loss_of_one, randomness="different")(list(points), {k: batch[k] for k in keys})
+
+    def _perturbations(self, grads: list[torch.Tensor], grad_scale: float):
+        """``e_k`` per tensor (``[m, ...]``), ``||g_k||`` and its finiteness, all on the device."""
+        m = grads[0].shape[0]
+        if self.adaptive:
+            scales = [p.detach().abs().add_(self.adaptive_eta) for p in self.params]  # T = |w| + eta
+            torch._foreach_mul_(grads, scales)  # T g_k
+        norms = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g.reshape(m, -1).float(), dim=1) for g in grads]), dim=0
+        )
+        finite = torch.isfinite(norms)
+        factor = torch.where(finite, self.rho / (norms + EPS * grad_scale), torch.zeros_like(norms))
+        if self.adaptive:
+            torch._foreach_mul_(grads, scales)  # T^2 g_k
+        for g in grads:
+            shape = (m,) + (1,) * (g.dim() - 1)
+            g.mul_(factor.to(g.dtype).view(shape))
+            g.masked_fill_(~finite.view(shape), 0.0)  # inf * 0 is nan: clear skipped rows explicitly
+        return grads, norms, finite
+
+    def _zero_padding_rows(self, grads: list[torch.Tensor]) -> None:
+        for index, row in self._padding_rows.items():
+            grads[index][:, row] = 0
+
+    def _padding_hook(self, index: int):
+        row = self._padding_rows[index]
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad[:, row] = 0
+            return grad
+
+        return hook
+
+
+def _padding_rows(module: nn.Module, params: tuple[nn.Parameter, ...]) -> dict[int, int]:
+    """``{index in params: padding_idx}`` for every trainable ``nn.Embedding`` weight with a ``padding_idx``."""
+    index_of = {id(p): i for i, p in enumerate(params)}
+    return {
+        index_of[id(m.weight)]: m.padding_idx
+        for m in module.modules()
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None and id(m.weight) in index_of
+    }
+
+
+def _with_4d_attention_mask(module: nn.Module, stacked: Mapping[str, Any]) -> dict[str, Any]:
+    """Replace a 2D padding mask ``[m, b, L]`` by the model's own 4D mask ``[m, b, 1, Q, K]`` (or drop it when
+    the model would ignore it), built outside vmap with ``transformers.masking_utils``."""
+    batch = dict(stacked)
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
+        return batch
+    from transformers import masking_utils
+
+    m, b, length = mask.shape
+    config = module.config
+    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
+    embeds = torch.empty(m * b, length, 1, dtype=dtype, device=mask.device)  # only its shape and dtype are read
+    flat = mask.reshape(m * b, length)
+    if is_causal_lm(module):
+        parameters = inspect.signature(masking_utils.create_causal_mask).parameters
+        cache_name = "cache" if "cache" in parameters else "past_key_values"
+        mask_4d = masking_utils.create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=flat, **{cache_name: None})
+    else:
+        mask_4d = masking_utils.create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=flat)
+    if mask_4d is None:
+        del batch["attention_mask"]
+    else:
+        batch["attention_mask"] = mask_4d.reshape(m, b, *mask_4d.shape[1:])
+    return batch
+
+
+def is_causal_lm(module: nn.Module) -> bool:
+    """Whether the model attends causally (a decoder), so its 4D mask is ``create_causal_mask``'s."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return False
+    return bool(getattr(config, "is_decoder", False)) or (
+        module.can_generate() and not getattr(config, "is_encoder_decoder", False)
+    )
+
+
+def stack_micro_batches(micro_batches: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """``[m, b, ...]`` tensors from ``m`` micro-batches of equal size; other values are taken from the first."""
+    first = micro_batches[0]
+    return {
+        key: torch.stack([mb[key] for mb in micro_batches]) if isinstance(value, torch.Tensor) and value.dim() > 0 else value
+        for key, value in first.items()
+    }

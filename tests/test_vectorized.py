@@ -1,0 +1,434 @@
+"""The vectorised mSAM path (issue 8): vmap == loop == the plain-loop reference, and when "auto" falls back."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from conftest import tiny_bert
+from msam_reference import reference_msam_gradient, reference_sgd_step
+from trainer_utils import (
+    SequentialSAMTrainer,
+    SequentialTrainer,
+    lm_dataset,
+    max_abs_diff,
+    sam_args,
+    snapshot,
+    tensor_batch,
+    tiny_llama,
+)
+from transformers import TrainingArguments
+
+import hf_msam.trainer as trainer_module
+from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+
+# --- tiny models and data --------------------------------------------------------------------------------
+
+
+def padded_dataset(n: int = 16, length: int = 8, seed: int = 0):
+    """Token sequences of random lengths (3 .. length), right-padded with token 0 (BERT's padding_idx); token 0
+    also occurs inside the attended part, where its embedding reaches the loss."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, length), generator=g) * (torch.rand(n, length, generator=g) > 0.2)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
+    ids = ids * mask
+    labels = torch.randint(0, 2, (n,), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+
+
+def image_dataset(n: int = 16, seed: int = 0):
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    return datasets.Dataset.from_dict(
+        {"pixel_values": torch.randn(n, 3, 8, 8, generator=g).tolist(), "labels": torch.randint(0, 3, (n,), generator=g).tolist()}
+    )
+
+
+def tiny_vit(seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    return ViTForImageClassification(config)
+
+
+def _train(tmp_path, make_model, data, mode, **overrides):
+    model = make_model()
+    args = sam_args(tmp_path / mode, **{"sam_rho": 0.2, "sam_micro_batch_mode": mode, **overrides})
+    trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return trainer, snapshot(model)
+
+
+def _reference(make_model, data, micro_batch_size, batch=8, steps=1, token_level=False, **kwargs):
+    reference = make_model()
+    for step in range(steps):
+        tensors = tensor_batch(data, batch * step, batch * step + batch)
+        weights = None
+        if token_level:
+            items = [int(tensors["labels"][k : k + micro_batch_size, 1:].ne(-100).sum()) for k in range(0, batch, micro_batch_size)]
+            weights = [i / sum(items) for i in items]
+        gradient = reference_msam_gradient(reference, tensors, micro_batch_size, kwargs.pop("rho", 0.2), weights=weights, **kwargs)
+        reference_sgd_step(reference, gradient, lr=0.5)
+    return snapshot(reference)
+
+
+# --- vmap == loop == reference ---------------------------------------------------------------------------
+@pytest.mark.parametrize("micro_batch_size", [8, 4, 2, 1], ids=["m1", "m2", "m4", "m8"])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_padded_bert_matches_loop_and_reference(tmp_path, micro_batch_size, attention):
+    data = padded_dataset(8, seed=1)
+
+    def make():
+        return tiny_bert(seed=1, attn_implementation=attention)
+
+    trainer, vmap_weights = _train(tmp_path, make, data, "vmap", sam_micro_batch_size=micro_batch_size)
+    assert trainer._vmap_verified
+    _, loop_weights = _train(tmp_path, make, data, "loop", sam_micro_batch_size=micro_batch_size)
+    reference = _reference(make, data, micro_batch_size)
+    assert max_abs_diff(vmap_weights, reference) < 1e-6
+    assert max_abs_diff(loop_weights, reference) < 1e-6
+    assert max_abs_diff(vmap_weights, snapshot(make())) > 1e-3  # it did train
+
+
+@pytest.mark.parametrize("micro_batch_size", [2, 1])
+def test_vit_matches_loop_and_reference(tmp_path, micro_batch_size):
+    """Micro-batch 1: autograd hands cls_token and position_embeddings one gradient buffer (issue 7)."""
+    data = image_dataset(8, seed=2)
+    trainer, vmap_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "vmap", sam_micro_batch_size=micro_batch_size)
+    assert trainer._vmap_verified
+    _, loop_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "loop", sam_micro_batch_size=micro_batch_size)
+    reference = _reference(lambda: tiny_vit(seed=2), data, micro_batch_size)
+    assert max_abs_diff(vmap_weights, reference) < 1e-6
+    assert max_abs_diff(loop_weights, reference) < 1e-6
+
+
+def test_causal_lm_with_label_holes_and_gradient_accumulation(tmp_path):
+    """Token-level loss, micro-batches with unequal supervised-token counts, 2 accumulation chunks."""
+    data = lm_dataset(32, seed=3)
+    common = dict(sam_micro_batch_size=2, max_steps=2)
+    trainer, with_ga = _train(tmp_path / "ga2", lambda: tiny_llama(seed=3), data, "vmap", per_device_train_batch_size=4,
+                              gradient_accumulation_steps=2, **common)
+    assert trainer._vmap_verified
+    _, loop = _train(tmp_path / "loop", lambda: tiny_llama(seed=3), data, "loop", per_device_train_batch_size=8, **common)
+    reference = _reference(lambda: tiny_llama(seed=3), data, 2, steps=2, token_level=True)
+    assert max_abs_diff(with_ga, reference) < 1e-6
+    assert max_abs_diff(loop, reference) < 1e-6
+
+
+def test_asam_and_peft_lora_match_loop_and_reference(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    def lora_model():
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+        torch.manual_seed(4)
+        return get_peft_model(tiny_bert(seed=4), config)
+
+    data = padded_dataset(8, seed=4)
+    asam = dict(sam_micro_batch_size=2, sam_adaptive=True, sam_adaptive_eta=0.05)
+    trainer, vmap_weights = _train(tmp_path, lora_model, data, "vmap", **asam)
+    assert trainer._vmap_verified
+    _, loop_weights = _train(tmp_path, lora_model, data, "loop", **asam)
+    reference = _reference(lora_model, data, 2, adaptive=True, eta=0.05)
+    assert max_abs_diff(vmap_weights, reference) < 1e-6
+    assert max_abs_diff(loop_weights, reference) < 1e-6
+    frozen = {k: v for k, v in snapshot(lora_model()).items() if "lora_" not in k and "classifier" not in k}
+    assert all(torch.equal(vmap_weights[k], v) for k, v in frozen.items())
+
+
+def test_padding_row_of_the_embedding_gets_no_gradient(tmp_path):
+    """With a batched embedding weight, every micro-batch but the first would give the padding row a gradient."""
+    data = padded_dataset(8, seed=5)
+    attended_zeros = (torch.tensor(data["input_ids"]) == 0) & (torch.tensor(data["attention_mask"]) == 1)
+    assert attended_zeros.sum() > 4
+    model_start = snapshot(tiny_bert(seed=5))
+    _, weights = _train(tmp_path, lambda: tiny_bert(seed=5), data, "vmap", sam_micro_batch_size=2)
+    name = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(weights[name][0], model_start[name][0])
+    assert not torch.equal(weights[name][1:], model_start[name][1:])
+
+
+def test_bf16_autocast_matches_loop(tmp_path):
+    data = padded_dataset(8, seed=6)
+    start = snapshot(tiny_bert(seed=6))
+    _, vmap_weights = _train(tmp_path, lambda: tiny_bert(seed=6), data, "vmap", sam_micro_batch_size=2, bf16=True)
+    _, loop_weights = _train(tmp_path, lambda: tiny_bert(seed=6), data, "loop", sam_micro_batch_size=2, bf16=True)
+    update = torch.cat([(loop_weights[k] - start[k]).flatten() for k in start]).norm()
+    difference = torch.cat([(loop_weights[k] - vmap_weights[k]).flatten() for k in start]).norm()
+    assert update > 1e-2
+    assert difference / update < 2e-2  # bf16 rounds to 8 bits of mantissa: a few 1e-3 relative per op
+
+
+def test_dropout_masks_shared_between_the_passes(tmp_path):
+    """rho = 1e-7 with dropout 0.3: the step equals the stock Trainer's only if both passes (and the stock
+    forward) see the same dropout masks."""
+    data = padded_dataset(8, seed=7)
+
+    def make():
+        return tiny_bert(seed=7, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
+
+    start = snapshot(make())
+    _, vmap_weights = _train(tmp_path, make, data, "vmap", sam_micro_batch_size=2, sam_rho=1e-7)
+    stock = make()
+    stock_args = TrainingArguments(
+        output_dir=str(tmp_path / "stock"), per_device_train_batch_size=8, max_steps=1, learning_rate=0.5, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
+        use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    SequentialTrainer(model=stock, args=stock_args, train_dataset=data).train()
+    stock_weights = snapshot(stock)
+    update = torch.cat([(stock_weights[k] - start[k]).flatten() for k in start]).norm()
+    difference = torch.cat([(stock_weights[k] - vmap_weights[k]).flatten() for k in start]).norm()
+    assert difference / update < 1e-5
+
+
+# --- skipped perturbations -------------------------------------------------------------------------------
+def test_non_finite_ascent_gradient_skips_only_its_micro_batch():
+    """A non-finite row of g gives e_k = 0 for that micro-batch only, and is reported as skipped."""
+    model = tiny_bert(seed=8)
+    sam = VectorizedMicroBatchSAM(model, rho=0.3)
+    grads = [torch.randn(3, *p.shape) for p in sam.params]
+    grads[0][1].view(-1)[0] = float("inf")
+    expected = [g.clone() for g in grads]
+    perturbations, norms, finite = sam._perturbations(grads, grad_scale=1.0)
+    assert finite.tolist() == [True, False, True]
+    for k in (0, 2):
+        norm = torch.sqrt(sum((g[k] ** 2).sum() for g in expected))
+        assert torch.allclose(norms[k], norm)
+        for e, g in zip(perturbations, expected):
+            torch.testing.assert_close(e[k], 0.3 * g[k] / (norm + 1e-12))
+    assert all(torch.equal(e[1], torch.zeros_like(e[1])) for e in perturbations)
+
+
+def test_overflowing_ascent_is_skipped_and_the_step_is_the_plain_gradient():
+    """An ascent loss scaled to overflow (what fp16 gives) skips every perturbation; the descent is at w."""
+    data = padded_dataset(8, seed=9)
+    model, reference = tiny_bert(seed=9), tiny_bert(seed=9)
+    batch = tensor_batch(data, 0, 8)
+    micro = [{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]
+    result = VectorizedMicroBatchSAM(model, rho=0.3).step(stack_micro_batches(micro), torch.full((4,), 0.25), grad_scale=float("inf"))
+    assert result.skipped.all()
+    expected = reference_msam_gradient(reference, batch, 2, rho=0.0)
+    got = [p.grad for p in model.parameters()]
+    assert max((a - b).abs().max().item() for a, b in zip(got, expected)) < 1e-6
+
+
+# --- "auto" and "vmap": eligibility ----------------------------------------------------------------------
+class BatchNormClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(10)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.norm = torch.nn.BatchNorm1d(8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(self.norm(self.embed(input_ids).mean(1)))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.fixture
+def auto_picks_vmap_on_cpu(monkeypatch):
+    monkeypatch.setattr(trainer_module, "AUTO_VMAP_DEVICE_TYPES", ("cpu",))
+
+
+@pytest.mark.parametrize(
+    "make_model, overrides, reason",
+    [
+        (BatchNormClassifier, dict(), "BatchNorm"),
+        (lambda: tiny_bert(seed=11), dict(label_smoothing_factor=0.1), "label smoother"),
+    ],
+    ids=["batchnorm", "label-smoother"],
+)
+def test_auto_falls_back_with_its_reason(tmp_path, caplog, auto_picks_vmap_on_cpu, make_model, overrides, reason):
+    data = padded_dataset(8, seed=11).remove_columns("attention_mask")
+    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+        trainer, auto = _train(tmp_path, make_model, data, "auto", sam_micro_batch_size=2, max_steps=2, **overrides)
+    assert not trainer._vmap_verified
+    assert sum(reason in r.getMessage() for r in caplog.records) == 1  # once, not once per step
+    _, loop = _train(tmp_path, make_model, data, "loop", sam_micro_batch_size=2, max_steps=2, **overrides)
+    assert max_abs_diff(auto, loop) == 0
+    with pytest.raises(ValueError, match=reason):
+        _train(tmp_path, make_model, data, "vmap", sam_micro_batch_size=2, **overrides)
+
+
+class DataDependentClassifier(torch.nn.Module):
+    """A forward with Python control flow on a tensor value, which vmap rejects."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(19)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, labels):
+        hidden = self.embed(input_ids).mean(1)
+        if hidden.abs().max() > 100:  # data-dependent branch
+            hidden = hidden / 100
+        logits = self.head(hidden)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_auto_falls_back_when_vmap_rejects_the_forward(tmp_path, caplog, auto_picks_vmap_on_cpu):
+    """Caught on the first try, logged once, the step (and every later one) runs with the loop, unchanged."""
+    data = padded_dataset(8, seed=19).remove_columns("attention_mask")
+    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+        trainer, auto = _train(tmp_path, DataDependentClassifier, data, "auto", sam_micro_batch_size=2, max_steps=2)
+    assert not trainer._vmap_verified
+    assert sum("failed under vmap" in r.getMessage() for r in caplog.records) == 1
+    _, loop = _train(tmp_path, DataDependentClassifier, data, "loop", sam_micro_batch_size=2, max_steps=2)
+    assert max_abs_diff(auto, loop) == 0
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        _train(tmp_path, DataDependentClassifier, data, "vmap", sam_micro_batch_size=2)
+
+
+def test_auto_runs_an_uneven_last_batch_with_the_loop(tmp_path, caplog, auto_picks_vmap_on_cpu):
+    data = padded_dataset(14, seed=12)  # steps of 8 (4 + 4: vmap) and 6 (4 + 2: the loop)
+    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+        trainer, auto = _train(tmp_path, lambda: tiny_bert(seed=12), data, "auto", sam_micro_batch_size=4, max_steps=2)
+    assert trainer._vmap_verified
+    assert sum("unequal sizes [2, 4]" in r.getMessage() for r in caplog.records) == 1
+    reference = tiny_bert(seed=12)
+    for start, stop in ((0, 8), (8, 14)):
+        tensors = tensor_batch(data, start, stop)
+        reference_sgd_step(reference, reference_msam_gradient(reference, tensors, 4, 0.2), lr=0.5)
+    assert max_abs_diff(auto, snapshot(reference)) < 1e-6
+
+
+def test_auto_keeps_the_loop_on_cpu(tmp_path, caplog):
+    data = padded_dataset(8, seed=13)
+    with caplog.at_level(logging.INFO, logger="hf_msam.trainer"):
+        trainer, _ = _train(tmp_path, lambda: tiny_bert(seed=13), data, "auto", sam_micro_batch_size=2)
+    assert trainer._vmap is None
+    assert any("runs the loop on cpu" in r.getMessage() for r in caplog.records)
+
+
+def test_memory_budget_sets_the_group_size(tmp_path):
+    """A budget of 2.5 groups' worth of parameter copies vectorises 2 micro-batches at a time; same step."""
+    data = padded_dataset(8, seed=14)
+    param_mb = sum(p.numel() * 4 for p in tiny_bert(seed=14).parameters()) / 2**20
+    budget = 2.5 * trainer_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb
+    trainer, grouped = _train(tmp_path, lambda: tiny_bert(seed=14), data, "vmap", sam_micro_batch_size=1,
+                              sam_vmap_memory_budget_mb=budget)
+    assert trainer._vmap_group_size == 2
+    assert max_abs_diff(grouped, _reference(lambda: tiny_bert(seed=14), data, 1)) < 1e-6
+
+
+def test_vmap_mode_needs_equal_micro_batches(tmp_path):
+    with pytest.raises(ValueError, match="sam_micro_batch_size=3 does not divide per_device_train_batch_size=8"):
+        sam_args(tmp_path, sam_micro_batch_size=3, sam_micro_batch_mode="vmap")
+    with pytest.raises(ValueError, match="sam_micro_batch_mode must be"):
+        sam_args(tmp_path, sam_micro_batch_mode="fast")
+
+
+# --- DDP ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
+    """2 gloo processes on the vmap path (per-device batch 8) equal one process with batch 16."""
+    from test_distributed import launch_two_processes
+    from safetensors.torch import load_file
+
+    launch_two_processes(os.path.join(os.path.dirname(__file__), "scripts", "vmap_ddp.py"), str(tmp_path))
+    bert_data = padded_dataset(32, seed=15)
+    _, bert = _train(tmp_path / "bert", lambda: tiny_bert(seed=15), bert_data, "loop", per_device_train_batch_size=16,
+                     sam_micro_batch_size=4, max_steps=2)
+    lm_data = lm_dataset(32, seed=15)
+    _, llama = _train(tmp_path / "llama", lambda: tiny_llama(seed=15), lm_data, "loop", per_device_train_batch_size=16,
+                      sam_micro_batch_size=4, max_steps=2)
+    for name, single in (("bert", bert), ("llama", llama)):
+        two = load_file(os.path.join(tmp_path, f"{name}.safetensors"))
+        assert max((two[k] - v).abs().max().item() for k, v in single.items()) < 1e-6, name
+
+
+# --- fp16 overflow through the Trainer; the CUDA checks (SDPA batching rule, GradScaler, bf16) -------------
+class _InfiniteGradient(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward (what an fp16 overflow of the ascent pass gives). Works
+    under vmap (``generate_vmap_rule``)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("inf"))
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _train_on(device, tmp_path, make_model, data, mode, **overrides):
+    return _train(tmp_path / device, make_model, data, mode, use_cpu=device == "cpu", **overrides)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_non_finite_ascent_is_skipped_and_counted(tmp_path, device):
+    """Every ascent overflows: each perturbation is skipped and counted, and the step is the plain gradient step
+    (on CPU accelerate runs an fp16 request without autocast or GradScaler; on CUDA with both)."""
+    data = padded_dataset(8, seed=16)
+
+    def make():
+        model = tiny_bert(seed=16)
+        calls = {"n": 0}
+
+        def overflow_on_ascent(module, inputs, output):  # forward passes alternate: ascent, descent
+            calls["n"] += 1
+            return _InfiniteGradient.apply(output) if calls["n"] % 2 == 1 else output
+
+        model.classifier.register_forward_hook(overflow_on_ascent)
+        return model
+
+    results = {}
+    for mode in ("vmap", "loop"):
+        trainer, results[mode] = _train_on(device, tmp_path / mode, make, data, mode, sam_micro_batch_size=2, fp16=True)
+        assert trainer.state.log_history[0]["sam_skipped"] == 4
+        assert all(torch.isfinite(v).all() for v in results[mode].values())
+    _, plain = _train_on(device, tmp_path / "rho0", lambda: tiny_bert(seed=16), data, "loop", sam_micro_batch_size=2,
+                         fp16=True, sam_rho=1e-30)
+    tolerance = 1e-6 if device == "cpu" else 2e-3  # fp16 autocast on CUDA
+    assert max_abs_diff(results["vmap"], plain) < tolerance
+    assert max_abs_diff(results["vmap"], results["loop"]) < tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_cuda_padded_bert_and_vit_match_loop(tmp_path, attention, monkeypatch):
+    """On CUDA the SDPA batching rule (efficient attention with an attention bias) is exercised."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    data = padded_dataset(16, length=16, seed=17)
+    make = lambda: tiny_bert(seed=17, attn_implementation=attention, max_position_embeddings=16)  # noqa: E731
+    _, vmap_weights = _train_on("cuda", tmp_path / "bert", make, data, "vmap", sam_micro_batch_size=2, per_device_train_batch_size=16)
+    _, loop_weights = _train_on("cuda", tmp_path / "bert", make, data, "loop", sam_micro_batch_size=2, per_device_train_batch_size=16)
+    assert max_abs_diff(vmap_weights, loop_weights) < 1e-5
+    images = image_dataset(8, seed=17)
+    _, vmap_weights = _train_on("cuda", tmp_path / "vit", lambda: tiny_vit(seed=17), images, "vmap", sam_micro_batch_size=2)
+    _, loop_weights = _train_on("cuda", tmp_path / "vit", lambda: tiny_vit(seed=17), images, "loop", sam_micro_batch_size=2)
+    assert max_abs_diff(vmap_weights, loop_weights) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_picks_vmap_and_bf16_matches_loop(tmp_path):
+    data = padded_dataset(8, seed=18)
+    start = snapshot(tiny_bert(seed=18))
+    trainer, auto = _train_on("cuda", tmp_path, lambda: tiny_bert(seed=18), data, "auto", sam_micro_batch_size=2, bf16=True)
+    assert trainer._vmap_verified
+    _, loop = _train_on("cuda", tmp_path, lambda: tiny_bert(seed=18), data, "loop", sam_micro_batch_size=2, bf16=True)
+    update = torch.cat([(loop[k].cpu() - start[k]).flatten() for k in start]).norm()
+    difference = torch.cat([(loop[k] - auto[k]).flatten() for k in start]).norm()
+    assert difference / update < 2e-2
