@@ -188,7 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics_fn(data.task_name, data.is_regression),
-        callbacks=common.sharpness_callbacks(training_args),
     )
 
     # --- Train, evaluate, save -------------------------------------------------------------------------------

@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=processor,
         data_collator=collate,
         compute_metrics=compute_metrics_fn(None),
-        callbacks=common.sharpness_callbacks(training_args),
     )
 
     if training_args.do_train:
