@@ -106,3 +106,46 @@ def test_bad_images_are_refused_up_front(tmp_path):
     bad_csv.write_text("label,p0,p1,p2,p3,p4\n1,0,0,0,0,0\n0,1,1,1,1,1\n")
     with pytest.raises(DataError, match="not a square image"):
         load_image_dataset(bad_csv)
+
+
+def test_image_folder_layouts_keep_the_training_class_ids(tmp_path):
+    """train/ + validation/ inside one folder, and a separate evaluation folder holding only some classes:
+    the evaluation labels are the training ids (dark stays 1 though it is the only class there)."""
+    root = tmp_path / "split"
+    write_image_folder(root / "train", per_class=4)
+    write_image_folder(root / "validation", per_class=2, seed=1)
+    data = load_image_dataset(root)
+    assert data.label_names == ["bright", "dark"] and len(data.train) == 8 and len(data.validation) == 4
+    assert sorted(data.validation["label"]) == [0, 0, 1, 1]
+    only_dark = write_image_folder(tmp_path / "dark_only", per_class=3, seed=2)
+    import shutil
+
+    shutil.rmtree(only_dark / "bright")
+    data = load_image_dataset(root / "train", validation_data=only_dark)
+    assert data.validation["label"] == [1, 1, 1]
+    assert np.asarray(data.validation[0]["image"]).mean() < 100  # a dark image under the training id of "dark"
+
+
+def test_a_held_out_split_keeps_the_class_shares(tmp_path):
+    """The split made when no evaluation data is given is stratified by label: 30 of class a, 10 of class b,
+    a quarter held out -> 7 or 8 of a and 2 or 3 of b, for every seed (a plain random split misses b often)."""
+    path = tmp_path / "skewed.csv"
+    path.write_text("text,label\n" + "".join(f"words {i},{'a' if i % 4 else 'b'}\n" for i in range(40)))
+    for seed in range(8):
+        data = load_text_dataset(path, validation_split=0.25, seed=seed)
+        counts = np.bincount(data.validation["label"], minlength=2)
+        assert counts.tolist() in ([8, 2], [7, 3]), (seed, counts)
+        assert len(data.train) == 30
+
+
+def test_test_files_for_predictions_drop_labels_and_keep_the_text(tmp_path):
+    train = write_text_csv(tmp_path / "train.csv", n=20)
+    test = tmp_path / "test.csv"
+    test.write_text("text\ngood film\nawful plot\nthe acting\n")
+    data = load_text_dataset(train, test_data=test, predict=True, max_predict_samples=2)
+    assert list(data.test) == [""] and data.test[""]["text"] == ["good film", "awful plot"]
+    assert "label" not in data.test[""].column_names
+    with pytest.raises(DataError, match="no text column 'text'"):
+        bad = tmp_path / "bad_test.csv"
+        bad.write_text("review\ngood film\n")
+        load_text_dataset(train, test_data=bad, predict=True)
