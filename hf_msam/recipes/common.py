@@ -49,8 +49,8 @@ class PeftArguments:
 
     With ``--use_peft`` only the adapters train: the base weights are frozen, so mSAM perturbs (and the
     curvature report differentiates) the adapters and the classification head alone. The head stays
-    trainable as a PEFT ``modules_to_save`` copy: PEFT adds it itself for ``--lora_task_type SEQ_CLS``;
-    without a task type (image classification, which PEFT has no task type for) the recipe names it.
+    trainable as a PEFT ``modules_to_save`` copy: PEFT adds it itself for ``--lora_task_type SEQ_CLS`` (the
+    text recipe's default); the image recipe, for which PEFT has no task type, names it (``classifier``).
     ``save_model`` then writes ``adapter_model.safetensors`` and ``adapter_config.json``, and those are pushed.
     """
 
@@ -64,7 +64,8 @@ class PeftArguments:
                   "model type)."},
     )
     lora_modules_to_save: list[str] | None = dataclasses.field(
-        default=None, metadata={"help": "Modules trained in full beside the adapters (default: the classifier head)."}
+        default=None, metadata={"help": "Modules trained in full beside the adapters (the head; text: added by PEFT "
+                                "for SEQ_CLS; images: classifier)."}
     )
     lora_task_type: str | None = dataclasses.field(
         default=None, metadata={"help": "PEFT task type: " + ", ".join(t.value for t in TaskType) + "."}
@@ -77,23 +78,22 @@ class PeftArguments:
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be a positive rank, got {self.lora_r}.")
 
-    def lora_config(self, modules_to_save: list[str] | None = None) -> LoraConfig:
-        """The ``LoraConfig`` these flags stand for (as TRL's ``get_peft_config``); ``modules_to_save`` is the
-        recipe's head when ``--lora_modules_to_save`` is not given."""
+    def lora_config(self) -> LoraConfig:
+        """The ``LoraConfig`` these flags stand for (as TRL's ``get_peft_config``)."""
         targets = self.lora_target_modules
         return LoraConfig(
             task_type=self.lora_task_type, r=self.lora_r, lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout, bias="none",
             target_modules=targets[0] if targets and len(targets) == 1 and targets[0] == "all-linear" else targets,
-            modules_to_save=self.lora_modules_to_save or modules_to_save,
+            modules_to_save=self.lora_modules_to_save,
         )
 
-    def wrap(self, model, modules_to_save: list[str] | None = None):
+    def wrap(self, model):
         """``model`` as a ``PeftModel`` with LoRA adapters (when ``--use_peft``), else ``model`` itself."""
         if not self.use_peft:
             return model
         try:
-            return get_peft_model(model, self.lora_config(modules_to_save))
+            return get_peft_model(model, self.lora_config())
         except ValueError as exc:
             raise ValueError(f"LoRA could not be set up on {type(model).__name__}: {exc} Name the layers to "
                              "adapt with --lora_target_modules (e.g. query value, or all-linear).") from exc
