@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -213,26 +214,53 @@ def test_vit_column_names_and_their_old_aliases(tmp_path):
         assert (data_args.image_column_name, data_args.label_column_name) == ("img", "y")
 
 
-def _launch(script: str, args: list[str], cwd: Path):
+def _launch(script: str, args: list[str], cwd: Path, timeout: float = 240):
+    """``accelerate launch`` two gloo processes in a session of their own; a run that has not ended after
+    ``timeout`` seconds (a process that never exits) is killed, group and all, and fails the test."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "recipes" / script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+           "--mixed_precision", "no", str(REPO / "recipes" / script), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{script} under 2 processes still running after {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_shutdown_lines_the_processes_up_before_the_group_goes(monkeypatch):
+    import torch.distributed as dist
+
+    from hf_msam.recipes import common
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    common.shutdown_distributed()
+    assert calls == ["barrier", "destroy"]
 
 
 @pytest.mark.slow
-def test_accelerate_launch_glue_two_processes(text_assets, tmp_path):
-    out = tmp_path / "run"
-    proc = _launch("glue.py", _glue_args(text_assets, out) + ["--save_strategy", "no", "--sharpness_report", "False"],
-                   tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr
-    _one_model_one_card(out)
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2  # 32 examples / (2 processes x 8)
-    assert "| num_processes | 2 |" in (out / "README.md").read_text()
+def test_accelerate_launch_glue_two_processes_leave_together_every_time(text_assets, tmp_path):
+    """The recipe under ``accelerate launch --config_file multi_gpu.yaml --num_processes 2`` (gloo on CPU), three
+    times: every run writes its outputs and every process exits (one once stayed alive after all was written)."""
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        proc = _launch("glue.py", _glue_args(text_assets, out) + ["--save_strategy", "no", "--sharpness_report", "False"],
+                       tmp_path, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "terminate called" not in proc.stderr
+        _one_model_one_card(out)
+        state = json.loads((out / "trainer_state.json").read_text())
+        assert state["global_step"] == 2  # 32 examples / (2 processes x 8)
+        assert "| num_processes | 2 |" in (out / "README.md").read_text()
+        assert (out / "all_results.json").is_file()
 
 
 @pytest.mark.slow

