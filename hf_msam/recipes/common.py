@@ -5,6 +5,7 @@ themselves stay flat."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -266,17 +267,21 @@ def preflight_or_exit(push: bool, training_args, token: str | None, given: set[s
 
 
 def shutdown_distributed() -> None:
-    """End a multi-process run with every process leaving together: a barrier, then ``destroy_process_group``.
+    """End a multi-process run with every process leaving together; call it after the run's trainer is gone.
 
-    Without the barrier the processes reach the end at different times (the main one still writes the card,
-    the results and pushes while the others are done) and each tears down its side of the gloo connections
-    on its own; now and then the last process then never exits (seen once in 13 two-process CPU runs, with
-    every output written). The barrier lines the processes up first, as the distributed test scripts do.
-    Only for a normal return: after an exception a barrier could meet an unrelated collective of another
-    process, so a failing process just raises (the launcher then stops the others)."""
+    The cause of a two-process CPU run that wrote every output and then kept one process alive (once in 13
+    runs; reproduced once in 20 with a stack dump): the processes reached the end at different times (the main
+    one still writes the card and results while the other is done) and the survivor hung in native code after
+    ``destroy_process_group`` had returned, while ``main``'s locals were released -- the trainer's
+    ``DistributedDataParallel`` wrapper still held the gloo process group, whose teardown then ran with the other
+    process already gone. So the recipes run inside ``_run`` (the trainer is released when it returns), here any
+    reference cycles are collected, and a barrier lines the processes up before the group is destroyed, as
+    the distributed test scripts do. Only for a normal return: after an exception a barrier could meet an
+    unrelated collective of another process, so a failing process just raises (the launcher stops the others)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
