@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from hf_msam.data import DataError, image_transform, load_image_dataset, load_text_dataset, tokenize
 from recipe_fixtures import write_image_folder, write_text_csv, write_vocab
@@ -106,3 +107,100 @@ def test_bad_images_are_refused_up_front(tmp_path):
     bad_csv.write_text("label,p0,p1,p2,p3,p4\n1,0,0,0,0,0\n0,1,1,1,1,1\n")
     with pytest.raises(DataError, match="not a square image"):
         load_image_dataset(bad_csv)
+
+
+def test_image_folder_layouts_keep_the_training_class_ids(tmp_path):
+    """train/ + validation/ inside one folder, and a separate evaluation folder holding only some classes:
+    the evaluation labels are the training ids (dark stays 1 though it is the only class there)."""
+    root = tmp_path / "split"
+    write_image_folder(root / "train", per_class=4)
+    write_image_folder(root / "validation", per_class=2, seed=1)
+    data = load_image_dataset(root)
+    assert data.label_names == ["bright", "dark"] and len(data.train) == 8 and len(data.validation) == 4
+    assert sorted(data.validation["label"]) == [0, 0, 1, 1]
+    only_dark = write_image_folder(tmp_path / "dark_only", per_class=3, seed=2)
+    import shutil
+
+    shutil.rmtree(only_dark / "bright")
+    data = load_image_dataset(root / "train", validation_data=only_dark)
+    assert data.validation["label"] == [1, 1, 1]
+    assert np.asarray(data.validation[0]["image"]).mean() < 100  # a dark image under the training id of "dark"
+
+
+def test_a_held_out_split_keeps_the_class_shares(tmp_path):
+    """The split made when no evaluation data is given is stratified by label: 30 of class a, 10 of class b,
+    a quarter held out -> 7 or 8 of a and 2 or 3 of b, for every seed (a plain random split misses b often)."""
+    path = tmp_path / "skewed.csv"
+    path.write_text("text,label\n" + "".join(f"words {i},{'a' if i % 4 else 'b'}\n" for i in range(40)))
+    for seed in range(8):
+        data = load_text_dataset(path, validation_split=0.25, seed=seed)
+        counts = np.bincount(data.validation["label"], minlength=2)
+        assert counts.tolist() in ([8, 2], [7, 3]), (seed, counts)
+        assert len(data.train) == 30
+
+
+def test_test_files_for_predictions_drop_labels_and_keep_the_text(tmp_path):
+    train = write_text_csv(tmp_path / "train.csv", n=20)
+    test = tmp_path / "test.csv"
+    test.write_text("text\ngood film\nawful plot\nthe acting\n")
+    data = load_text_dataset(train, test_data=test, predict=True, max_predict_samples=2)
+    assert list(data.test) == [""] and data.test[""]["text"] == ["good film", "awful plot"]
+    assert "label" not in data.test[""].column_names
+    with pytest.raises(DataError, match="no text column 'text'"):
+        bad = tmp_path / "bad_test.csv"
+        bad.write_text("review\ngood film\n")
+        load_text_dataset(train, test_data=bad, predict=True)
+
+
+def _box_of(output: torch.Tensor) -> tuple[float, float, bool]:
+    """Width and height of the crop behind an upsampled crop of the ramp image (channel 0 = x, channel 1 = y):
+    bilinear upsampling of a linear ramp keeps it linear in the interior with slope crop/output size, so the
+    slope gives the crop's size; a decreasing x ramp means the crop was flipped."""
+    size = output.shape[-1]
+    middle = slice(size // 4, 3 * size // 4)
+    x_slope = float(torch.diff(output[0, size // 2, middle]).mean())
+    y_slope = float(torch.diff(output[1, middle, size // 2]).mean())
+    return abs(x_slope) * size, y_slope * size, x_slope < 0
+
+
+def test_train_augmentation_is_a_random_resized_crop_and_flip():
+    from hf_msam.data.images import augment, random_resized_crop
+
+    height = width = 32
+    ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij")
+    ramp = torch.stack([xs, ys, xs + ys])
+    whole = random_resized_crop(ramp, (64, 64), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    reference = torch.nn.functional.interpolate(ramp[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(whole, reference, atol=1e-5)  # the whole image: a plain resize
+
+    generator = torch.Generator().manual_seed(0)
+    out = augment(ramp[None].repeat(60, 1, 1, 1), (64, 64), mean=[0, 0, 0], std=[1, 1, 1], generator=generator)
+    assert out.shape == (60, 3, 64, 64) and out.min() >= 0 and out.max() <= 62 + 1e-4
+    boxes = [_box_of(image) for image in out]
+    areas = np.array([w * h / (height * width) for w, h, _ in boxes])
+    ratios = np.array([w / h for w, h, _ in boxes])
+    assert areas.min() >= 0.08 - 0.02 and areas.max() <= 1 + 0.02
+    assert ratios.min() >= 3 / 4 - 0.05 and ratios.max() <= 4 / 3 + 0.05
+    assert 0.3 < areas.mean() < 0.75 and areas.std() > 0.1  # scale drawn over [0.08, 1]
+    flips = sum(flipped for *_, flipped in boxes)
+    assert 15 <= flips <= 45  # p = 1/2 over 60 draws
+    again = augment(ramp[None].repeat(60, 1, 1, 1), (64, 64), [0, 0, 0], [1, 1, 1], torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_image_transform_augments_only_when_asked(tmp_path):
+    from PIL import Image
+    from transformers import ViTImageProcessor
+
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)) for _ in range(4)]
+    batch = {"image": images, "label": [0, 1, 0, 1]}
+    plain = image_transform(processor)(batch)
+    assert torch.equal(plain["pixel_values"], image_transform(processor)(batch)["pixel_values"])
+    torch.manual_seed(0)
+    augmented = image_transform(processor, train_augmentation=True)(batch)
+    assert augmented["pixel_values"].shape == plain["pixel_values"].shape == (4, 3, 8, 8)
+    assert augmented["labels"] == [0, 1, 0, 1]
+    assert not torch.allclose(augmented["pixel_values"], plain["pixel_values"])
+    assert augmented["pixel_values"].min() >= -1 - 1e-6 and augmented["pixel_values"].max() <= 1 + 1e-6

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from hf_msam.recipes import glue, vit
 from recipe_fixtures import (
@@ -135,26 +138,129 @@ def test_vit_image_folder_from_one_json_argv(image_assets, tmp_path):
     assert json.loads((out / "config.json").read_text())["id2label"] == {"0": "bright", "1": "dark"}
 
 
-def _launch(script: str, args: list[str], cwd: Path):
+def test_glue_do_predict_writes_run_glue_prediction_file(text_assets, tmp_path):
+    """--do_predict --test_file --max_predict_samples: ``predict_results.txt`` as run_glue.py writes it, holding
+    the label names the saved model predicts (recomputed here from the saved model and tokenizer)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    test = tmp_path / "test.csv"
+    test.write_text("text\ngood film\nawful plot was sad\nthe acting was nice\nbad\n")
+    out = tmp_path / "run"
+    argv = _glue_args(text_assets, out) + ["--do_predict", "--test_file", str(test), "--max_predict_samples", "3",
+                                           "--save_strategy", "no", "--sharpness_report", "False"]
+    assert glue.main(argv) == 0
+    lines = (out / "predict_results.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 4
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    expected = []
+    for text in ["good film", "awful plot was sad", "the acting was nice"]:
+        with torch.no_grad():
+            logits = model(**tokenizer(text, return_tensors="pt")).logits
+        expected.append(model.config.id2label[int(logits.argmax(-1))])
+    assert lines[1:] == [f"{i}\t{label}" for i, label in enumerate(expected)]
+    assert glue.main(_glue_args(text_assets, tmp_path / "other") + ["--do_predict"]) == 2  # nothing to predict
+
+
+def test_glue_second_evaluation_split_is_merged_with_the_mm_suffix(text_assets, tmp_path, monkeypatch):
+    """MNLI's matched and mismatched evaluations both land in eval_results.json / all_results.json, the second
+    with the ``_mm`` suffix (eval_accuracy_mm, eval_samples_mm), as run_glue.py writes them."""
+    real = glue.load_text_dataset
+
+    def with_mismatched(*args, **kwargs):
+        data = real(*args, **kwargs)
+        data.extra_validation = {"mm": data.validation.select(range(6))}
+        return data
+
+    monkeypatch.setattr(glue, "load_text_dataset", with_mismatched)
+    out = tmp_path / "run"
+    assert glue.main(_glue_args(text_assets, out) + ["--save_strategy", "no", "--sharpness_report", "False"]) == 0
+    for name in ("eval_results.json", "all_results.json"):
+        results = json.loads((out / name).read_text())
+        assert results["eval_samples"] == 16 and results["eval_samples_mm"] == 6, name
+        assert {"eval_accuracy", "eval_accuracy_mm", "eval_loss", "eval_loss_mm"} <= set(results), name
+    results = json.loads((out / "eval_results.json").read_text())
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    dev = with_mismatched(text_assets["train"], validation_data=text_assets["dev"]).extra_validation["mm"]
+    with torch.no_grad():
+        logits = model(**tokenizer(list(dev["text"]), return_tensors="pt", padding=True)).logits
+    assert results["eval_accuracy_mm"] == pytest.approx(float((logits.argmax(-1).numpy() == np.asarray(dev["label"])).mean()))
+
+
+@pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])
+def test_hub_strategy_pushing_during_training_is_refused_before_anything_runs(text_assets, tmp_path, monkeypatch,
+                                                                              capsys, strategy):
+    out = tmp_path / "run"
+    with FakeHub() as fake:
+        online_hub(monkeypatch, fake.endpoint)
+        status = glue.main(_glue_args(text_assets, out) + ["--push_to_hub", "--hub_model_id", "tiny",
+                                                           "--hub_strategy", strategy])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"--hub_strategy {strategy} is not supported" in err and "--hub_strategy end" in err
+    assert fake.requests == [] and not out.exists()
+
+
+def test_vit_column_names_and_their_old_aliases(tmp_path):
+    from hf_msam import SAMTrainingArguments
+    from hf_msam.recipes import common
+
+    types = (vit.ModelArguments, vit.DataArguments, common.PeftArguments, SAMTrainingArguments)
+    for flags in (["--image_column_name", "img", "--label_column_name", "y"], ["--image_column", "img", "--label_column", "y"]):
+        (_, data_args, *_), _ = common.parse_args(["--output_dir", str(tmp_path), *flags], types, {}, lambda _: {})
+        assert (data_args.image_column_name, data_args.label_column_name) == ("img", "y")
+
+
+def _launch(script: str, args: list[str], cwd: Path, timeout: float = 240):
+    """``accelerate launch`` two gloo processes in a session of their own; a run that has not ended after
+    ``timeout`` seconds (a process that never exits) is killed, group and all, and fails the test."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(REPO / "recipes" / script), *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
+           "--mixed_precision", "no", str(REPO / "recipes" / script), *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{script} under 2 processes still running after {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def test_shutdown_lines_the_processes_up_before_the_group_goes(monkeypatch):
+    import torch.distributed as dist
+
+    from hf_msam.recipes import common
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: calls.append("destroy"))
+    common.shutdown_distributed()
+    assert calls == ["barrier", "destroy"]
 
 
 @pytest.mark.slow
-def test_accelerate_launch_glue_two_processes(text_assets, tmp_path):
-    out = tmp_path / "run"
-    proc = _launch("glue.py", _glue_args(text_assets, out) + ["--save_strategy", "no", "--sharpness_report", "False"],
-                   tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "terminate called" not in proc.stderr
-    _one_model_one_card(out)
-    state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2  # 32 examples / (2 processes x 8)
-    assert "| num_devices | 2 |" in (out / "README.md").read_text()  # transformers' hyperparameter name
+def test_accelerate_launch_glue_two_processes_leave_together_every_time(text_assets, tmp_path):
+    """The recipe under ``accelerate launch --config_file multi_gpu.yaml --num_processes 2`` (gloo on CPU), three
+    times: every run writes its outputs and every process exits (one once stayed alive after all was written)."""
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        proc = _launch("glue.py", _glue_args(text_assets, out) + ["--save_strategy", "no", "--sharpness_report", "False"],
+                       tmp_path, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "terminate called" not in proc.stderr
+        _one_model_one_card(out)
+        state = json.loads((out / "trainer_state.json").read_text())
+        assert state["global_step"] == 2  # 32 examples / (2 processes x 8)
+        assert "| num_devices | 2 |" in (out / "README.md").read_text()  # transformers' hyperparameter name
+        assert (out / "all_results.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,9 +1,11 @@
-"""What both recipes share: argument parsing with recipe defaults, the Hub preflight, the end of a run
-(save, card, push) and the clean shutdown of a distributed run. The recipes themselves stay flat."""
+"""What both recipes share: argument parsing with recipe defaults, the LoRA arguments, the start banner, the Hub
+preflight, the end of a run (save, card, push) and the clean shutdown of a distributed run. The recipes
+themselves stay flat."""
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import transformers
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import HfArgumentParser
 
 from .. import hub
@@ -40,6 +43,81 @@ class HubModelArguments:
         """The keyword arguments of ``from_pretrained`` these options stand for."""
         return dict(cache_dir=self.cache_dir, revision=self.model_revision, token=self.token,
                     trust_remote_code=self.trust_remote_code)
+
+
+@dataclasses.dataclass
+class PeftArguments:
+    """LoRA adapters (PEFT, Hu et al. 2022), with the flag names of TRL's ``ModelConfig``.
+
+    With ``--use_peft`` only the adapters train: the base weights are frozen, so mSAM perturbs (and the
+    curvature report differentiates) the adapters and the classification head alone. The head stays
+    trainable as a PEFT ``modules_to_save`` copy: PEFT adds it itself for ``--lora_task_type SEQ_CLS`` (the
+    text recipe's default); the image recipe, for which PEFT has no task type, names it (``classifier``).
+    ``save_model`` then writes ``adapter_model.safetensors`` and ``adapter_config.json``, and those are pushed.
+    """
+
+    use_peft: bool = dataclasses.field(default=False, metadata={"help": "Train LoRA adapters instead of all weights."})
+    lora_r: int = dataclasses.field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = dataclasses.field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = dataclasses.field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Modules to adapt, e.g. query value, or all-linear (default: PEFT's choice for the "
+                  "model type)."},
+    )
+    lora_modules_to_save: list[str] | None = dataclasses.field(
+        default=None, metadata={"help": "Modules trained in full beside the adapters (the head; text: added by PEFT "
+                                "for SEQ_CLS; images: classifier)."}
+    )
+    lora_task_type: str | None = dataclasses.field(
+        default=None, metadata={"help": "PEFT task type: " + ", ".join(t.value for t in TaskType) + "."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.lora_task_type is not None and self.lora_task_type not in {t.value for t in TaskType}:
+            raise ValueError(f"--lora_task_type {self.lora_task_type!r} is not a PEFT task type; use one of "
+                             f"{', '.join(t.value for t in TaskType)} (text classification: SEQ_CLS).")
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be a positive rank, got {self.lora_r}.")
+
+    def lora_config(self) -> LoraConfig:
+        """The ``LoraConfig`` these flags stand for (as TRL's ``get_peft_config``)."""
+        targets = self.lora_target_modules
+        return LoraConfig(
+            task_type=self.lora_task_type, r=self.lora_r, lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout, bias="none",
+            target_modules=targets[0] if targets and len(targets) == 1 and targets[0] == "all-linear" else targets,
+            modules_to_save=self.lora_modules_to_save,
+        )
+
+    def wrap(self, model):
+        """``model`` as a ``PeftModel`` with LoRA adapters (when ``--use_peft``), else ``model`` itself."""
+        if not self.use_peft:
+            return model
+        try:
+            return get_peft_model(model, self.lora_config())
+        except ValueError as exc:
+            raise ValueError(f"LoRA could not be set up on {type(model).__name__}: {exc} Name the layers to "
+                             "adapt with --lora_target_modules (e.g. query value, or all-linear).") from exc
+
+
+def banner(recipe: str, model, model_name: str, data_line: str, training_args) -> str:
+    """The few lines a recipe prints when it starts: model, data, mSAM settings and where the output goes."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    kind = "LoRA adapters" if isinstance(model, PeftModel) else "all weights"
+    micro = training_args.sam_micro_batch_size or training_args.per_device_train_batch_size
+    m = -(-training_args.per_device_train_batch_size // micro)
+    sam = (f"rho={training_args.sam_rho}, micro-batch {micro} (m={m} per device), adaptive={training_args.sam_adaptive}"
+           + (", global" if training_args.sam_global else "") if training_args.sam_rho > 0 else "off (rho=0: the base optimizer)")
+    return "\n".join([
+        f"hf-msam {recipe}",
+        f"  model : {model_name} ({kind}: {trainable:,} of {total:,} parameters train)",
+        f"  data  : {data_line}",
+        f"  mSAM  : {sam}; {training_args.num_train_epochs:g} epoch(s), batch {training_args.per_device_train_batch_size}"
+        f" x {training_args.world_size} process(es) x {training_args.gradient_accumulation_steps} accumulation",
+        f"  output: {training_args.output_dir}",
+    ])
 
 
 def train_and_save(trainer, training_args, train_dataset) -> None:
@@ -142,33 +220,6 @@ def take_hub_settings(training_args, model_token: str | None = None) -> tuple[bo
     return push, (hub.resolve_token(token) if push else token)
 
 
-def sharpness_callbacks(training_args) -> list:
-    """What the recipes add for ``--sharpness_report``/``--sharpness_at_eval``: nothing when ``SAMTrainer``
-    computes the report itself (``hf_msam.reporting.SharpnessReportMixin``), else ``SharpnessCallback`` when this
-    install has it; when neither exists the options are switched off with a note and training goes on."""
-    if not (getattr(training_args, "sharpness_report", False) or getattr(training_args, "sharpness_at_eval", False)):
-        return []
-    from ..trainer import SAMTrainer
-
-    try:
-        from .. import reporting
-    except ImportError as exc:
-        logger.warning("Curvature report requested but not available in this install (%s); training without it.", exc)
-        training_args.sharpness_report = False
-        training_args.sharpness_at_eval = False
-        return []
-    mixin = getattr(reporting, "SharpnessReportMixin", None)
-    if mixin is not None and issubclass(SAMTrainer, mixin):
-        return []
-    callback = getattr(reporting, "SharpnessCallback", None)
-    if callback is None:
-        logger.warning("hf_msam.reporting has no SharpnessCallback; training without the curvature report.")
-        training_args.sharpness_at_eval = False
-        return []
-    training_args.sharpness_at_eval = False  # a callback cannot report at evaluations; the end-of-training report stays
-    return [callback()]
-
-
 def finish(trainer, training_args, card_kwargs: dict[str, Any], push: bool, token: str | None, repo_id: str | None) -> int:
     """Write the model card, push if asked (main process only) and say how to push later if that fails."""
     card_kwargs = {**card_kwargs, "hub_model_id": repo_id}
@@ -193,10 +244,21 @@ def finish(trainer, training_args, card_kwargs: dict[str, Any], push: bool, toke
     return status
 
 
-def preflight_or_exit(push: bool, training_args, token: str | None) -> tuple[int, str | None]:
-    """Run the Hub preflight when pushing; returns (exit status, repo id)."""
+def preflight_or_exit(push: bool, training_args, token: str | None, given: set[str]) -> tuple[int, str | None]:
+    """Check the push settings and run the Hub preflight when pushing; returns (exit status, repo id).
+
+    The recipes push once, at the end, after this preflight (the Trainer's own pushes are off, so the token
+    never reaches ``training_args.bin``): a ``--hub_strategy`` asking for pushes during training is refused
+    here, before anything is loaded."""
     if not push:
         return 0, training_args.hub_model_id
+    strategy = str(getattr(training_args.hub_strategy, "value", training_args.hub_strategy))
+    if "hub_strategy" in given and strategy != "end":
+        print(f"error: --hub_strategy {strategy} is not supported by the recipes: they push once, when training "
+              "has finished (the model, card and results, no checkpoints). Use --hub_strategy end or leave it out; "
+              "to keep checkpoints on the Hub, push the output folder yourself (`hf-msam push OUTPUT_DIR`).\n"
+              "Nothing was trained.", file=sys.stderr)
+        return 2, None
     try:
         return 0, hub.preflight(training_args.hub_model_id, token, default_name=Path(training_args.output_dir).name)
     except hub.HubError as exc:
@@ -205,10 +267,23 @@ def preflight_or_exit(push: bool, training_args, token: str | None) -> tuple[int
 
 
 def shutdown_distributed() -> None:
-    """End a multi-process run cleanly (without it a gloo rank can abort at exit; docs/design.md section 7)."""
+    """End a multi-process run with every process leaving together; call it after the run's trainer is gone.
+
+    The cause of a two-process CPU run that wrote every output and then kept one process alive (about once in
+    15 runs): the surviving process hung at interpreter exit, after ``destroy_process_group`` had returned, while
+    ``main``'s locals were released. Its stack: the main thread, holding the GIL, was freeing the trainer's
+    ``DistributedDataParallel`` reducer, the last owner of the gloo process group, whose destructor joins the
+    group's worker thread; that worker was itself waiting for the GIL to release a tensor of a finished
+    ``all_gather``. So the recipes run inside ``_run`` (the trainer is released while the group is still
+    registered, so freeing it destroys nothing), reference cycles are collected here, and a barrier drains the
+    group's queue and lines the processes up before the group is destroyed, as the distributed test scripts do.
+    Only for a normal return: after an exception a barrier could meet an unrelated collective of another
+    process, so a failing process just raises (the launcher stops the others)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -218,7 +293,3 @@ def record_run(output_dir: str, name: str, values: dict[str, Any]) -> None:
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.update(values)
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0

