@@ -86,9 +86,8 @@ def test_study_writes_runs_summary_figure_and_resumes(assets, tmp_path):
 
     # A second invocation with one more seed runs only the new seed and leaves the finished runs untouched.
     stamps = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in runs}
-    second = study(assets, out, "--seeds", "0", "1")
-    assert sorted((r["task"], r["method"], r["seed"]) for r in second) == [
-        ("text", "base", 1), ("text", "msam2", 1), ("vision", "base", 1), ("vision", "msam2", 1)]
+    second = study(assets, out, "--tasks", "vision", "--seeds", "0", "1")
+    assert sorted((r["task"], r["method"], r["seed"]) for r in second) == [("vision", "base", 1), ("vision", "msam2", 1)]
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in runs} == stamps
     summary = json.loads((out / "summary.json").read_text())
     values = [json.loads((out / "runs" / f"vision_msam2_seed{s}.json").read_text())["lambda_max"] for s in (0, 1)]
@@ -96,9 +95,13 @@ def test_study_writes_runs_summary_figure_and_resumes(assets, tmp_path):
     stats = summary["tasks"]["vision"]["msam2"]["lambda_max"]
     assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(values))
     assert stats["std"] == pytest.approx(np.std(values, ddof=1))
+    base_values = [json.loads((out / "runs" / f"vision_base_seed{s}.json").read_text())["lambda_max"] for s in (0, 1)]
+    diffs = np.subtract(values, base_values)
+    paired = summary["tasks"]["vision"]["msam2"]["minus_base"]["lambda_max"]
+    assert paired["mean"] == pytest.approx(diffs.mean()) and paired["stderr"] == pytest.approx(diffs.std(ddof=1) / 2**0.5)
 
     # A third, identical invocation trains nothing.
-    assert study(assets, out, "--seeds", "0", "1") == []
+    assert study(assets, out, "--tasks", "vision", "--seeds", "0", "1") == []
 
     # Runs stored with other settings stop the study before any training, naming what differs.
     with pytest.raises(SystemExit, match="text_epochs"):
