@@ -177,7 +177,8 @@ class StudyArguments:
     def task_settings(self, task: str) -> dict[str, Any]:
         """Everything that decides a run of ``task`` apart from its method and seed (stored in each run JSON)."""
         settings = {
-            "device": self.device, "optim": self.optim, "split_seed": self.split_seed, "held_out": self.held_out,
+            "device": self.device, "rho": self.rho, "optim": self.optim, "split_seed": self.split_seed,
+            "held_out": self.held_out,
             **{k: getattr(self, k) for k in PRESETS["cpu"] if k.startswith(f"{task}_") or k.startswith("sharpness_")},
         }  # fmt: skip
         if task == "text":
@@ -422,6 +423,7 @@ def train_one(task: str, method: str, seed: int, data: dict[str, Any], args: Stu
         "report_error": None if result is None else result.error,
         "report": report,
         "machine": machine(args.device),
+        "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 
@@ -442,6 +444,19 @@ def iqr(values: list[float]) -> float | None:
         return None
     q = statistics.quantiles(values, n=4)
     return q[2] - q[0]
+
+
+def git_commit() -> str | None:
+    """The commit of the code that made a run (with ``+dirty`` when the script differs from it)."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "benchmarks/replicate.py", "hf_msam"],
+                               cwd=ROOT).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def machine(device: str) -> dict[str, Any]:
@@ -468,9 +483,9 @@ def finished_run(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("settings") != settings:
-        changed = sorted(k for k in {**settings, **record.get("settings", {})}
-                         if settings.get(k) != record.get("settings", {}).get(k))
+    stored = record.get("settings", {})
+    if stored != settings:
+        changed = sorted(k for k in {**settings, **stored} if settings.get(k) != stored.get(k))
         raise SystemExit(
             f"error: {path} was run with other settings ({', '.join(changed)} differ). Use another --output_dir, "
             "or delete the run JSONs of the old settings."

@@ -106,6 +106,8 @@ def test_study_writes_runs_summary_figure_and_resumes(assets, tmp_path):
     # Runs stored with other settings stop the study before any training, naming what differs.
     with pytest.raises(SystemExit, match="text_epochs"):
         study(assets, out, "--seeds", "0", "--text_epochs", "2")
+    with pytest.raises(SystemExit, match="rho"):
+        study(assets, out, "--seeds", "0", "--rho", "0.1")
 
 
 @pytest.mark.parametrize(
