@@ -423,7 +423,6 @@ def train_one(task: str, method: str, seed: int, data: dict[str, Any], args: Stu
         "report_error": None if result is None else result.error,
         "report": report,
         "machine": machine(args.device),
-        "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }  # fmt: skip
 
@@ -447,7 +446,7 @@ def iqr(values: list[float]) -> float | None:
 
 
 def git_commit() -> str | None:
-    """The commit of the code that made a run (with ``+dirty`` when the script differs from it)."""
+    """The commit of the code (with ``+dirty`` when the script or the package differs from it)."""
     import subprocess
 
     try:
@@ -613,6 +612,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     output_dir = Path(args.output_dir)
     plan = [(task, method, seed) for task in args.tasks for method in args.methods for seed in args.seeds]
     settings = {task: args.task_settings(task) for task in args.tasks}
+    commit = git_commit()  # of the code as this process loaded it
     records = {key: finished_run(run_path(output_dir, *key), settings[key[0]]) for key in plan}
     pending = [key for key in plan if records[key] is None]
     print(f"{len(plan)} runs planned, {len(plan) - len(pending)} already finished in {output_dir}, "
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         bar.set_postfix_str(f"{task} {method} seed {seed}")
         if task not in data:
             data[task] = loaders[task](args)
-        record = train_one(task, method, seed, data[task], args)
+        record = {**train_one(task, method, seed, data[task], args), "git_commit": commit}
         path = run_path(output_dir, *key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".json.partial")

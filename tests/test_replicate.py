@@ -69,7 +69,7 @@ def test_study_writes_runs_summary_figure_and_resumes(assets, tmp_path):
         assert 0.0 <= record["eval_accuracy"] <= 1.0 and math.isfinite(record["eval_loss"])
         for key in ("lambda_max", "trace", "trace_stderr", "m_sharpness", "coherence_train_estimate", "step_time_s"):
             assert isinstance(record[key], float) and math.isfinite(record[key]), (path.name, key)
-        assert record["step_time_s"] > 0 and record["optimizer_steps"] >= 1
+        assert record["step_time_s"] > 0 and record["optimizer_steps"] >= 1 and "git_commit" in record
         assert set(replicate.REPORT_KEYS) <= set(record) and set(record["missing_report_keys"]) < set(replicate.REPORT_KEYS)
         # every method's report measures the same thing: the same rho and micro-batch size of the m-sharpness
         assert record["m_sharpness_rho"] == 0.05 and record["m_sharpness_m"] == 2
