@@ -494,7 +494,7 @@ def finished_run(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 def summarise(records: list[dict[str, Any]], args: StudyArguments) -> dict[str, Any]:
     """Per task and method: the seeds, mean and std (over seeds) of every SUMMARY_KEYS number, the verdict
-    counts, and the paired differences to the first method (the base optimizer by default)."""
+    counts, and the paired differences to every method listed before it (``minus_base``, ``minus_sam``, ...)."""
     summary: dict[str, Any] = {"tasks": {}, "methods": args.methods, "rho": args.rho, "optim": args.optim,
                                "settings": {t: args.task_settings(t) for t in args.tasks},
                                "run_wall_s_total": sum(r["wall_s"] for r in records),
@@ -513,11 +513,11 @@ def summarise(records: list[dict[str, Any]], args: StudyArguments) -> dict[str, 
             verdicts = [r["stability_verdict"] or f"stable_sgd={r['stable_sgd']}" for r in runs]
             entry["stability_verdicts"] = {v: verdicts.count(v) for v in sorted(set(verdicts))}
             summary["tasks"][task][method] = entry
-        reference = args.methods[0]
-        for method in args.methods[1:]:
-            if method in summary["tasks"][task]:
-                summary["tasks"][task][method][f"minus_{reference}"] = paired_differences(
-                    [r for r in records if r["task"] == task], method, reference)
+        for i, method in enumerate(args.methods):
+            for reference in args.methods[:i]:
+                if method in summary["tasks"][task] and reference in summary["tasks"][task]:
+                    summary["tasks"][task][method][f"minus_{reference}"] = paired_differences(
+                        [r for r in records if r["task"] == task], method, reference)
     return summary
 
 
