@@ -73,7 +73,7 @@ SUMMARY_KEYS = ("eval_accuracy", "eval_loss", "train_loss", "lambda_max", "trace
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(
         seeds=[0, 1, 2],
-        text_train_examples=2000, text_eval_examples=None, text_epochs=1.0, text_batch_size=32,
+        text_train_examples=1500, text_eval_examples=None, text_epochs=1.0, text_batch_size=32,
         text_learning_rate=1e-4, text_max_length=64,
         vision_train_examples=None, vision_epochs=8.0, vision_batch_size=64, vision_learning_rate=2e-3,
         sharpness_num_examples=32, sharpness_coherence_examples=32, sharpness_lanczos_iterations=20,
