@@ -151,6 +151,8 @@ class StudyArguments:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"--tasks: choose among {list(TASKS)}, got {self.tasks}.")
+        if not self.methods or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"--methods: give distinct methods, got {self.methods}.")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds: give distinct integers, got {self.seeds}.")
         if not math.isfinite(self.rho) or self.rho <= 0:

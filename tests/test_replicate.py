@@ -114,7 +114,7 @@ def test_study_writes_runs_summary_figure_and_resumes(assets, tmp_path):
     "extra, message",
     [(["--methods", "msam0"], "--methods"), (["--methods", "adam"], "--methods"), (["--methods", "sam@-1"], "--methods"),
      (["--methods", "msam3"], "does not split into 3"), (["--tasks", "audio"], "--tasks"),
-     (["--seeds", "1", "1"], "--seeds"), (["--text_data", "missing.tsv"], "missing.tsv")],
+     (["--seeds", "1", "1"], "--seeds"), (["--methods", "sam", "sam"], "distinct methods"), (["--text_data", "missing.tsv"], "missing.tsv")],
 )
 def test_bad_arguments_are_refused_up_front(assets, tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):
