@@ -15,7 +15,9 @@ from hf_msam.curvature.msharpness import m_sharpness
 
 KEYS = ("schema_version", "num_examples", "num_parameters", "lambda_max", "lambda_max_residual", "top_eigenvalues",
         "trace", "trace_stderr", "m_sharpness", "coherence", "lambda_max_ggn", "eta_critical_theorem1",
-        "eta_critical_gd", "stable_sgd", "probe_growth_rate", "hvp_count")
+        "eta_critical_gd", "stable_sgd", "probe_growth_rate", "hvp_count", "coherence_train_estimate",
+        "coherence_train_interval", "stability_verdict", "stability_reason", "probe_indices", "examples_used",
+        "adam_preconditioned_lambda_max", "adam_stability_threshold", "adam_edge_ratio")
 SMALL = dict(num_examples=12, lanczos_iterations=8, top_k=2, trace_probes=3, batch_size=8, m=4, probe_steps=3)
 
 
@@ -34,9 +36,14 @@ def test_report_contract_and_restored_state(tmp_path):
     assert d["hvp_count"] == sum(d["hvp_counts"].values()) >= 8 + 3
     assert d["lambda_max"] == d["top_eigenvalues"][0]
     assert d["eta_critical_gd"] == pytest.approx(2 / d["lambda_max"])
-    sigma = d["coherence"] * 100 / 12
+    sigma, (low, high) = d["coherence_train_estimate"], d["coherence_train_interval"]
+    assert d["coherence"] <= low <= sigma <= high
     assert d["eta_critical_theorem1"] == pytest.approx(sigma / (d["lambda_max"] * math.sqrt(100 / 4 - 1)))
-    assert isinstance(d["stable_sgd"], bool) and d["stability_basis"] in ("theorem1", "gd_bound", "probe")
+    # a freshly initialised model on random labels is no minimum: no verdict either way, and it says why
+    assert (d["stability_verdict"], d["stable_sgd"], d["stability_basis"]) == ("inconclusive", None, "not_at_minimum")
+    assert "minimum" in d["stability_reason"]
+    assert len(d["probe_indices"]) == 12 and len(set(d["probe_indices"])) == 12
+    assert d["examples_used"]["coherence"] == d["examples_used"]["eigenvalues"] == "probe[0:12]"
     assert model.training and model.forward.__name__ == "<lambda>"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     metrics = report.metrics()
@@ -53,6 +60,8 @@ def test_report_is_seeded_and_measures_select():
     assert a["lambda_max"] == b["lambda_max"]
     assert a["trace"] is None and a["coherence"] is None and a["m_sharpness"] is None
     assert a["stable_sgd"] is None and a["eta_critical_theorem1"] is None
+    assert a["stability_verdict"] == "inconclusive" and "learning rate" in a["stability_reason"]
+    assert list(a["examples_used"]) == ["eigenvalues"]
 
 
 def test_bf16_model_keeps_dtype_and_weights():

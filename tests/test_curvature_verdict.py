@@ -148,3 +148,41 @@ def test_away_from_a_minimum_is_inconclusive():
     # even a rate above 2 / lambda_max proves nothing away from a minimum
     verdict, _ = _verdict(x, 3 / lam, b=4, n=2000, seed=0, lambda_min=-0.05 * lam)
     assert verdict.verdict == "inconclusive"
+
+
+class LeastSquares(torch.nn.Module):
+    """A linear regression head with the transformers interface: loss = mean_i (x_i . w - y_i)^2."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.config = type("Config", (), {"problem_type": "regression", "num_labels": 1})()
+        self.w = torch.nn.Parameter(w.clone())
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = (features @ self.w)[:, None]
+        return SequenceClassifierOutput(loss=((logits[:, 0] - labels) ** 2).mean(), logits=logits)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_report_at_an_exact_deep_null_space_minimum_says_stable(seed):
+    # issue 9: d >> n, eta lambda = 3e-6 at an exact least-squares minimum; the old probe said "unstable" for
+    # some seeds because float32 rounding decided a growth rate of 1 - O(eta lambda r / d)
+    from hf_msam import sharpness_report
+
+    n, d = 16, 2000
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = torch.randn(n, generator=g)
+    w = torch.linalg.lstsq(x.double(), y.double()[:, None], driver="gelsd").solution[:, 0].float()
+    model = LeastSquares(w)
+    data = [{"features": x[i], "labels": float(y[i])} for i in range(n)]
+    lam = float(torch.linalg.eigvalsh(2 * x.double() @ x.double().T)[-1]) / n
+    report = sharpness_report(model, data, num_examples=n, measures=["eigenvalues", "coherence", "probe"],
+                              learning_rate=3e-6 / lam, train_batch_size=4, num_train_examples=4000,
+                              lanczos_iterations=20, probe_steps=30, seed=seed).to_dict()
+    assert report["interpolates"] and report["errors"] == []
+    assert report["stable_sgd"] is True
+    assert report["stability_verdict"] == "stable", report["stability_reason"]
+    assert report["mean_square_rate_interval"][1] < 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 NEGATIVE_CURVATURE_TOL = 1e-2  # lambda_min < -tol * lambda_max: not a minimum
-GRADIENT_TOL = 1e-2  # ||g||^2 / (2 lambda_max L) above this: not a minimum
+GRADIENT_TOL = 1e-2  # ||g||^2 / (2 lambda_max L_ref) above this: not a minimum
 SUBSPACE_TOL = 1e-4  # Gauss-Newton eigen-directions kept: eigenvalue >= tol * the largest
 
 
@@ -226,8 +226,9 @@ def stability_verdict(
 
     1. Inconclusive away from a minimum, where the linear theory does not apply: a Ritz value ``lambda_min``
        below -``NEGATIVE_CURVATURE_TOL`` lambda_max (a Rayleigh quotient, so negative curvature is certain),
-       ``gradient_ratio`` = ||g||^2 / (2 lambda_max L) above ``GRADIENT_TOL`` (a step 1/lambda_max along -g
-       would still remove that fraction of the loss in the quadratic model), or probe examples not fitted.
+       ``gradient_ratio`` = ||g||^2 / (2 lambda_max L_ref) above ``GRADIENT_TOL`` (one step 1/lambda_max along
+       -g would still remove that fraction of the loss L_ref of a chance-level predictor, in the quadratic
+       model), or probe examples not fitted.
     2. Unstable when proved: eta >= 2 / lambda_max (lambda_max a Ritz value, a lower bound of the true one),
        or eta >= Theorem 1's rate with the upper end ``sigma_high`` of the training-set coherence interval.
     3. Stable when the mean square contracts with confidence (upper end of the rate's interval < 0).
@@ -244,7 +245,7 @@ def stability_verdict(
                        f"beyond {NEGATIVE_CURVATURE_TOL:g} x lambda_max), so the linear stability theory does "
                        "not apply.", "not_at_minimum")
     if gradient_ratio is not None and gradient_ratio > GRADIENT_TOL:
-        return Verdict("inconclusive", f"Not a minimum: the gradient is large (||g||^2 / (2 lambda_max loss) = "
+        return Verdict("inconclusive", f"Not a minimum: the gradient is large (||g||^2 / (2 lambda_max L_ref) = "
                        f"{gradient_ratio:.3g} > {GRADIENT_TOL:g}), so the linear stability theory does not "
                        "apply.", "not_at_minimum")
     if interpolates is None:
