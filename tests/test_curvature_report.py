@@ -47,7 +47,10 @@ def test_report_contract_and_restored_state(tmp_path):
     assert model.training and model.forward.__name__ == "<lambda>"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     metrics = report.metrics()
-    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    assert texts == {"sharpness_stability_verdict": "inconclusive", "sharpness_stability_reason": d["stability_reason"]}
+    assert metrics["sharpness_stability_verdict_code"] == 0
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items() if k not in texts)
     assert metrics["sharpness_lambda_max"] == d["lambda_max"]
     report.to_json(str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["lambda_max"] == d["lambda_max"]

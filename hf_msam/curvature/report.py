@@ -120,9 +120,11 @@ class SharpnessReport:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, allow_nan=False)
 
-    def metrics(self, prefix: str = "sharpness_") -> dict[str, float | int]:
-        """The scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), for Trainer logs."""
-        flat: dict[str, float | int] = {}
+    def metrics(self, prefix: str = "sharpness_") -> dict[str, float | int | str]:
+        """For Trainer logs: the scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), the verdict
+        as ``stability_verdict_code`` (1 stable, 0 inconclusive, -1 unstable) and, as text (TensorBoard files
+        it as a text summary), ``stability_verdict`` and ``stability_reason``."""
+        flat: dict[str, float | int | str] = {}
         for key, value in self.to_dict().items():
             if isinstance(value, bool):
                 flat[prefix + key] = int(value)
@@ -130,8 +132,10 @@ class SharpnessReport:
                 flat[prefix + key] = value
         for key, value in self.seconds.items():
             flat[f"{prefix}seconds_{key}"] = value
-        if self.stability_verdict is not None:  # 1 stable, 0 inconclusive, -1 unstable (a plottable scalar)
+        if self.stability_verdict is not None:
             flat[prefix + "stability_verdict_code"] = VERDICT_CODES[self.stability_verdict]
+            flat[prefix + "stability_verdict"] = self.stability_verdict
+            flat[prefix + "stability_reason"] = self.stability_reason
         return flat
 
 
