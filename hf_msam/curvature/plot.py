@@ -38,7 +38,8 @@ def report_figure(report: Mapping[str, Any]) -> Figure:
     Left: the top eigenvalues (Lanczos), with the Gauss-Newton lambda_max when computed. Right: the critical
     learning rates 2 / lambda_max (gradient descent) and Theorem 1's ``eta_crit(B)`` over batch sizes B (with
     the training set's coherence ``coherence_train_estimate``, and as a band the curves of the ends of
-    ``coherence_train_interval``), the region above them shaded unstable, and the run's ``(B, eta)``
+    ``coherence_train_interval``), shaded where instability is proved (above 2 / lambda_max or above the
+    curve of the interval's upper end), and the run's ``(B, eta)``
     (``train_batch_size``, ``learning_rate``) marked in the colour of its ``stability_verdict``, whose
     ``stability_reason`` is written under the panels. Quantities the report does not hold are left out and
     said so on the plot.
@@ -127,6 +128,7 @@ def _draw_stability(axes, report: Mapping[str, Any]) -> None:
             label = "Theorem 1, σ interval" + (f" ({level:.0%})" if _finite(level) is not None else "")
             axes.fill_between(batch_sizes, ends[0], ends[1], where=np.isfinite(ends[0]), color="tab:red", alpha=0.25,
                               label=label)
+            bound = np.minimum(eta_gd, np.where(np.isfinite(ends[1]), ends[1], np.inf))  # proved with the upper end
     else:
         missing = "coherence σ" if sigma is None else "training-set size n"
         axes.text(0.03, 0.03, f"Theorem 1 curve needs the {missing}", transform=axes.transAxes, fontsize=8)
@@ -135,7 +137,7 @@ def _draw_stability(axes, report: Mapping[str, Any]) -> None:
     ymax = float(np.max(bound)) * 100
     if learning_rate:
         ymax = max(ymax, learning_rate * 10)
-    axes.fill_between(batch_sizes, bound, ymax, color="tab:red", alpha=0.08, label="unstable (sufficient)")
+    axes.fill_between(batch_sizes, bound, ymax, color="tab:red", alpha=0.08, label="unstable (proved)")
     axes.set_ylim(top=ymax)
     if learning_rate and train_batch_size:
         verdict = report.get("stability_verdict") or {True: "stable", False: "unstable"}.get(
