@@ -81,3 +81,51 @@ def test_checkpoint_optimizer_state_equals_the_live_optimizer(tmp_path):
     assert loaded.learning_rate == pytest.approx(1e-3) and loaded.step == 2
     with pytest.raises(ValueError, match="not this model's|trainable ones"):
         adam_state_from_state_dict(saved, tiny_bert(seed=3, hidden_size=8, intermediate_size=16))
+
+
+def _tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    torch.manual_seed(1)
+    return ViTForImageClassification(config)
+
+
+def _images(n: int = 8):
+    g = torch.Generator().manual_seed(2)
+    return [{"pixel_values": torch.randn(3, 8, 8, generator=g), "labels": int(i % 3)} for i in range(n)]
+
+
+@pytest.mark.parametrize("architecture", ["bert", "vit"])
+def test_report_adam_sharpness_equals_arnoldi_on_the_unsymmetrised_product(architecture):
+    # an independent route: Arnoldi (scipy) on P^-1 H itself (no similarity transform), after AdamW steps
+    from scipy.sparse.linalg import LinearOperator, eigs
+    from transformers import default_data_collator
+
+    from hf_msam import sharpness_report
+
+    if architecture == "bert":
+        model, data = tiny_bert(seed=6), [dict(x) for x in token_dataset(8, seed=6)]
+    else:
+        model, data = _tiny_vit(), _images()
+    batch = default_data_collator(data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    state = adam_state_from_optimizer(optimizer, trainable_parameters(model))
+    report = sharpness_report(model, data, num_examples=8, measures=["adam"], adam_state=state, lanczos_iterations=40,
+                              lanczos_tol=1e-6, learning_rate=1e-2, train_batch_size=4).to_dict()
+    op = HessianOperator(model, [batch])
+
+    def product(v):  # P^-1 H v, non-symmetric: ARPACK's Arnoldi iteration, not Lanczos
+        vector = torch.from_numpy(v).float()
+        return (op.matvec(vector) / state.preconditioner).double().numpy()
+
+    arnoldi = eigs(LinearOperator((op.dim, op.dim), matvec=product, dtype=float), k=1, which="LR", tol=1e-8,
+                   v0=torch.ones(op.dim, dtype=torch.float64).numpy())[0]
+    assert report["adam_preconditioned_lambda_max"] == pytest.approx(float(arnoldi.real[0]), rel=1e-4)
+    assert report["examples_used"]["adam"] == "probe[0:8]" and report["errors"] == []

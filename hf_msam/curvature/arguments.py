@@ -38,7 +38,8 @@ class SharpnessArguments:
     )
     sharpness_measures: list[str] | None = field(
         default=None,
-        metadata={"help": "Measures to compute, among eigenvalues trace m_sharpness coherence probe. None: all."},
+        metadata={"help": "Measures to compute, among eigenvalues trace m_sharpness coherence probe adam (adam: "
+                          "Adam/AdamW runs only). None: all. The verdict needs eigenvalues and coherence."},
     )
     sharpness_lanczos_iterations: int | None = field(
         default=None, metadata={"help": "Maximum Lanczos iterations (HVPs) for the top eigenvalues. None: the report's default."}
