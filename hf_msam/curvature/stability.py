@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import torch
 
@@ -169,8 +170,6 @@ def mean_square_growth(
     examples moves towards i), giving a normal interval with standard error sd(influence)/sqrt(p) and the
     finite-population factor sqrt(1 - p/n).
     """
-    from statistics import NormalDist
-
     p, _, r = factors.shape
     f = factors.double()
     h = f.transpose(1, 2) @ f  # (p, r, r)
