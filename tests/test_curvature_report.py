@@ -130,6 +130,7 @@ def test_non_finite_loss_gives_a_report_that_says_so():
     d = report.to_dict()
     assert d["lambda_max"] is None and d["coherence"] is None and d["hvp_count"] == 0
     assert any("not finite" in e for e in d["errors"])
+    assert (d["stability_verdict"], d["stable_sgd"]) == ("inconclusive", None) and "not finite" in d["stability_reason"]
     json.dumps(d, allow_nan=False)
 
 

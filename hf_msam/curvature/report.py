@@ -400,6 +400,9 @@ def _fill(
         report.errors.append(
             f"loss: not finite ({report.loss}) at the current weights; no curvature measure was computed"
         )
+        report.stability_verdict = "inconclusive"
+        report.stability_reason = "The loss is not finite at these weights, so there is no minimum to judge."
+        report.stability_basis = "not_at_minimum"
         return
     op = HessianOperator(model, batches)
     device = model_device(model)
