@@ -36,7 +36,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .curvature.adam import AdamState, adam_state_from_optimizer
 from .curvature.arguments import PREFIX, SharpnessArguments, report_options
+from .curvature.operators import trainable_parameters
 from .curvature.plot import plot_report
 from .curvature.report import SharpnessReport, sharpness_report
 
@@ -100,6 +102,19 @@ def _compute_here(model, dataset, data_collator, options, metric_key_prefix, pro
         logger.warning("The curvature (sharpness) report failed and was skipped: %s", message)
         return SharpnessResult(report=None, metrics={f"{prefix}error": message}, error=message)
     return SharpnessResult(report=report, metrics=report.metrics(prefix=prefix))
+
+
+def adam_state_of(optimizer: Any, model: torch.nn.Module) -> AdamState | None:
+    """The Adam/AdamW second moments of the run's optimizer for the report's ``adam`` measure; None for other
+    optimizers, or (with a warning) when the state cannot be read."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if inner is None or not all("betas" in g for g in getattr(inner, "param_groups", [{}])):
+        return None
+    try:
+        return adam_state_from_optimizer(inner, trainable_parameters(model))
+    except ValueError as error:
+        logger.warning("No Adam preconditioned sharpness: %s", error)
+        return None
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -193,6 +208,9 @@ class SharpnessReportMixin:
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         options = report_options(sharpness_options_of(self.args), self.args, num_train,
                                  training_seconds(self.state.log_history))
+        adam_state = adam_state_of(self.optimizer, self.model)
+        if adam_state is not None:
+            options["adam_state"] = adam_state
         return compute_sharpness(
             self.model,
             dataset,
@@ -263,11 +281,15 @@ class SharpnessCallback(TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
+        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history))
+        adam_state = adam_state_of(kwargs.get("optimizer"), model)
+        if adam_state is not None:
+            report_kwargs["adam_state"] = adam_state
         self.result = compute_sharpness(
             model,
             dataset,
             data_collator=collator,
-            options=report_options(options, args, num_train, training_seconds(state.log_history)),
+            options=report_kwargs,
             progress=state.is_world_process_zero and not args.disable_tqdm,
         )
         if state.is_world_process_zero:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import replace
 
 import pytest
 from conftest import tiny_bert, token_dataset
@@ -52,8 +53,11 @@ def test_estimate_counts_each_measure():
     evaluations = 256 + sum(256 - end for end in range(resident, 256, resident))  # each later example per pass
     pairs = sum(min(resident, 256 - a) * (256 - a) for a in range(0, 256, resident))
     assert seconds["coherence"] == pytest.approx(evaluations * 0.15 + 2 * pairs * 11_000_000 / 20e9)
+    assert seconds["adam"] == 0  # not requested
+    assert estimate(replace(REQUEST, adam_iterations=12), COSTS)["adam"] == pytest.approx(27 * 12)
     assert estimate(ReportSizes(256, 0, 0, 0, 0, False, 32), COSTS) == {
-        "gradient": pytest.approx(9), "eigenvalues": 0, "trace": 0, "m_sharpness": 0, "coherence": 0, "probe": 0}
+        "gradient": pytest.approx(9), "eigenvalues": 0, "trace": 0, "m_sharpness": 0, "coherence": 0, "probe": 0,
+        "adam": 0}
 
 
 def test_request_that_fits_is_kept():
@@ -76,7 +80,6 @@ def test_plan_fits_the_budget_with_the_largest_common_factor(max_seconds):
     for factor in grid:
         sizes = {name: max(min(getattr(REQUEST, name), FLOORS[name]), math.ceil(getattr(REQUEST, name) * factor))
                  for name in FLOORS}
-        sizes["coherence_examples"] = min(sizes["coherence_examples"], sizes["num_examples"])
         candidate = ReportSizes(**sizes, m_sharpness=True, probe_batch_size=32)
         if candidate != plan.sizes:
             assert sum(estimate(candidate, COSTS).values()) > max_seconds
@@ -131,7 +134,7 @@ class FakeClock:
 SMALL = dict(num_examples=16, lanczos_iterations=6, top_k=1, trace_probes=4, batch_size=8, m=4, probe_steps=6,
              coherence_examples=16, learning_rate=0.1, train_batch_size=4)
 TINY_FLOORS = {"num_examples": 8, "lanczos_iterations": 3, "trace_probes": 2, "coherence_examples": 8,
-               "probe_steps": 3}  # fmt: skip
+               "probe_steps": 3, "adam_iterations": 3}  # fmt: skip
 
 
 @pytest.fixture

@@ -15,7 +15,9 @@ from hf_msam.curvature.msharpness import m_sharpness
 
 KEYS = ("schema_version", "num_examples", "num_parameters", "lambda_max", "lambda_max_residual", "top_eigenvalues",
         "trace", "trace_stderr", "m_sharpness", "coherence", "lambda_max_ggn", "eta_critical_theorem1",
-        "eta_critical_gd", "stable_sgd", "probe_growth_rate", "hvp_count")
+        "eta_critical_gd", "stable_sgd", "probe_growth_rate", "hvp_count", "coherence_train_estimate",
+        "coherence_train_interval", "stability_verdict", "stability_reason", "probe_indices", "examples_used",
+        "adam_preconditioned_lambda_max", "adam_stability_threshold", "adam_edge_ratio")
 SMALL = dict(num_examples=12, lanczos_iterations=8, top_k=2, trace_probes=3, batch_size=8, m=4, probe_steps=3)
 
 
@@ -34,13 +36,21 @@ def test_report_contract_and_restored_state(tmp_path):
     assert d["hvp_count"] == sum(d["hvp_counts"].values()) >= 8 + 3
     assert d["lambda_max"] == d["top_eigenvalues"][0]
     assert d["eta_critical_gd"] == pytest.approx(2 / d["lambda_max"])
-    sigma = d["coherence"] * 100 / 12
+    sigma, (low, high) = d["coherence_train_estimate"], d["coherence_train_interval"]
+    assert d["coherence"] <= low <= sigma <= high
     assert d["eta_critical_theorem1"] == pytest.approx(sigma / (d["lambda_max"] * math.sqrt(100 / 4 - 1)))
-    assert isinstance(d["stable_sgd"], bool) and d["stability_basis"] in ("theorem1", "gd_bound", "probe")
+    # a freshly initialised model on random labels is no minimum: no verdict either way, and it says why
+    assert (d["stability_verdict"], d["stable_sgd"], d["stability_basis"]) == ("inconclusive", None, "not_at_minimum")
+    assert "minimum" in d["stability_reason"]
+    assert len(d["probe_indices"]) == 12 and len(set(d["probe_indices"])) == 12
+    assert d["examples_used"]["coherence"] == d["examples_used"]["eigenvalues"] == "probe[0:12]"
     assert model.training and model.forward.__name__ == "<lambda>"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     metrics = report.metrics()
-    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
+    assert texts == {"sharpness_stability_verdict": "inconclusive", "sharpness_stability_reason": d["stability_reason"]}
+    assert metrics["sharpness_stability_verdict_code"] == 0
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items() if k not in texts)
     assert metrics["sharpness_lambda_max"] == d["lambda_max"]
     report.to_json(str(tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["lambda_max"] == d["lambda_max"]
@@ -53,6 +63,8 @@ def test_report_is_seeded_and_measures_select():
     assert a["lambda_max"] == b["lambda_max"]
     assert a["trace"] is None and a["coherence"] is None and a["m_sharpness"] is None
     assert a["stable_sgd"] is None and a["eta_critical_theorem1"] is None
+    assert a["stability_verdict"] == "inconclusive" and "learning rate" in a["stability_reason"]
+    assert list(a["examples_used"]) == ["eigenvalues"]
 
 
 def test_bf16_model_keeps_dtype_and_weights():
@@ -118,6 +130,7 @@ def test_non_finite_loss_gives_a_report_that_says_so():
     d = report.to_dict()
     assert d["lambda_max"] is None and d["coherence"] is None and d["hvp_count"] == 0
     assert any("not finite" in e for e in d["errors"])
+    assert (d["stability_verdict"], d["stable_sgd"]) == ("inconclusive", None) and "not finite" in d["stability_reason"]
     json.dumps(d, allow_nan=False)
 
 
@@ -142,3 +155,21 @@ def test_ragged_list_of_dicts_is_padded_and_text_dropped():
                    for r in rows) / len(rows)
     assert report.errors == [] and report.num_examples == len(rows)
     assert report.loss == pytest.approx(want, rel=1e-5)
+
+
+def test_coherence_on_more_examples_than_the_hessian_measures():
+    """coherence_examples > num_examples: the Hessian measures keep their num_examples, coherence takes the first
+    coherence_examples of the same seeded draw, equal to a report whose probe set is that large."""
+    model, data = tiny_bert(3, seed=5), token_dataset(30, 6, 3, seed=6)
+    options = dict(lanczos_iterations=6, top_k=1, trace_probes=2, batch_size=8, m=4, learning_rate=0.1,
+                   train_batch_size=4, max_seconds=math.inf, measures=("eigenvalues", "coherence"))
+    split = hf_msam.sharpness_report(model, data, num_examples=8, coherence_examples=20, **options)
+    whole = hf_msam.sharpness_report(model, data, num_examples=20, coherence_examples=20, **options)
+    small = hf_msam.sharpness_report(model, data, num_examples=8, **options)
+    assert split.errors == [] and split.num_examples == 8 and split.coherence_examples == 20
+    assert split.examples_used["eigenvalues"] == "probe[0:8]" and split.examples_used["coherence"] == "probe[0:20]"
+    assert split.probe_indices == whole.probe_indices and split.probe_indices[:8] == small.probe_indices
+    assert split.coherence == pytest.approx(whole.coherence, rel=1e-9)
+    assert split.lambda_max == pytest.approx(small.lambda_max, rel=1e-9)
+    with pytest.raises(ValueError, match="coherence_examples"):
+        hf_msam.sharpness_report(model, data, num_examples=8, coherence_examples=0, **options)

@@ -113,3 +113,22 @@ def test_plot_of_a_report_without_numbers_says_so(tmp_path):
     assert all(not line.get_label().startswith("Theorem 1") for line in no_coherence.get_lines())
     assert "coherence" in no_coherence.texts[0].get_text()
     assert plot_report({}, tmp_path / "empty.png").is_file()
+
+
+def test_plot_marks_the_verdict_and_draws_the_coherence_interval_as_a_band():
+    report = {**REPORT, "coherence_train_interval": [4.0, 9.0], "coherence_train_confidence": 0.95,
+              "stability_verdict": "inconclusive", "stable_sgd": None,
+              "stability_reason": "Not a minimum: the Hessian has negative curvature."}
+    figure = report_figure(report)
+    stability = figure.axes[1]
+    band = next(c for c in stability.collections if c.get_label().startswith("Theorem 1, σ interval"))
+    vertices = np.concatenate([path.vertices for path in band.get_paths()])
+    b = 32.0
+    at_b = vertices[np.isclose(vertices[:, 0], b), 1]
+    lows = [x / (12.5 * math.sqrt(1000 / b - 1)) for x in (4.0, 9.0)]
+    assert min(at_b) == pytest.approx(lows[0]) and max(at_b) == pytest.approx(lows[1])
+    run = _line(stability, "this run")
+    assert "(inconclusive)" in run.get_label() and run.get_color() == "tab:gray"
+    assert any("negative curvature" in t.get_text() and "inconclusive" in t.get_text() for t in figure.texts)
+    stable = _line(report_figure({**report, "stability_verdict": "stable"}).axes[1], "this run")
+    assert "(stable)" in stable.get_label() and stable.get_color() == "tab:green"

@@ -181,3 +181,36 @@ def test_cli_refuses_pickled_weights(tmp_path, capsys):
     _write_csv(data, ["0", "1"])
     message = _error(capsys, [str(folder), "--data", str(data), "--output", str(tmp_path / "r.json")])
     assert "safetensors" in message
+
+
+def test_cli_reads_a_checkpoint_optimizer_state_and_prints_the_verdict(tmp_path, capsys):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    model, tokenizer = _save_text_model(tmp_path / "base")
+    data = tmp_path / "reviews.csv"
+    _write_csv(data, ["0", "1"])
+    rows = list(csv.DictReader(open(data)))
+    encoded = tokenizer([r["review"] for r in rows], truncation=True, max_length=16)
+    train = [{"input_ids": ids, "labels": int(r["sentiment"])} for ids, r in zip(encoded["input_ids"], rows)]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, learning_rate=2e-3,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    output = tmp_path / "report.json"
+    status = main([str(checkpoint), "--data", str(data), "--text_column", "review", "--label_column", "sentiment",
+                   "--learning_rate", "2e-3", "--train_batch_size", "4", "--output", str(output), "--num_examples", "6",
+                   "--measures", "eigenvalues", "adam", "--lanczos_iterations", "3", "--top_k", "2", "--quiet"])
+    assert status == 0
+    report = json.loads(output.read_text())
+    assert report["adam_preconditioned_lambda_max"] > 0 and report["errors"] == []
+    assert report["adam_stability_threshold"] == pytest.approx((2 + 2 * 0.9) / (0.1 * 2e-3))
+    assert report["adam_edge_ratio"] == pytest.approx(report["adam_preconditioned_lambda_max"]
+                                                      / report["adam_stability_threshold"])
+    printed = capsys.readouterr().out
+    assert f"verdict: {report['stability_reason']}" in printed and report["stability_verdict"] in printed
+    status = main([str(checkpoint), "--data", str(data), "--text_column", "review", "--label_column", "sentiment",
+                   "--output", str(tmp_path / "r2.json"), "--optimizer_state", str(tmp_path / "missing.pt"), *CHEAP])
+    assert status == 2 and "missing.pt: no such file" in capsys.readouterr().err

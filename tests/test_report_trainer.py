@@ -196,3 +196,38 @@ def test_bf16_trained_model_gets_an_fp32_report(tmp_path):
         autocast_logits = model(**batch).logits
         fp32_logits = model._original_forward(**batch).logits
     assert (autocast_logits - fp32_logits).abs().max() > 1e-4 * fp32_logits.abs().max()
+
+
+# --- AdamW: the preconditioned sharpness from the Trainer's own optimizer; the verdict in TensorBoard ------
+def test_adamw_run_reports_the_preconditioned_sharpness_and_tensorboard_holds_the_verdict(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hf_msam.curvature.adam import adam_stability_threshold, adam_state_from_optimizer
+    from hf_msam.curvature.operators import trainable_parameters
+
+    train = token_dataset(16, seed=11)
+    options = {**SHARPNESS_ARGS, "sharpness_measures": ["eigenvalues", "coherence", "adam"]}
+    args = sam_args(tmp_path, max_steps=2, optim="adamw_torch", learning_rate=1e-3, sam_rho=0.05,
+                    sharpness_report=True, report_to="tensorboard", **options)
+    trainer = SAMTrainer(model=tiny_bert(seed=11), args=args, train_dataset=train)
+    trainer.train()
+    report = trainer.sharpness_result.report.to_dict()
+    state = adam_state_from_optimizer(trainer.optimizer, trainable_parameters(trainer.model))
+    expected = sharpness_report(trainer.model, train, progress=False, **OPTIONS | {"measures": ["adam"]},
+                                adam_state=state, learning_rate=1e-3).to_dict()
+    assert report["adam_preconditioned_lambda_max"] == pytest.approx(expected["adam_preconditioned_lambda_max"])
+    assert report["adam_stability_threshold"] == pytest.approx(adam_stability_threshold(0.9, 1e-3))
+    assert report["adam_edge_ratio"] == pytest.approx(
+        report["adam_preconditioned_lambda_max"] / report["adam_stability_threshold"])
+    assert report["stability_verdict"] in ("stable", "unstable", "inconclusive") and report["stability_reason"]
+    final = trainer.state.log_history[-1]
+    assert final["eval_sharpness_stability_verdict"] == report["stability_verdict"]
+    assert final["eval_sharpness_stability_reason"] == report["stability_reason"]
+    directory = os.path.dirname(glob.glob(os.path.join(tmp_path, "runs", "**", "events.out.tfevents.*"),
+                                          recursive=True)[0])
+    events = EventAccumulator(directory)
+    events.Reload()
+    text = events.Tensors("eval/sharpness_stability_reason/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert text == report["stability_reason"]
+    assert [s.value for s in events.Scalars("eval/sharpness_adam_edge_ratio")] == pytest.approx(
+        [report["adam_edge_ratio"]], rel=1e-6)

@@ -38,7 +38,8 @@ class SharpnessArguments:
     )
     sharpness_measures: list[str] | None = field(
         default=None,
-        metadata={"help": "Measures to compute, among eigenvalues trace m_sharpness coherence probe. None: all."},
+        metadata={"help": "Measures to compute, among eigenvalues trace m_sharpness coherence probe adam (adam: "
+                          "Adam/AdamW runs only). None: all. The verdict needs eigenvalues and coherence."},
     )
     sharpness_lanczos_iterations: int | None = field(
         default=None, metadata={"help": "Maximum Lanczos iterations (HVPs) for the top eigenvalues. None: the report's default."}
@@ -72,7 +73,9 @@ class SharpnessArguments:
     )
     sharpness_coherence_examples: int | None = field(
         default=None,
-        metadata={"help": "Examples whose per-example Gauss-Newton blocks give the coherence. None: the report's default."},
+        metadata={"help": "Examples whose per-example Gauss-Newton blocks give the coherence: the first N of the "
+                          "probe draw, which may exceed sharpness_num_examples (a Gram row costs far less than an "
+                          "HVP on many examples). None: the examples of the Hessian measures."},
     )
     sharpness_coherence_memory_gb: float | None = field(
         default=None,

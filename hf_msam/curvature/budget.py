@@ -26,7 +26,7 @@ CPU_MIN_SECONDS = 120.0  # a CPU report gets at least 2 minutes, even after a sh
 ACCELERATOR_DEFAULT_SECONDS = 1800.0
 M_SHARPNESS_GRADIENTS = 1.5  # a gradient and a perturbed forward (a forward ~ half a forward + backward)
 FLOORS = {"num_examples": 32, "lanczos_iterations": 10, "trace_probes": 4, "coherence_examples": 32,
-          "probe_steps": 10}  # fmt: skip
+          "probe_steps": 10, "adam_iterations": 10}  # fmt: skip
 
 
 def default_max_seconds(device_type: str, training_seconds: float | None = None) -> float:
@@ -50,6 +50,7 @@ class ReportSizes:
     probe_steps: int
     m_sharpness: bool
     probe_batch_size: int  # examples per step of the linear-stability probe
+    adam_iterations: int = 0  # Lanczos iterations on the Adam-preconditioned Hessian
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ def estimate(sizes: ReportSizes, costs: ReportCosts) -> dict[str, float]:
         "m_sharpness": costs.gradient * n * M_SHARPNESS_GRADIENTS if sizes.m_sharpness else 0.0,
         "coherence": 0.0,
         "probe": costs.hvp * min(sizes.probe_batch_size, n) * sizes.probe_steps,
+        "adam": costs.hvp * n * sizes.adam_iterations,
     }
     if sizes.coherence_examples:
         gram = plan_gram(sizes.coherence_examples, costs.coherence_rows_per_example, costs.coherence_dim,
@@ -108,6 +110,8 @@ class ReportPlan:
             parts.append(f"{s.coherence_examples} coherence examples")
         if s.probe_steps:
             parts.append(f"{s.probe_steps} probe steps")
+        if s.adam_iterations:
+            parts.append(f"{s.adam_iterations} Adam Lanczos iterations")
         line = f"sharpness report plan: {', '.join(parts)}; estimated {_clock_time(self.total_seconds)}"
         line += f" (budget {_clock_time(self.max_seconds)})"
         if self.cuts:
@@ -132,7 +136,6 @@ def _scaled(sizes: ReportSizes, factor: float) -> ReportSizes:
         return max(min(wanted, FLOORS[name]), min(wanted, math.ceil(wanted * factor)))
 
     scaled = {name: scale(name) for name in FLOORS}
-    scaled["coherence_examples"] = min(scaled["coherence_examples"], scaled["num_examples"])
     return replace(sizes, **scaled)
 
 

@@ -5,6 +5,8 @@ The data is read by ``hf_msam.data`` (a local CSV/TSV/JSON-lines file or folder,
 A local file (or a folder without a ``train/`` sub-folder) is used whole; a Hub dataset gives its ``train``
 split. Labels are matched to the model's own ``label2id`` when they are class names. The model is loaded
 from safetensors only, in float32, with eager attention; remote code only with ``--trust_remote_code``.
+A checkpoint's Adam/AdamW ``optimizer.pt`` (``--optimizer_state``, or found in the model folder) adds the
+preconditioned sharpness; it is read with ``torch.load(weights_only=True)``, which loads tensors only.
 """
 
 from __future__ import annotations
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training-set size n of the verdict (default: the examples in --data)")
     parser.add_argument("--optimizer", default=None, help="the optimizer the model was trained with (for the note "
                         "that the theory is about plain SGD)")
+    parser.add_argument("--optimizer_state", default=None,
+                        help="a checkpoint's optimizer.pt (Adam/AdamW) for the preconditioned sharpness (default: "
+                        "MODEL_DIR/optimizer.pt when present)")
     parser.add_argument("--device", default=None, help="device of the computation (default: cuda if available)")
     parser.add_argument("--trust_remote_code", action="store_true", help="allow the model folder's own code")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -110,6 +115,9 @@ def run(args: argparse.Namespace):
     for name in ("learning_rate", "train_batch_size", "num_train_examples", "optimizer"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    adam_state = _load_adam_state(args, model)
+    if adam_state is not None:
+        kwargs["adam_state"] = adam_state
     try:
         report = sharpness_report(model, dataset, data_collator=collator, progress=not args.quiet,
                                   device=args.device, **kwargs)
@@ -162,6 +170,33 @@ def _load_model(args: argparse.Namespace):
         raise CliError(f"{folder}: no {kind} files. Save the {kind} with the model (Trainer(processing_class=...) "
                        f"or {kind}.save_pretrained(MODEL_DIR)).") from error
     return model, processor, is_image
+
+
+def _load_adam_state(args: argparse.Namespace, model):
+    """The Adam second moments of ``--optimizer_state`` (or of MODEL_DIR/optimizer.pt when it is an Adam state);
+    None when there is none."""
+    import torch
+
+    from .adam import adam_state_from_state_dict
+
+    explicit = args.optimizer_state is not None
+    path = Path(args.optimizer_state) if explicit else Path(args.model_dir) / "optimizer.pt"
+    if not path.is_file():
+        if explicit:
+            raise CliError(f"--optimizer_state {path}: no such file; pass a checkpoint's optimizer.pt")
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # weights_only unpickling refuses anything but tensors and plain containers
+        raise CliError(f"--optimizer_state {path}: not a readable optimizer state ({type(error).__name__}: "
+                       f"{error})") from error
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    if not explicit and not (groups and "betas" in groups[0]):
+        return None  # another optimizer's state: nothing to report
+    try:
+        return adam_state_from_state_dict(state, model)
+    except ValueError as error:
+        raise CliError(f"--optimizer_state {path}: {error}") from error
 
 
 def _load_data(args: argparse.Namespace, model, processor, is_image: bool):
@@ -239,32 +274,48 @@ def _number(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _interval(values: list[float] | None) -> str:
+    return "" if not values else f" [{_number(values[0])}, {_number(values[1])}]"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """A readable two-column table of a report (``SharpnessReport.to_dict()``), then its warnings and errors."""
-    verdict = {True: "stable", False: "unstable", None: "no verdict"}[report.get("stable_sgd")]
+    """A readable two-column table of a report (``SharpnessReport.to_dict()``), then the verdict's reason, its
+    warnings and errors."""
+    verdict = report.get("stability_verdict") or "no verdict"
     if report.get("stability_basis"):
         verdict += f" (by {report['stability_basis']})"
     eigen = report.get("top_eigenvalues")
+    level = report.get("coherence_train_confidence")
     rows = [
         ("probe examples / parameters", f"{report.get('num_examples')} / {report.get('num_parameters')}"),
         ("loss / accuracy on the probe set", f"{_number(report.get('loss'))} / {_number(report.get('probe_accuracy'))}"),
         ("lambda_max (Lanczos) [residual]", f"{_number(report.get('lambda_max'))} [{_number(report.get('lambda_max_residual'), 2)}]"),
+        ("smallest Ritz value (lambda_min <=)", _number(report.get("lambda_min_ritz"))),
         ("top eigenvalues", "-" if not eigen else ", ".join(_number(v) for v in eigen)),
         ("trace +- stderr", f"{_number(report.get('trace'))} +- {_number(report.get('trace_stderr'), 2)}"),
         (f"m-sharpness (rho={_number(report.get('m_sharpness_rho'))}, m={_number(report.get('m_sharpness_m'))})",
          _number(report.get("m_sharpness"))),
         (f"coherence sigma ({_number(report.get('coherence_examples'))} examples)", _number(report.get("coherence"))),
+        ("coherence of the training set" + (f" [{level:.0%} interval]" if level else ""),
+         _number(report.get("coherence_train_estimate")) + _interval(report.get("coherence_train_interval"))),
         ("lambda_max (Gauss-Newton)", _number(report.get("lambda_max_ggn"))),
         ("SGD: eta / B / n", f"{_number(report.get('learning_rate'))} / {_number(report.get('train_batch_size'))} / "
                              f"{_number(report.get('num_train_examples'))}"),
         ("critical eta: Theorem 1 / GD (2/lambda_max)",
          f"{_number(report.get('eta_critical_theorem1'))} / {_number(report.get('eta_critical_gd'))}"),
+        ("mean-square log growth per step",
+         _number(report.get("mean_square_rate")) + _interval(report.get("mean_square_rate_interval"))),
         ("linear-stability probe growth rate", _number(report.get("probe_growth_rate"))),
-        ("verdict for this eta, B", verdict),
+        ("SGD stability verdict for this eta, B", verdict),
+        ("Adam: lambda_max(P^-1 H) / threshold / ratio",
+         f"{_number(report.get('adam_preconditioned_lambda_max'))} / {_number(report.get('adam_stability_threshold'))} / "
+         f"{_number(report.get('adam_edge_ratio'))}"),
         ("Hessian-vector products", _number(report.get("hvp_count"))),
     ]
     width = max(len(name) for name, _ in rows)
     lines = ["Curvature report", "=" * (width + 20)] + [f"{name:<{width}}  {value}" for name, value in rows]
+    if report.get("stability_reason"):
+        lines.append(f"verdict: {report['stability_reason']}")
     lines += [f"warning: {w}" for w in report.get("warnings") or []]
     lines += [f"error: {e}" for e in report.get("errors") or []]
     return "\n".join(lines)

@@ -34,6 +34,8 @@ class CoherenceResult:
     lambda_max_ggn: float  # lambda_max of (1/n) sum_i H_i
     max_example_lambda_max: float  # max_i lambda_max(H_i)
     num_examples: int
+    s_matrix: torch.Tensor | None = None  # S (n x n, float64), for the training-set extrapolation
+    gram: torch.Tensor | None = None  # the weighted NTK K (nC x nC, float64), for the stability simulation
 
 
 def coherence_from_blocks(k: torch.Tensor, n: int) -> CoherenceResult:
@@ -52,6 +54,8 @@ def coherence_from_blocks(k: torch.Tensor, n: int) -> CoherenceResult:
         lambda_max_ggn=float(torch.linalg.eigvalsh(k)[-1]) / n,
         max_example_lambda_max=top,
         num_examples=n,
+        s_matrix=s,
+        gram=k,
     )
 
 
@@ -68,7 +72,103 @@ def coherence_from_hessians(hessians: torch.Tensor) -> CoherenceResult:
         lambda_max_ggn=float(torch.linalg.eigvalsh(h.mean(dim=0))[-1]),
         max_example_lambda_max=top,
         num_examples=n,
+        s_matrix=s,
     )
+
+
+@dataclass
+class TrainCoherence:
+    """sigma of the training set estimated from the probe examples, with a bootstrap interval."""
+
+    estimate: float
+    interval: tuple[float, float]
+    probe_sigma: float  # sigma of the probe examples themselves
+    num_probe_examples: int
+    num_train_examples: int
+    replicates: int
+    confidence: float
+
+
+def _extrapolate(ys: torch.Tensor, sizes: list[int], n: int) -> torch.Tensor:
+    """Least-squares fits of lambda_max(S_m) = a + b m + c sqrt(m) over ``sizes`` (fewer terms for fewer
+    sizes), one per row of ``ys`` (G x len(sizes)), evaluated at m = n."""
+    m = torch.tensor(sizes, dtype=torch.float64)
+    columns = [torch.ones_like(m), m, m.sqrt()][: len(sizes)]
+    coef = torch.linalg.pinv(torch.stack(columns, dim=1)) @ ys.T  # (terms, G)
+    at_n = torch.tensor([1.0, float(n), float(n) ** 0.5], dtype=torch.float64)[: len(sizes)]
+    return at_n @ coef
+
+
+def _grid(q: int) -> list[int]:
+    """Nested sizes from q/4 to q, geometrically spaced (at most 8)."""
+    low = max(2, q // 4) if q >= 2 else 1
+    points = torch.logspace(torch.log10(torch.tensor(float(low))), torch.log10(torch.tensor(float(q))), 8)
+    return sorted({int(round(float(x))) for x in points})
+
+
+def _extrapolated_lambda(s: torch.Tensor, n: int, orders: torch.Tensor) -> torch.Tensor:
+    """One extrapolation per group of orders: ``orders`` is (G, R, q); returns (G,) values of lambda_max(S_n)."""
+    sizes = _grid(orders.shape[-1])
+    g, r, q = orders.shape
+    out = []
+    for m in sizes:
+        idx = orders[:, :, :m].reshape(g * r, m)
+        sub = s[idx[:, :, None], idx[:, None, :]]
+        out.append(torch.linalg.eigvalsh(sub)[:, -1].reshape(g, r).mean(dim=1))
+    return _extrapolate(torch.stack(out, dim=1), sizes, n)
+
+
+def train_coherence(
+    s: torch.Tensor,
+    max_example_lambda_max: float,
+    num_train_examples: int,
+    *,
+    confidence: float = 0.95,
+    replicates: int = 100,
+    orders: int = 4,
+    seed: int = 0,
+) -> TrainCoherence:
+    """sigma of the n training examples from the S matrix of p probe examples drawn uniformly from them.
+
+    lambda_max(S_m) of a uniformly drawn set of m examples grows with m: the mean of the off-diagonal
+    entries adds about m times the top eigenvalue of the kernel S(x, y) (Nystrom / kernel-matrix
+    asymptotics), the diagonal a constant, and the fluctuations of the off-diagonal entries about sqrt(m).
+    The estimator fits lambda_max(S_m) = a + b m + c sqrt(m) by least squares over nested principal
+    submatrices S_m of the probe's S (m from p/4 to p, each the mean over ``orders`` random orders) and
+    evaluates it at m = n; it is kept at or above lambda_max(S_p), a hard lower bound (S_p is a principal
+    submatrix of S_n). sigma = that / max_i lambda_max(H_i) over the probe examples (the training set's
+    maximum can only be larger, so this errs towards a larger sigma, i.e. a later Theorem-1 threshold).
+
+    Interval: percentile interval over ``replicates`` subsamples of round(0.632 p) distinct probe examples
+    (the distinct examples of a bootstrap resample; duplicates would look like perfectly aligned pairs),
+    each extrapolated the same way, widened to contain the estimate, kept above the hard lower bound.
+    When p >= n the probe set is the training set and the answer is exact.
+    """
+    s = s.double()
+    p = s.shape[0]
+    probe_lambda = float(torch.linalg.eigvalsh(s)[-1])
+    top = float(max_example_lambda_max)
+    probe_sigma = probe_lambda / top
+    if p >= num_train_examples or p < 3:
+        # p < 3: too few nested sizes to fit; only the hard lower bound is known (the report warns)
+        return TrainCoherence(probe_sigma, (probe_sigma, probe_sigma), probe_sigma, p, num_train_examples, 0,
+                              confidence)
+    g = torch.Generator().manual_seed(seed)
+    point_orders = torch.stack([torch.randperm(p, generator=g) for _ in range(orders)])[None]
+    estimate = max(float(_extrapolated_lambda(s, num_train_examples, point_orders)[0]), probe_lambda)
+    q = max(3, round(0.632 * p))
+    per_replicate = max(1, orders // 2)
+    subsets = torch.stack([torch.randperm(p, generator=g)[:q] for _ in range(replicates)])
+    shuffles = torch.stack([torch.stack([torch.randperm(q, generator=g) for _ in range(per_replicate)])
+                            for _ in range(replicates)])
+    boot = _extrapolated_lambda(s, num_train_examples, torch.gather(subsets[:, None, :].expand(-1, per_replicate, -1),
+                                                                    2, shuffles))
+    alpha = (1 - confidence) / 2
+    low, high = (float(x) for x in torch.quantile(boot, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)))
+    low = max(min(low, estimate), probe_lambda)
+    high = max(high, estimate)
+    return TrainCoherence(estimate / top, (low / top, high / top), probe_sigma, p, num_train_examples, replicates,
+                          confidence)
 
 
 def ntk_coherence(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .stability import eta_critical_gd, eta_critical_theorem1
+
+
+VERDICT_COLOURS = {"stable": "tab:green", "unstable": "tab:red", "inconclusive": "tab:gray"}
 
 
 def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
@@ -33,15 +37,24 @@ def report_figure(report: Mapping[str, Any]) -> Figure:
 
     Left: the top eigenvalues (Lanczos), with the Gauss-Newton lambda_max when computed. Right: the critical
     learning rates 2 / lambda_max (gradient descent) and Theorem 1's ``eta_crit(B)`` over batch sizes B (with
-    the coherence scaled to the training set, ``coherence_train_estimate``, as the verdict uses it), the region
-    above them shaded unstable, and the run's ``(B, eta)`` (``train_batch_size``, ``learning_rate``) marked.
-    Quantities the report does not hold are left out and said so on the plot.
+    the training set's coherence ``coherence_train_estimate``, and as a band the curves of the ends of
+    ``coherence_train_interval``), shaded where instability is proved (above 2 / lambda_max or above the
+    curve of the interval's upper end), and the run's ``(B, eta)``
+    (``train_batch_size``, ``learning_rate``) marked in the colour of its ``stability_verdict``, whose
+    ``stability_reason`` is written under the panels. Quantities the report does not hold are left out and
+    said so on the plot.
     """
     figure = Figure(figsize=(11, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     spectrum_axes, stability_axes = figure.subplots(1, 2)
     _draw_spectrum(spectrum_axes, report)
     _draw_stability(stability_axes, report)
+    reason = report.get("stability_reason")
+    if reason:
+        verdict = report.get("stability_verdict") or "no verdict"
+        figure.get_layout_engine().set(rect=(0, 0.1, 1, 0.9))
+        figure.text(0.5, 0.01, textwrap.fill(f"SGD stability verdict: {verdict}. {reason}", 150), ha="center",
+                    va="bottom", fontsize=9)
     return figure
 
 
@@ -107,6 +120,15 @@ def _draw_stability(axes, report: Mapping[str, Any]) -> None:
         axes.plot(batch_sizes[shown], eta_t1[shown], color="tab:red",
                   label=r"Theorem 1: $\sigma / (\lambda_{max}\sqrt{n/B-1})$" + f", n={num_train_examples}")
         bound = np.minimum(eta_gd, eta_t1)
+        interval = report.get("coherence_train_interval")
+        if interval and all(_finite(x) is not None for x in interval):
+            ends = [np.array([eta_critical_theorem1(lambda_max, float(x), num_train_examples, int(b)) or np.nan
+                              for b in batch_sizes]) for x in interval]
+            level = report.get("coherence_train_confidence")
+            label = "Theorem 1, σ interval" + (f" ({level:.0%})" if _finite(level) is not None else "")
+            axes.fill_between(batch_sizes, ends[0], ends[1], where=np.isfinite(ends[0]), color="tab:red", alpha=0.25,
+                              label=label)
+            bound = np.minimum(eta_gd, np.where(np.isfinite(ends[1]), ends[1], np.inf))  # proved with the upper end
     else:
         missing = "coherence σ" if sigma is None else "training-set size n"
         axes.text(0.03, 0.03, f"Theorem 1 curve needs the {missing}", transform=axes.transAxes, fontsize=8)
@@ -115,11 +137,13 @@ def _draw_stability(axes, report: Mapping[str, Any]) -> None:
     ymax = float(np.max(bound)) * 100
     if learning_rate:
         ymax = max(ymax, learning_rate * 10)
-    axes.fill_between(batch_sizes, bound, ymax, color="tab:red", alpha=0.08, label="unstable (sufficient)")
+    axes.fill_between(batch_sizes, bound, ymax, color="tab:red", alpha=0.08, label="unstable (proved)")
     axes.set_ylim(top=ymax)
     if learning_rate and train_batch_size:
-        stable = report.get("stable_sgd")
-        verdict = {True: "stable", False: "unstable", None: "no verdict"}.get(stable, str(stable))
-        axes.plot([train_batch_size], [learning_rate], marker="*", markersize=14, color="black", linestyle="none",
+        verdict = report.get("stability_verdict") or {True: "stable", False: "unstable"}.get(
+            report.get("stable_sgd"), "no verdict")
+        colour = VERDICT_COLOURS.get(verdict, "black")
+        axes.plot([train_batch_size], [learning_rate], marker="*", markersize=16, color=colour,
+                  markeredgecolor="black", linestyle="none",
                   label=rf"this run: B={train_batch_size}, $\eta$={learning_rate:.3g} ({verdict})")
     axes.legend(loc="lower right", fontsize=8)

@@ -1,9 +1,12 @@
 """``sharpness_report``: the curvature report of ``docs/design.md`` section 3 for a Hugging Face model.
 
 Measures (the ``measures`` option): ``eigenvalues`` (Lanczos top-k of the Hessian), ``trace``
-(Hutchinson), ``m_sharpness``, ``coherence`` (Gauss-Newton coherence sigma and the Gauss-Newton
-lambda_max) and ``probe`` (the simulated linear-stability probe). The critical learning rates and the
-verdict follow from them. A measure that fails is reported as null with the reason in ``errors``.
+(Hutchinson), ``m_sharpness``, ``coherence`` (Gauss-Newton coherence sigma, the Gauss-Newton lambda_max,
+the training set's sigma with its interval and the mean-square growth of linearised SGD), ``probe`` (the
+simulated linear-stability probe, a diagnostic) and ``adam`` (the preconditioned sharpness of Adam/AdamW,
+when the optimizer's state is given). The critical learning rates and the three-way verdict
+(``stability.stability_verdict``) follow from them. A measure that fails is reported as null with the
+reason in ``errors``.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ import numpy as np
 import torch
 
 from . import stability
+from .adam import AdamState, adam_stability_threshold, preconditioned_lambda_max
 from .budget import ReportCosts, ReportPlan, ReportProgress, ReportSizes, default_max_seconds, plan_report
-from .coherence import coherence_from_blocks
+from .coherence import coherence_from_blocks, train_coherence
 from .gram import WeightedNTK
 from .heads import infer_problem_type, per_example_loss
 from .msharpness import m_sharpness
@@ -39,11 +43,13 @@ from .operators import (
 from .spectrum import hutchinson_trace, lanczos
 
 SCHEMA_VERSION = 1
-MEASURES = ("eigenvalues", "trace", "m_sharpness", "coherence", "probe")
+MEASURES = ("eigenvalues", "trace", "m_sharpness", "coherence", "probe", "adam")
+VERDICT_CODES = {"stable": 1, "inconclusive": 0, "unstable": -1}
 OPTIMIZER_NOTE = (
     "The stability theory (Theorem 1 of Dexter et al., the gradient-descent bound 2/lambda_max, the "
-    "linear-stability probe) is about plain SGD without momentum at a minimum; for momentum or adaptive "
-    "optimizers (Adam, AdamW) the critical learning rates and the verdict are indicative only."
+    "mean-square growth) is about plain SGD without momentum at a minimum; for momentum or adaptive "
+    "optimizers the critical learning rates and the verdict are indicative only. For Adam/AdamW see "
+    "adam_preconditioned_lambda_max against adam_stability_threshold (Cohen et al. 2022)."
 )
 LABEL_KEYS = ("label", "label_ids")
 logger = logging.getLogger(__name__)
@@ -55,6 +61,8 @@ class SharpnessReport:
 
     schema_version: int = SCHEMA_VERSION
     num_examples: int = 0
+    probe_indices: list[int] = field(default_factory=list)  # dataset rows of the probe set, in order
+    examples_used: dict[str, str] = field(default_factory=dict)  # measure -> which probe examples it used
     num_parameters: int = 0
     problem_type: str | None = None
     loss: float | None = None
@@ -63,6 +71,7 @@ class SharpnessReport:
     interpolates: bool | None = None
     lambda_max: float | None = None
     lambda_max_residual: float | None = None
+    lambda_min_ritz: float | None = None  # smallest Lanczos Ritz value: lambda_min(H) <= this
     top_eigenvalues: list[float] | None = None
     top_eigenvalue_residuals: list[float] | None = None
     lanczos_iterations: int | None = None
@@ -77,6 +86,8 @@ class SharpnessReport:
     coherence_examples: int | None = None
     coherence_hessian: str | None = None
     coherence_train_estimate: float | None = None
+    coherence_train_interval: list[float] | None = None
+    coherence_train_confidence: float | None = None
     lambda_max_ggn: float | None = None
     max_example_lambda_max_ggn: float | None = None
     learning_rate: float | None = None
@@ -84,8 +95,19 @@ class SharpnessReport:
     num_train_examples: int | None = None
     eta_critical_theorem1: float | None = None
     eta_critical_gd: float | None = None
-    stable_sgd: bool | None = None
+    reference_loss: float | None = None  # loss of a chance-level predictor (log C; mean y^2 for regression)
+    gradient_ratio: float | None = None  # ||g||^2 / (2 lambda_max reference_loss): small at a minimum
+    mean_square_rate: float | None = None  # log growth of E||v||^2 per SGD step (linearised, Gauss-Newton)
+    mean_square_rate_interval: list[float] | None = None
+    mean_square_subspace_dim: int | None = None
+    stability_verdict: str | None = None  # "stable", "unstable" or "inconclusive"
+    stability_reason: str | None = None
+    stable_sgd: bool | None = None  # true / false / null for stable / unstable / inconclusive
     stability_basis: str | None = None
+    adam_preconditioned_lambda_max: float | None = None
+    adam_stability_threshold: float | None = None
+    adam_edge_ratio: float | None = None
+    adam_beta1: float | None = None
     probe_growth_rate: float | None = None
     probe_steps: int | None = None
     probe_sampling: str | None = None
@@ -108,9 +130,11 @@ class SharpnessReport:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=2, allow_nan=False)
 
-    def metrics(self, prefix: str = "sharpness_") -> dict[str, float | int]:
-        """The scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), for Trainer logs."""
-        flat: dict[str, float | int] = {}
+    def metrics(self, prefix: str = "sharpness_") -> dict[str, float | int | str]:
+        """For Trainer logs: the scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), the verdict
+        as ``stability_verdict_code`` (1 stable, 0 inconclusive, -1 unstable) and, as text (TensorBoard files
+        it as a text summary), ``stability_verdict`` and ``stability_reason``."""
+        flat: dict[str, float | int | str] = {}
         for key, value in self.to_dict().items():
             if isinstance(value, bool):
                 flat[prefix + key] = int(value)
@@ -118,6 +142,10 @@ class SharpnessReport:
                 flat[prefix + key] = value
         for key, value in self.seconds.items():
             flat[f"{prefix}seconds_{key}"] = value
+        if self.stability_verdict is not None:
+            flat[prefix + "stability_verdict_code"] = VERDICT_CODES[self.stability_verdict]
+            flat[prefix + "stability_verdict"] = self.stability_verdict
+            flat[prefix + "stability_reason"] = self.stability_reason
         return flat
 
 
@@ -153,7 +181,9 @@ def _clean_example(example: Mapping[str, Any], accepted: set[str] | None) -> dic
     return out
 
 
-def _probe_examples(dataset: Any, num_examples: int, seed: int, model: torch.nn.Module) -> list[dict[str, Any]]:
+def _probe_examples(
+    dataset: Any, num_examples: int, seed: int, model: torch.nn.Module
+) -> tuple[list[dict[str, Any]], list[int]]:
     if num_examples < 1:
         raise ValueError("num_examples: the probe set must hold at least one example (got %d)" % num_examples)
     total = len(dataset)
@@ -167,7 +197,7 @@ def _probe_examples(dataset: Any, num_examples: int, seed: int, model: torch.nn.
             "dataset: examples have no `labels` (or `label`) field; the curvature is that of the training "
             "loss, which needs the targets: add a labels column"
         )
-    return examples
+    return examples, order
 
 
 def _as_collatable(value: Any) -> Any:
@@ -237,6 +267,7 @@ def sharpness_report(
     coherence_examples: int | None = None,
     coherence_memory_gb: float = 2.0,
     optimizer: str | None = None,
+    adam_state: AdamState | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
     max_seconds: float | None = None,
@@ -256,7 +287,9 @@ def sharpness_report(
     estimate exceeds the budget the probe-set size, Lanczos iterations, trace probes, coherence examples
     and probe steps are scaled down together (``budget.plan_report``; the plan and its estimate are printed
     before the work starts, what was cut is in ``budget_cuts``). The verdict needs the SGD ``learning_rate``,
-    ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``).
+    ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``). ``adam_state``
+    (``adam.adam_state_from_optimizer`` / ``adam_state_from_state_dict``) adds the Adam/AdamW preconditioned
+    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's.
 
     Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
     without a loss, integer labels on a regression head, unknown measures); anything else that fails is
@@ -272,7 +305,14 @@ def sharpness_report(
             raise ValueError(f"{name}: must be at least 1 (got {value})")
     if probe_sampling not in ("uniform", "bernoulli"):
         raise ValueError(f"probe_sampling: {probe_sampling!r} is neither 'uniform' nor 'bernoulli'")
-    examples = _probe_examples(dataset, num_examples, seed, model)
+    if coherence_examples is not None and coherence_examples < 1:
+        raise ValueError(f"coherence_examples: must be at least 1 (got {coherence_examples})")
+    if adam_state is None:  # the default measures include adam only when there is an optimizer state
+        chosen = tuple(x for x in chosen if x != "adam")
+    # One seeded draw: the Hessian measures use its first num_examples, coherence its first coherence_examples
+    # (``examples_used`` in the report says which).
+    pool, indices = _probe_examples(dataset, max(num_examples, coherence_examples or 0), seed, model)
+    examples = pool[:num_examples]
     if data_collator is None:
         if tokenizer is not None:
             from transformers import DataCollatorWithPadding
@@ -295,6 +335,7 @@ def sharpness_report(
     n_train = int(num_train_examples) if num_train_examples is not None else len(dataset)
     report = SharpnessReport(
         num_examples=len(examples),
+        probe_indices=indices,
         num_parameters=sum(p.numel() for p in trainable_parameters(model)),
         problem_type=problem_type,
         learning_rate=learning_rate,
@@ -303,6 +344,8 @@ def sharpness_report(
     )
     if optimizer is not None and "sgd" not in optimizer.lower():
         report.warnings.append(f"optimizer {optimizer!r} is not plain SGD: see optimizer_note")
+    if "adam" in (measures or ()) and adam_state is None:
+        raise ValueError("measures: 'adam' needs adam_state, the Adam/AdamW optimizer's second moments")
     if max_seconds is None:
         device_type = torch.device(device).type if device is not None else model_device(model).type
         max_seconds = default_max_seconds(device_type, training_seconds)
@@ -310,9 +353,9 @@ def sharpness_report(
         raise ValueError(f"max_seconds: the report's time budget must be > 0 seconds (got {max_seconds})")
     options = _Options(lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
                        probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress,
-                       float(max_seconds), clock)
+                       float(max_seconds), clock, adam_state)
     with curvature_mode(model, device):
-        _fill(report, model, examples, batches, collate, chosen, options)
+        _fill(report, model, examples, pool, batches, collate, chosen, options)
     return report
 
 
@@ -333,6 +376,7 @@ class _Options:
     progress: bool
     max_seconds: float
     clock: Callable[[], float]
+    adam_state: AdamState | None
 
 
 def _check_outputs(model: torch.nn.Module, batch: Batch) -> Any:
@@ -348,8 +392,10 @@ def _check_outputs(model: torch.nn.Module, batch: Batch) -> Any:
 
 
 def _baseline(report: SharpnessReport, model: torch.nn.Module, batches: list[Batch]) -> None:
-    """Loss at the weights, accuracy and whether every probe example is fit (``interpolates``)."""
-    total, fit, correct, count = 0.0, True, 0, 0
+    """Loss at the weights, accuracy, whether every probe example is fit (``interpolates``), and the loss of
+    a chance-level predictor (``reference_loss``: log C for C classes, log 2 per label, mean y^2 for
+    regression, the loss of predicting 0), the scale of the verdict's gradient test."""
+    total, fit, correct, count, squares = 0.0, True, 0, 0, 0.0
     with torch.no_grad():
         for b in batches:
             b = to_device(b, model_device(model))
@@ -358,6 +404,10 @@ def _baseline(report: SharpnessReport, model: torch.nn.Module, batches: list[Bat
             total += float(output_field(out, "loss")) * size
             count += size
             logits = output_field(out, "logits").reshape(size, -1)
+            if report.problem_type == "single_label_classification":
+                report.reference_loss = math.log(logits.shape[1])
+            elif report.problem_type == "multi_label_classification":
+                report.reference_loss = math.log(2)
             if report.problem_type == "single_label_classification":
                 hits = logits.argmax(dim=1) == b["labels"].reshape(size)
                 correct += int(hits.sum())
@@ -368,7 +418,10 @@ def _baseline(report: SharpnessReport, model: torch.nn.Module, batches: list[Bat
                 y = b["labels"].reshape(size, -1).float()
                 losses = per_example_loss(logits, y, "regression")
                 fit &= bool((losses <= 1e-6 * max(1.0, float((y**2).mean()))).all())
+                squares += float((y**2).mean(dim=1).sum())
     report.loss = total / count
+    if report.problem_type == "regression":
+        report.reference_loss = squares / count
     if report.problem_type in ("single_label_classification", "multi_label_classification"):
         report.probe_accuracy = correct / count
         report.interpolates = correct == count
@@ -380,6 +433,7 @@ def _plan(
     report: SharpnessReport,
     model: torch.nn.Module,
     examples: list[dict[str, Any]],
+    pool: list[dict[str, Any]],
     batches: list[Batch],
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
     chosen: tuple[str, ...],
@@ -395,12 +449,12 @@ def _plan(
     gradient_seconds, tick = (o.clock() - tick) / first.num_examples, o.clock()
     first.matvec(torch.ones(first.dim))
     hvp_seconds = (o.clock() - tick) / first.num_examples
-    n_coh = min(o.coherence_examples or len(examples), len(examples)) if "coherence" in chosen else 0
+    n_coh = min(o.coherence_examples or len(examples), len(pool)) if "coherence" in chosen else 0
     ntk: WeightedNTK | Exception | None = None
     row_seconds, rows, dim, rate = 0.0, 1, 1, 1.0
     if n_coh and report.problem_type is not None:
         try:
-            ntk = WeightedNTK(model, [collate([e]) for e in examples[:n_coh]], report.problem_type)
+            ntk = WeightedNTK(model, [collate([e]) for e in pool[:n_coh]], report.problem_type)
             gram = ntk.plan(n_coh, o.coherence_memory_gb)
             row_seconds = ntk.time_example(o.clock)
             rate = gram.gram_flops / max(ntk.time_products(gram, o.clock), 1e-12)
@@ -418,6 +472,7 @@ def _plan(
         probe_steps=o.probe_steps if "probe" in chosen and verdict_inputs else 0,
         m_sharpness="m_sharpness" in chosen,
         probe_batch_size=report.train_batch_size or 1,
+        adam_iterations=o.lanczos_iterations if "adam" in chosen else 0,
     )
     costs = ReportCosts(hvp_seconds, gradient_seconds, row_seconds, rows, dim, rate, o.coherence_memory_gb)
     plan = plan_report(requested, costs, o.max_seconds)
@@ -437,13 +492,14 @@ def _fill(
     report: SharpnessReport,
     model: torch.nn.Module,
     examples: list[dict[str, Any]],
+    pool: list[dict[str, Any]],
     batches: list[Batch],
     collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
     chosen: tuple[str, ...],
     o: _Options,
 ) -> None:
     _check_outputs(model, batches[0])
-    plan, ntk = _plan(report, model, examples, batches, collate, chosen, o)
+    plan, ntk = _plan(report, model, examples, pool, batches, collate, chosen, o)
     sizes = plan.sizes
     if sizes.num_examples < len(examples):
         examples = examples[: sizes.num_examples]
@@ -456,18 +512,32 @@ def _fill(
         report.errors.append(
             f"loss: not finite ({report.loss}) at the current weights; no curvature measure was computed"
         )
+        report.stability_verdict = "inconclusive"
+        report.stability_reason = "The loss is not finite at these weights, so there is no minimum to judge."
+        report.stability_basis = "not_at_minimum"
         return
     op = HessianOperator(model, batches)
     device = model_device(model)
     verdict_inputs = report.learning_rate is not None and report.train_batch_size is not None
-    n_coh = sizes.coherence_examples or min(o.coherence_examples or len(examples), len(examples))
+    n_coh = sizes.coherence_examples
+    everything, first = f"probe[0:{len(examples)}]", f"probe[0:{n_coh}]"
+    report.examples_used = {
+        "eigenvalues": everything, "trace": everything, "m_sharpness": everything, "adam": everything,
+        "coherence": first, "lambda_max_ggn": first, "mean_square": first,
+        "probe": f"SGD batches drawn from {everything}",
+    }
+    report.examples_used = {k: v for k, v in report.examples_used.items()
+                            if k in chosen or (k in ("lambda_max_ggn", "mean_square") and "coherence" in chosen)}
+    gauss_newton: dict[str, Any] = {}
     units = {
         "gradient": 1,
+        "verdict": 1,
         "eigenvalues": o.lanczos_iterations,
         "trace": o.trace_probes,
         "m_sharpness": 1,
         "coherence": ntk.plan(n_coh, o.coherence_memory_gb).row_evaluations if isinstance(ntk, WeightedNTK) else 1,
         "probe": o.probe_steps,
+        "adam": sizes.adam_iterations,
     }
     bar = ReportProgress({name: plan.seconds[name] for name in ("gradient", *chosen)}, o.progress)
 
@@ -499,6 +569,7 @@ def _fill(
         report.top_eigenvalue_residuals = result.residuals
         report.lambda_max, report.lambda_max_residual = result.eigenvalues[0], result.residuals[0]
         report.lanczos_iterations, report.lanczos_converged = result.iterations, result.converged
+        report.lambda_min_ritz = result.smallest
         if not result.converged:
             report.warnings.append(
                 f"eigenvalues: Lanczos stopped after {result.iterations} iterations before the residuals "
@@ -532,6 +603,7 @@ def _fill(
         k = ntk.compute(ntk.plan(n_coh, o.coherence_memory_gb), on_progress=lambda done, total: bar.step(done))
         result = coherence_from_blocks(k, n_coh)
         report.coherence, report.coherence_examples = result.sigma, n_coh
+        gauss_newton["result"] = result
         report.coherence_hessian = "gauss-newton"
         report.lambda_max_ggn = result.lambda_max_ggn
         report.max_example_lambda_max_ggn = result.max_example_lambda_max
@@ -562,50 +634,64 @@ def _fill(
         report.probe_sampling = o.probe_sampling
         report.hvp_counts["probe"] = result.num_hvps  # products with SGD-batch Hessians, not the full one
 
+    def adam() -> None:
+        state = o.adam_state
+        if state.preconditioner.numel() != op.dim:
+            raise ValueError(f"adam_state has {state.preconditioner.numel()} second moments, the model "
+                             f"{op.dim} trainable parameters: pass the optimizer state of this model")
+        result = preconditioned_lambda_max(counted, state.preconditioner.to(device), max_iterations=sizes.adam_iterations,
+                                           tol=o.lanczos_tol, seed=o.seed + 3)
+        eta = report.learning_rate if report.learning_rate is not None else state.learning_rate
+        report.adam_preconditioned_lambda_max = result.eigenvalues[0]
+        report.adam_stability_threshold = adam_stability_threshold(state.beta1, eta)
+        report.adam_edge_ratio = result.eigenvalues[0] / report.adam_stability_threshold
+        report.adam_beta1 = state.beta1
+
     steps = {"eigenvalues": eigenvalues, "trace": trace, "m_sharpness": sharpness, "coherence": coherence,
-             "probe": probe}
+             "probe": probe, "adam": adam}
     for name in MEASURES:
         if name in chosen:
             run(name, steps[name])
+    run("verdict", lambda: _verdict(report, gauss_newton.get("result"), o.seed))
     bar.close()
     report.hvp_count = sum(report.hvp_counts.values())
-    _verdict(report, n_coh)
 
 
-def _verdict(report: SharpnessReport, n_coh: int) -> None:
-    """Critical learning rates (``stability``) and the verdict for the run's own eta, B and n."""
+def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int) -> None:
+    """Critical learning rates, the training set's coherence, the mean-square growth and the three-way verdict
+    (``stability.stability_verdict``) for the run's own eta, B and n."""
     lam = report.lambda_max
     if lam is None and report.lambda_max_ggn is not None:
         lam = report.lambda_max_ggn
         report.warnings.append("verdict: Lanczos lambda_max not computed; using the Gauss-Newton lambda_max")
-    if lam is None:
-        return
-    report.eta_critical_gd = stability.eta_critical_gd(lam)
-    n, b = report.num_train_examples, report.train_batch_size
-    if report.coherence is not None and n is not None:
-        sigma = report.coherence * n / n_coh
-        report.coherence_train_estimate = sigma
-        if n != n_coh:
-            report.warnings.append(
-                f"verdict: sigma of the {n_coh} coherence examples scaled to the n={n} training examples as "
-                "sigma * n / n_probe (sigma/n estimated from the probe set; exact when per-example curvature "
-                "is aligned, an overestimate, hence a conservative Theorem-1 threshold, when it is not)"
-            )
-        if b is not None:
-            report.eta_critical_theorem1 = stability.eta_critical_theorem1(lam, sigma, n, b)
-    if report.learning_rate is None or b is None:
-        report.warnings.append("verdict: pass learning_rate and train_batch_size for the SGD stability verdict")
-        return
-    eta = report.learning_rate
-    if report.eta_critical_theorem1 is not None and eta >= report.eta_critical_theorem1:
-        report.stable_sgd, report.stability_basis = False, "theorem1"
-    elif report.eta_critical_gd is not None and eta > report.eta_critical_gd:
-        report.stable_sgd, report.stability_basis = False, "gd_bound"
-    elif report.probe_growth_rate is not None:
-        report.stable_sgd = report.probe_growth_rate <= 1.0
-        report.stability_basis = "probe"
-    else:
-        report.warnings.append(
-            "verdict: no sufficient condition for instability holds, but they prove instability only; "
-            "run the `probe` measure for a verdict of stability"
-        )
+    eta, n, b = report.learning_rate, report.num_train_examples, report.train_batch_size
+    if lam is not None:
+        report.eta_critical_gd = stability.eta_critical_gd(lam)
+        if lam > 0 and report.grad_norm is not None and report.reference_loss:
+            report.gradient_ratio = report.grad_norm**2 / (2 * lam * report.reference_loss)
+    sigma_high, mean_square = None, None
+    if gauss_newton is not None and gauss_newton.sigma is not None and n is not None:
+        trained = train_coherence(gauss_newton.s_matrix, gauss_newton.max_example_lambda_max, n, seed=seed)
+        report.coherence_train_estimate = trained.estimate
+        report.coherence_train_interval = list(trained.interval)
+        report.coherence_train_confidence = trained.confidence
+        sigma_high = trained.interval[1]
+        if 1 < trained.num_probe_examples < min(8, n):
+            report.warnings.append(f"coherence: {trained.num_probe_examples} examples are too few to extrapolate "
+                                   "sigma to the training set; the interval is the probe's sigma only")
+        if lam is not None and b is not None:
+            report.eta_critical_theorem1 = stability.eta_critical_theorem1(lam, trained.estimate, n, b)
+        if eta is not None and b is not None:
+            factors = stability.gauss_newton_factors(gauss_newton.gram, gauss_newton.num_examples)
+            mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b,
+                                                       num_train_examples=n)
+            report.mean_square_rate = mean_square.rate
+            report.mean_square_rate_interval = list(mean_square.rate_interval)
+            report.mean_square_subspace_dim = mean_square.subspace_dim
+    verdict = stability.stability_verdict(
+        learning_rate=eta, batch_size=b, num_train_examples=n, lambda_max=lam, lambda_min=report.lambda_min_ritz,
+        gradient_ratio=report.gradient_ratio, interpolates=report.interpolates, sigma_high=sigma_high,
+        mean_square=mean_square,
+    )
+    report.stability_verdict, report.stability_reason = verdict.verdict, verdict.reason
+    report.stable_sgd, report.stability_basis = verdict.stable_sgd, verdict.basis

@@ -20,6 +20,7 @@ class LanczosResult:
     iterations: int
     converged: bool
     history: list[float] = field(default_factory=list)  # top Ritz value after each iteration (one HVP each)
+    smallest: float | None = None  # smallest Ritz value: a Rayleigh quotient, so lambda_min(H) <= smallest
 
 
 def lanczos(
@@ -53,6 +54,7 @@ def lanczos(
     betas: list[float] = []
     history: list[float] = []
     theta = torch.zeros(1, dtype=torch.float64)
+    values = theta
     residual = torch.zeros(1, dtype=torch.float64)
     converged = False
     for j in range(max_iterations):
@@ -84,6 +86,7 @@ def lanczos(
         iterations=len(alphas),
         converged=converged,
         history=history,
+        smallest=float(values.min()),
     )
 
 

@@ -1,0 +1,131 @@
+"""Adam/AdamW preconditioned sharpness: against a dense P^-1/2 H P^-1/2 of a tiny model (second moments
+recomputed in the test from the recorded gradients), the checkpoint's optimizer.pt against the live
+optimizer, and the threshold against an exact simulation of Adam with a frozen preconditioner."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import tiny_bert, token_dataset
+from curvature_models import TinyClassifier, classifier_batches, dense_hessian
+
+from hf_msam.curvature.adam import (
+    adam_stability_threshold,
+    adam_state_from_optimizer,
+    adam_state_from_state_dict,
+    preconditioned_lambda_max,
+)
+from hf_msam.curvature.operators import HessianOperator, flatten, trainable_parameters
+
+
+def test_preconditioned_lambda_max_matches_dense_on_a_tiny_model():
+    model = TinyClassifier(classes=3, seed=4)
+    batches = classifier_batches(n=20, classes=3, chunk=20)
+    beta1, beta2, eps = 0.8, 0.95, 1e-6
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, betas=(beta1, beta2), eps=eps, weight_decay=0.01)
+    v = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    for step in range(3):
+        optimizer.zero_grad()
+        model(**batches[0]).loss.backward()
+        g = flatten([p.grad for p in model.parameters()]).double()
+        v = beta2 * v + (1 - beta2) * g**2
+        optimizer.step()
+    p_diag = (v / (1 - beta2**3)).sqrt() + eps
+    h = dense_hessian(model, batches).double()
+    want = float(torch.linalg.eigvalsh(h / p_diag.sqrt()[:, None] / p_diag.sqrt()[None, :])[-1])
+    state = adam_state_from_optimizer(optimizer, trainable_parameters(model))
+    assert torch.allclose(state.preconditioner.double(), p_diag, rtol=1e-5)
+    assert (state.beta1, state.learning_rate, state.step) == (beta1, 0.05, 3)
+    op = HessianOperator(model, batches)
+    got = preconditioned_lambda_max(op.matvec, state.preconditioner, max_iterations=60, tol=1e-6)
+    assert got.eigenvalues[0] == pytest.approx(want, rel=1e-4)
+    assert adam_stability_threshold(0.9, 0.01) == pytest.approx(3800.0)
+
+
+@pytest.mark.parametrize("factor, diverges", [(0.9, False), (1.1, True)])
+def test_threshold_predicts_adam_with_a_frozen_preconditioner(factor, diverges):
+    # quadratic L = w^T H w / 2, gradient H w; Adam with P frozen is m <- b1 m + (1 - b1) H w, w <- w - eta P^-1 m
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    h = a @ a.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    p_diag = torch.rand(6, generator=g, dtype=torch.float64) + 0.2
+    beta1 = 0.9
+    lam = preconditioned_lambda_max(lambda v: (h @ v.double()).float(), p_diag.float(), max_iterations=6).eigenvalues[0]
+    # eta at which lambda_max(P^-1 H) equals the threshold, times factor
+    eta = factor * (2 + 2 * beta1) / ((1 - beta1) * lam)
+    assert (lam >= adam_stability_threshold(beta1, eta)) == diverges
+    w = torch.randn(6, generator=g, dtype=torch.float64)
+    m = torch.zeros(6, dtype=torch.float64)
+    for _ in range(4000):
+        m = beta1 * m + (1 - beta1) * (h @ w)
+        w = w - eta * m / p_diag
+    norm = float(w.norm())  # inf or nan once it has overflowed
+    assert (not norm < 1e3) == diverges and (norm < 1e-3) != diverges
+
+
+def test_checkpoint_optimizer_state_equals_the_live_optimizer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_bert(seed=3)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, save_steps=2,
+                             save_strategy="steps", report_to=[], use_cpu=True, learning_rate=1e-3,
+                             weight_decay=0.1, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(8, seed=1))
+    trainer.train()
+    live = adam_state_from_optimizer(trainer.optimizer, trainable_parameters(model))
+    saved = torch.load(os.path.join(tmp_path, "checkpoint-2", "optimizer.pt"), weights_only=True)
+    loaded = adam_state_from_state_dict(saved, model)
+    assert torch.equal(live.preconditioner, loaded.preconditioner)
+    assert loaded.learning_rate == pytest.approx(1e-3) and loaded.step == 2
+    with pytest.raises(ValueError, match="not this model's|trainable ones"):
+        adam_state_from_state_dict(saved, tiny_bert(seed=3, hidden_size=8, intermediate_size=16))
+
+
+def _tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
+                       attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    torch.manual_seed(1)
+    return ViTForImageClassification(config)
+
+
+def _images(n: int = 8):
+    g = torch.Generator().manual_seed(2)
+    return [{"pixel_values": torch.randn(3, 8, 8, generator=g), "labels": int(i % 3)} for i in range(n)]
+
+
+@pytest.mark.parametrize("architecture", ["bert", "vit"])
+def test_report_adam_sharpness_equals_arnoldi_on_the_unsymmetrised_product(architecture):
+    # an independent route: Arnoldi (scipy) on P^-1 H itself (no similarity transform), after AdamW steps
+    from scipy.sparse.linalg import LinearOperator, eigs
+    from transformers import default_data_collator
+
+    from hf_msam import sharpness_report
+
+    if architecture == "bert":
+        model, data = tiny_bert(seed=6), [dict(x) for x in token_dataset(8, seed=6)]
+    else:
+        model, data = _tiny_vit(), _images()
+    batch = default_data_collator(data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    state = adam_state_from_optimizer(optimizer, trainable_parameters(model))
+    report = sharpness_report(model, data, num_examples=8, measures=["adam"], adam_state=state, lanczos_iterations=40,
+                              lanczos_tol=1e-6, learning_rate=1e-2, train_batch_size=4).to_dict()
+    op = HessianOperator(model, [batch])
+
+    def product(v):  # P^-1 H v, non-symmetric: ARPACK's Arnoldi iteration, not Lanczos
+        vector = torch.from_numpy(v).float()
+        return (op.matvec(vector) / state.preconditioner).double().numpy()
+
+    arnoldi = eigs(LinearOperator((op.dim, op.dim), matvec=product, dtype=float), k=1, which="LR", tol=1e-8,
+                   v0=torch.ones(op.dim, dtype=torch.float64).numpy())[0]
+    assert report["adam_preconditioned_lambda_max"] == pytest.approx(float(arnoldi.real[0]), rel=1e-4)
+    assert report["examples_used"]["adam"] == "probe[0:8]" and report["errors"] == []
