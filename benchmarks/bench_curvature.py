@@ -34,7 +34,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get(
-    "HF_MSAM_SENTIMENT_TSV", os.path.join(HERE, "..", "..", "shared", "data", "sentiment", "rt_movie_snippets.tsv")
+    "HF_MSAM_SENTIMENT_TSV", os.path.join(HERE, "data", "rt_movie_snippets.tsv")
 )
 
 

@@ -1,7 +1,7 @@
 """Optimizer-step time and peak memory of mSAM in the real ``transformers.Trainer`` loop (issue 2, item 4).
 
 all-MiniLM-L6-v2 (22.7M parameters, dropout as configured), batch 32, length 64, real sentences from
-``../shared/data/sentiment/rt_movie_snippets.tsv``; AdamW (``optim="adamw_torch"``, ``max_grad_norm=1``).
+``benchmarks/data/rt_movie_snippets.tsv``; AdamW (``optim="adamw_torch"``, ``max_grad_norm=1``).
 
 Configs: ``stock`` (``transformers.Trainer``), ``rho0`` (``SAMTrainer``, ``sam_rho=0``), ``sam`` (m=1),
 ``loop_m{2,4,8,16}`` and ``vmap_m{2,4,8,16}`` (mSAM with m micro-batches of 32/m examples, with
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(os.environ.get("HF_MSAM_SENTIMENT_TSV", ROOT.parent / "shared" / "data" / "sentiment" / "rt_movie_snippets.tsv"))
+DATA = Path(os.environ.get("HF_MSAM_SENTIMENT_TSV", ROOT / "benchmarks" / "data" / "rt_movie_snippets.tsv"))
 BATCH, SEQ_LEN, LR, RHO = 32, 64, 2e-5, 0.05
 MICRO_BATCH_COUNTS = (2, 4, 8, 16)
 TRAINER_CONFIGS = {

@@ -1,6 +1,6 @@
 """The mSAM step for a group of equal-sized micro-batches in two vectorised passes (``torch.func.vmap``).
 
-The same mathematics as :mod:`hf_msam.msam` (``DESIGN.md`` section 2), for ``m`` micro-batches at once.
+The same mathematics as :mod:`hf_msam.msam` (``docs/design.md`` section 2), for ``m`` micro-batches at once.
 With ``W_i = w_i + 0`` broadcast to ``[m, ...]`` for every trainable tensor ``w_i``::
 
     L_k     = loss of functional_call(model, {W_i[k]}) on D_k      one vmap forward for all k

@@ -124,7 +124,7 @@ def test_rate_above_two_over_lambda_max_is_unstable():
 
 
 def test_between_the_exact_threshold_and_theorem1_is_never_stable():
-    # notes/papers.md 1.5: sigma = 1 (orthogonal rank-one H_i = 2n e_i e_i^T), n = 100, B = 1, lambda_max = 2:
+    # docs/design.md section 3.5: sigma = 1 (orthogonal rank-one H_i = 2n e_i e_i^T), n = 100, B = 1, lambda_max = 2:
     # exact mean-square eta_crit = 0.01, Theorem 1's 0.0503
     n = 100
     x = math.sqrt(n) * torch.eye(n, dtype=torch.float64)
