@@ -43,7 +43,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import SAMTrainingArguments
 from .modelcard import MODEL_TAGS
-from .msam import MicroBatchSAM, Perturbation, RandomState, batch_size_of, split_micro_batches
+from .msam import (
+    MicroBatchSAM,
+    Perturbation,
+    RandomState,
+    batch_size_of,
+    sparse_embedding_gradients,
+    split_micro_batches,
+    trainable_embeddings,
+)
 from .reporting import SharpnessReportMixin
 from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches
 
@@ -105,6 +113,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._sam: MicroBatchSAM | None = None
         self._sam_module: nn.Module | None = None  # the module self._sam was built for
         self._batchnorms: list[nn.Module] = []
+        self._embeddings: list[nn.Embedding] = []  # tables treated by rows on the loop path (sam_sparse_embeddings)
         self._sam_items_in_step: float | None = None
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
@@ -177,7 +186,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             weight = world * items / items_step
 
             randomness = RandomState.capture()  # the descent pass replays the ascent pass's dropout masks
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), sparse_embedding_gradients(self._embeddings):
                 loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
@@ -189,9 +198,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             randomness.restore()
+            # Rows added into .grad in place; not under DDP, whose reducer expects the dense gradients it was built for.
+            descent_tables = sparse_embedding_gradients(self._embeddings if world == 1 else [], accumulating=True)
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
-                    with self.compute_loss_context_manager():
+                    with self.compute_loss_context_manager(), descent_tables:
                         loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
                     self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
@@ -226,6 +237,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             self._batchnorms = [
                 m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             ]
+            # sam_global all-reduces the ascent gradients as dense tensors.
+            sparse = self.args.sam_sparse_embeddings and not self.args.sam_global
+            self._embeddings = trainable_embeddings(module) if sparse else []
         return self._sam
 
     # ------------------------------------------------------------------------------------------------
