@@ -3,8 +3,10 @@
 all-MiniLM-L6-v2 (dropout as configured), batch 32, length 64, micro-batches of 32/m examples, the phases of
 ``SAMTrainer._msam_step`` written out and timed one by one (``time.process_time``, robust to other processes
 on a shared machine): ascent forward, ``autograd.grad``, the perturbation arithmetic (norm, scale, add, swap),
-descent forward, descent backward into ``.grad``, restore; and the optimizer step. Also times the embedding
-table's own share (a memset and an add over the 30522 x 384 word embedding).
+descent forward, descent backward into ``.grad``, restore; and the optimizer step. Each m runs twice: ``dense``
+(every gradient dense, as before issue 8's lever) and ``rows`` (``sparse_embedding_gradients``: the embedding
+tables by the rows a micro-batch uses, as ``SAMTrainer`` does by default). Also times the embedding table's own
+share (a memset, an add and a norm over the 30522 x 384 word embedding), and counts minor page faults per step.
 
     python benchmarks/profile_loop.py --m 8 --out benchmarks/results/profile_loop_cpu.json
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -23,12 +26,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import BATCH, LR, RHO, build  # noqa: E402
 
-from hf_msam.msam import MicroBatchSAM, RandomState, split_micro_batches  # noqa: E402
+from hf_msam.msam import (  # noqa: E402
+    MicroBatchSAM,
+    RandomState,
+    sparse_embedding_gradients,
+    split_micro_batches,
+    trainable_embeddings,
+)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--m", type=int, nargs="+", default=[1, 8, 16], help="micro-batches per step")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
@@ -43,8 +52,10 @@ def main() -> None:
     result = {"setup": {"model": "all-MiniLM-L6-v2", "batch": BATCH, "threads": a.threads, "clock": "process_time",
                         "trainable_params": sum(p.numel() for p in params)}, "per_m": {}}
     clock = time.process_time
-    for m in a.m:
+    for m, variant in [(m, variant) for m in a.m for variant in ("dense", "rows")]:
+        embeddings = trainable_embeddings(model) if variant == "rows" else []
         phases: dict[str, list[float]] = {}
+        faults = []
 
         def timed(name, fn):
             t0 = clock()
@@ -53,25 +64,30 @@ def main() -> None:
             return out
 
         for step in range(a.steps + 1):
-            totals: dict[str, float] = {}
-            before = {k: sum(v) for k, v in phases.items()}
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             for micro, share in split_micro_batches(batch, BATCH // m):
                 rng = RandomState.capture()
-                loss = timed("ascent_forward", lambda: model(**micro).loss)
+                with sparse_embedding_gradients(embeddings):
+                    loss = timed("ascent_forward", lambda: model(**micro).loss)
                 grads = timed("ascent_autograd_grad", lambda: sam.ascent_gradients(loss))
                 timed("perturb_norm_scale_add", lambda: sam.perturb_with(grads))
                 del grads
                 rng.restore()
-                loss2 = timed("descent_forward", lambda: model(**micro).loss)
+                with sparse_embedding_gradients(embeddings, accumulating=True):
+                    loss2 = timed("descent_forward", lambda: model(**micro).loss)
                 timed("descent_backward", lambda: (share * loss2).backward())
                 timed("restore", sam.restore)
             timed("optimizer_clip_step_zero_grad", lambda: (torch.nn.utils.clip_grad_norm_(params, 1.0), opt.step(),
                                                             opt.zero_grad(set_to_none=True)))
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before)
             if step == 0:  # warm-up
                 phases.clear()
+                faults.clear()
         per_step = {k: sum(v) / a.steps for k, v in phases.items()}
-        result["per_m"][str(m)] = {"per_step_s": per_step, "step_total_s": sum(per_step.values())}
-        print(m, json.dumps({k: round(v, 4) for k, v in per_step.items()}), round(sum(per_step.values()), 3), flush=True)
+        result["per_m"][f"{variant}_m{m}"] = {"per_step_s": per_step, "step_total_s": sum(per_step.values()),
+                                              "minor_page_faults_per_step": statistics.median(faults)}
+        print(variant, m, json.dumps({k: round(v, 4) for k, v in per_step.items()}), round(sum(per_step.values()), 3),
+              statistics.median(faults), flush=True)
 
     table = model.bert.embeddings.word_embeddings.weight
     samples = {"zeros_like_table": [], "add_table_into_table": [], "norm_of_table": []}
