@@ -23,6 +23,13 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
   accelerator, ``hf_msam.msam.RandomState``), so both see the same masks and the generators end where the
   stock step's single pass would leave them; with a tiny ``rho`` and one micro-batch per chunk the step is the
   stock step, dropout on.
+* Embedding tables (``sam_sparse_embeddings``, on by default): both passes run with the trainable ``nn.Embedding``
+  modules set to ``sparse=True``, so the ascent gradient of a table holds only the rows the micro-batch looks up,
+  those rows alone are perturbed (in place) and restored, and the descent rows are added into the table's dense
+  ``.grad`` in place (one process; under DDP the descent stays dense for the reducer). A table tied to an LM
+  head gets a dense gradient and the dense treatment; the update is the same either way. On CPU this removes
+  most of the per-micro-batch parameter-sized work for all-MiniLM-L6-v2, half of whose parameters are its word
+  embedding (``benchmarks/results/step_cpu_sparse.json``).
 * A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
   zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
   same collectives in every step.
