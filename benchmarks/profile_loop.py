@@ -96,7 +96,8 @@ def main() -> None:
         t0 = clock(); z = torch.zeros_like(table); samples["zeros_like_table"].append(clock() - t0); del z
         t0 = clock(); buf.add_(table.detach()); samples["add_table_into_table"].append(clock() - t0)
         t0 = clock(); torch.linalg.vector_norm(buf); samples["norm_of_table"].append(clock() - t0)
-    result["word_embedding_table"] = {"shape": list(table.shape), **{k: statistics.median(v) for k, v in samples.items()}}
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    result["word_embedding_table"] = {"shape": list(table.shape), **medians}
     print(result["word_embedding_table"])
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1) + "\n")

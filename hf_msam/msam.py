@@ -145,7 +145,9 @@ class MicroBatchSAM:
         each row once, its values summed over the tokens that used it.
         """
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g.coalesce() if g.is_sparse else g for g, p in zip(grads, self.params)]
+        grads = [
+            torch.zeros_like(p) if g is None else g.coalesce() if g.is_sparse else g for g, p in zip(grads, self.params)
+        ]
         return _private_buffers(grads, [p.detach() for p in self.params])
 
     @torch.no_grad()

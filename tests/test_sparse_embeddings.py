@@ -102,7 +102,8 @@ def _loop_gradient(model, batch, micro_batch_size, sparse, sparse_tables=None, *
             loss = model(**micro).loss
         (share * loss).backward()
         sam.restore()
-    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in sam.params]  # unused: the pooler of an MLM
+    # a tensor the loss does not reach (the pooler of an MLM) has no .grad; the reference gives it zeros
+    return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in sam.params]
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
@@ -137,7 +138,8 @@ def test_rows_are_perturbed_in_place_and_restored_bit_for_bit():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     storage = [p.data_ptr() for p in model.parameters()]
     sam = MicroBatchSAM(model.parameters(), rho=0.25)
-    dense_grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(model(**batch).loss, sam.params)))
+    names = [n for n, _ in model.named_parameters()]
+    dense_grads = dict(zip(names, torch.autograd.grad(model(**batch).loss, sam.params)))
     norm = math.sqrt(sum(float((g**2).sum()) for g in dense_grads.values()))
 
     with sparse_embedding_gradients(trainable_embeddings(model)):
