@@ -71,9 +71,10 @@ CPU, measured (``benchmarks/results/step_cpu_issue8.json``: all-MiniLM-L6-v2, ba
 a shared 2-core machine): the vmap path took more CPU time than the loop at every m (m = 8: 1.49x SAM against
 1.20x; m = 16: 2.12x against 1.44x) and 4 to 4.5 more parameter copies per micro-batch (it materialises
 every trainable tensor per micro-batch, the word embedding included, and CPU SDPA has no batching rule), so
-"auto" keeps the loop there. CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made
-the loop 3.2x (m = 4) and 6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``)
-measures it."""
+"auto" keeps the loop there; with the embedding tables treated by rows (``sam_sparse_embeddings``) the loop went
+down to 1.09x SAM at m = 8 and 1.17x at m = 16 (``benchmarks/results/step_cpu_sparse.json``, 1 thread).
+CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made the loop 3.2x (m = 4) and
+6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``) measures it."""
 
 VMAP_COPIES_PER_MICRO_BATCH = 5
 """Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
