@@ -166,12 +166,13 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     else:
         trainer = SAMTrainer(model=model, args=SAMTrainingArguments(**common, **extra), train_dataset=ds)
 
-    times, passes, cpu = [], [], []
+    times, passes, cpu, faults = [], [], [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             self.t0 = clock()
             self.c0 = time.process_time()
+            self.f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             self.t1 = clock()
@@ -180,6 +181,7 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
             t2 = clock()
             times.append(t2 - self.t0)
             cpu.append(time.process_time() - self.c0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.f0)
             passes.append(self.t1 - self.t0)
 
     trainer.add_callback(Timer())
@@ -188,6 +190,7 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     _mem_end(a, out)
     out["training_step_s"] = passes[a.warmup :]  # training_step (+clip) part, before optimizer.step
     out["cpu_s"] = cpu[a.warmup :]
+    out["minor_page_faults"] = faults[a.warmup :]  # memory the allocator returned to the OS and touched again
     return times[a.warmup :]
 
 
@@ -481,6 +484,8 @@ def summarize(a, runs, load, started, out_path, final) -> None:
                  "mem_extra_mb": statistics.median(r["mem_extra_mb"] for r in rs),
                  "mem_extra_mb_runs": [r["mem_extra_mb"] for r in rs],
                  "mem_base_mb_runs": [r["mem_base_mb"] for r in rs]}
+        if "minor_page_faults" in rs[0]:
+            entry["minor_page_faults_per_step"] = statistics.median(f for r in rs for f in r["minor_page_faults"])
         if "training_step_s" in rs[0]:
             entry["training_step_part_s"] = statistics.median(t for r in rs for t in r["training_step_s"])
         result["configs"][c] = entry
