@@ -5,7 +5,8 @@ all-MiniLM-L6-v2 (22.7M parameters, dropout as configured), batch 32, length 64,
 
 Configs: ``stock`` (``transformers.Trainer``), ``rho0`` (``SAMTrainer``, ``sam_rho=0``), ``sam`` (m=1),
 ``loop_m{2,4,8,16}`` and ``vmap_m{2,4,8,16}`` (mSAM with m micro-batches of 32/m examples, with
-``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8; ``vmap_m1`` is SAM on the vmap path), ``peer`` (``pytorch_optimizer.SAM`` around
+``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8; ``vmap_m1`` is SAM on the vmap path), ``sam_dense`` and
+``loop_dense_m{2,4,8,16}`` (the loop with ``sam_sparse_embeddings=False``: every gradient dense), ``peer`` (``pytorch_optimizer.SAM`` around
 the same AdamW in a hand-written loop, clipping like the Trainer), and ``floor`` (no SAM arithmetic at all:
 the forward/backward passes mSAM cannot avoid, plus the parameter-sized vector work, each timed alone).
 
@@ -42,6 +43,10 @@ TRAINER_CONFIGS = {
     "rho0": dict(sam_rho=0.0),
     "sam": dict(sam_rho=RHO, sam_micro_batch_mode="loop"),
     **{f"loop_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="loop") for m in MICRO_BATCH_COUNTS},
+    # the loop with every gradient dense, as before the embedding tables were treated by rows (issue 8)
+    "sam_dense": dict(sam_rho=RHO, sam_micro_batch_mode="loop", sam_sparse_embeddings=False),
+    **{f"loop_dense_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="loop", sam_sparse_embeddings=False)
+       for m in MICRO_BATCH_COUNTS},
     "vmap_m1": dict(sam_rho=RHO, sam_micro_batch_mode="vmap"),  # SAM on the vmap path
     **{f"vmap_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="vmap") for m in MICRO_BATCH_COUNTS},
 }
@@ -161,12 +166,13 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     else:
         trainer = SAMTrainer(model=model, args=SAMTrainingArguments(**common, **extra), train_dataset=ds)
 
-    times, passes, cpu = [], [], []
+    times, passes, cpu, faults = [], [], [], []
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             self.t0 = clock()
             self.c0 = time.process_time()
+            self.f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             self.t1 = clock()
@@ -175,6 +181,7 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
             t2 = clock()
             times.append(t2 - self.t0)
             cpu.append(time.process_time() - self.c0)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.f0)
             passes.append(self.t1 - self.t0)
 
     trainer.add_callback(Timer())
@@ -183,6 +190,7 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     _mem_end(a, out)
     out["training_step_s"] = passes[a.warmup :]  # training_step (+clip) part, before optimizer.step
     out["cpu_s"] = cpu[a.warmup :]
+    out["minor_page_faults"] = faults[a.warmup :]  # memory the allocator returned to the OS and touched again
     return times[a.warmup :]
 
 
@@ -476,6 +484,8 @@ def summarize(a, runs, load, started, out_path, final) -> None:
                  "mem_extra_mb": statistics.median(r["mem_extra_mb"] for r in rs),
                  "mem_extra_mb_runs": [r["mem_extra_mb"] for r in rs],
                  "mem_base_mb_runs": [r["mem_base_mb"] for r in rs]}
+        if "minor_page_faults" in rs[0]:
+            entry["minor_page_faults_per_step"] = statistics.median(f for r in rs for f in r["minor_page_faults"])
         if "training_step_s" in rs[0]:
             entry["training_step_part_s"] = statistics.median(t for r in rs for t in r["training_step_s"])
         result["configs"][c] = entry
@@ -552,6 +562,11 @@ def summarize(a, runs, load, started, out_path, final) -> None:
     for t in targets.values():
         v = t["value"]
         t["met"] = None if v is None or v != v else (abs(v - 1) <= 0.02 if t is targets["rho0_within_2pct_of_stock"] else v <= t["limit"])
+    result["dense_loop_same_run"] = {  # the loop before the embedding tables were treated by rows (issue 8)
+        f"m{m}": {"ratio_vs_sam_dense": med(f"loop_dense_m{m}") / med("sam_dense"), "cpu_ratio_vs_sam_dense": cpu_ratio(f"loop_dense_m{m}", "sam_dense"),
+                  "rows_over_dense_step": med(f"loop_m{m}") / med(f"loop_dense_m{m}"), "rows_over_dense_cpu": cpu_ratio(f"loop_m{m}", f"loop_dense_m{m}")}
+        for m in MICRO_BATCH_COUNTS if f"loop_dense_m{m}" in cfg and "sam_dense" in cfg
+    }
     result["auto_path"] = auto
     result["param_copy_mb"] = param_mb
     result["targets"] = targets

@@ -4,7 +4,14 @@ sharpness / Hessian-coherence report of what it trains."""
 from .arguments import SAMTrainingArguments
 from .curvature.arguments import SharpnessArguments
 from .curvature.report import SharpnessReport, sharpness_report
-from .msam import MicroBatchSAM, Perturbation, RandomState, split_micro_batches
+from .msam import (
+    MicroBatchSAM,
+    Perturbation,
+    RandomState,
+    sparse_embedding_gradients,
+    split_micro_batches,
+    trainable_embeddings,
+)
 from .reporting import SharpnessCallback, SharpnessReportMixin, SharpnessResult
 from .trainer import SAMTrainer
 from .vectorized import VectorizedMicroBatchSAM
@@ -24,5 +31,7 @@ __all__ = [
     "SharpnessReport",
     "VectorizedMicroBatchSAM",
     "sharpness_report",
+    "sparse_embedding_gradients",
     "split_micro_batches",
+    "trainable_embeddings",
 ]

@@ -52,6 +52,12 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             Classic (global) SAM: one perturbation from the ascent gradient averaged over the whole mini-batch on
             all processes, at the cost of one extra all-reduce per step. Excludes ``sam_micro_batch_size`` and
             needs ``gradient_accumulation_steps=1``.
+        sam_sparse_embeddings (`bool`, *optional*, defaults to `True`):
+            On the loop path, treat each trainable ``nn.Embedding`` table by the rows a micro-batch uses: the
+            ascent gradient of those rows only (``F.embedding(sparse=True)``), the perturbation of those rows in
+            place and their exact restore, and the descent rows added into ``.grad`` in place (one process). The
+            update is the same (``||g_k||`` still runs over every trainable tensor); a table used elsewhere too
+            (tied to an LM head) and ``sam_global`` keep the dense treatment. False: dense gradients everywhere.
     """
 
     sam_rho: float = field(
@@ -88,6 +94,15 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             "vmap where the model is eligible and vmap was measured faster on the device type (CUDA), else the "
             "loop, with the reason logged once.",
             "choices": ["loop", "vmap", "auto"],
+        },
+    )
+    sam_sparse_embeddings: bool = field(
+        default=True,
+        metadata={
+            "help": "Loop path: take the ascent gradient of each nn.Embedding table for the rows the micro-batch "
+            "uses only, perturb and restore those rows in place, and add the descent rows into .grad in place "
+            "(the same update, less work per micro-batch). A table used elsewhere too (tied to the LM head) and "
+            "sam_global=True keep the dense treatment. False: dense gradients for every tensor."
         },
     )
     sam_vmap_memory_budget_mb: float | None = field(

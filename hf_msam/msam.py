@@ -18,6 +18,16 @@ and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The
 parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a micro-batch
 is in flight; a gradient that autograd shares between tensors (or returns expanded) is copied first.
 
+Embedding tables (:func:`sparse_embedding_gradients`): a micro-batch of ``b`` sequences of length ``L`` reaches at
+most ``b * L`` rows of a word embedding. Run the forward passes with the ``nn.Embedding`` modules set to
+``sparse=True`` and autograd returns those rows only (a sparse COO gradient), for a table that the embedding
+lookup alone uses; a table used elsewhere too (tied to an LM head) gets the sum, a dense gradient, and the dense
+treatment. The rows of a sparse gradient are perturbed in place (``w[rows] += e_k[rows]``, the old rows kept
+aside and copied back bit for bit by :meth:`MicroBatchSAM.restore`); every other row has ``g_k = 0``, hence
+``e_k = 0``, and ``||g_k||`` over all trainable tensors is the same number. The descent backward of a table whose
+``.grad`` already holds a dense tensor then adds its rows into it in place instead of allocating, filling and
+adding a table-sized gradient.
+
 Dropout: both passes of a micro-batch must see the same function, so the descent pass replays the random
 state the ascent pass started from (:class:`RandomState`), as the reference SAM implementation evaluates
 both gradients under one random key. The generators then end where one pass would have left them.
@@ -25,12 +35,17 @@ both gradients under one random key. The generators then end where one pass woul
 Use it in any training loop::
 
     sam = MicroBatchSAM(model.parameters(), rho=0.05)
+    embeddings = trainable_embeddings(model)
     for batch in loader:
         for micro_batch, weight in split_micro_batches(batch, 8):
             randomness = RandomState.capture()
-            sam.perturb(model(**micro_batch).loss)           # w -> w + e_k
+            with sparse_embedding_gradients(embeddings):     # optional: ascent gradients of the used rows only
+                loss = model(**micro_batch).loss
+            sam.perturb(loss)                                # w -> w + e_k
             randomness.restore()                             # the descent pass draws the same dropout masks
-            (weight * model(**micro_batch).loss).backward()  # accumulates d_k into .grad
+            with sparse_embedding_gradients(embeddings, accumulating=True):
+                loss = model(**micro_batch).loss
+            (weight * loss).backward()                       # accumulates d_k into .grad
             sam.restore()                                    # w + e_k -> w, exactly
         optimizer.step()
         optimizer.zero_grad()
@@ -38,12 +53,14 @@ Use it in any training loop::
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 EPS = 1e-12
@@ -94,7 +111,8 @@ class MicroBatchSAM:
         self.rho = float(rho)
         self.adaptive = adaptive
         self.adaptive_eta = float(adaptive_eta)
-        self._saved: list[torch.Tensor] | None = None
+        # Per parameter: the tensor it held at w (dense), or (rows, their values at w) for a sparse gradient.
+        self._saved: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def is_perturbed(self) -> bool:
@@ -103,24 +121,33 @@ class MicroBatchSAM:
 
     @torch.no_grad()
     def restore(self) -> None:
-        """``w + e_k -> w``: the parameters get back the very tensors they held before :meth:`perturb`.
+        """``w + e_k -> w``: the parameters get back the very tensors they held before :meth:`perturb`, and a
+        table perturbed by rows gets the saved rows copied back.
 
         Bit for bit, never ``p -= e_k``; a no-op when the last perturbation was skipped.
         """
         if self._saved is None:
             return
         for p, saved in zip(self.params, self._saved):
-            p.data = saved
+            if isinstance(saved, tuple):
+                rows, values = saved
+                p.data.index_copy_(0, rows, values)
+            else:
+                p.data = saved
         self._saved = None
 
     def ascent_gradients(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """``g_k = grad L_k(w)`` by ``torch.autograd.grad``, so ``.grad`` (the accumulated descent) is untouched.
 
-        A trainable tensor that the loss does not reach gets a zero gradient. Each returned tensor has storage
-        of its own, so in-place arithmetic on one (an all-reduce, :meth:`perturb_with`) changes no other.
+        A trainable tensor that the loss does not reach gets a zero gradient. Each returned dense tensor has
+        storage of its own, so in-place arithmetic on one (an all-reduce, :meth:`perturb_with`) changes no other.
+        A sparse gradient (an embedding table under :func:`sparse_embedding_gradients`) is returned coalesced:
+        each row once, its values summed over the tokens that used it.
         """
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params)]
+        grads = [
+            torch.zeros_like(p) if g is None else g.coalesce() if g.is_sparse else g for g, p in zip(grads, self.params)
+        ]
         return _private_buffers(grads, [p.detach() for p in self.params])
 
     @torch.no_grad()
@@ -130,12 +157,19 @@ class MicroBatchSAM:
         ``w + e_k`` is built in place in the buffers of ``grads``, which the parameters then hold while ``w``
         is kept aside for :meth:`restore`: one parameter-sized buffer in flight at any time, no copy of the
         weights. A gradient that shares storage with another or with a weight, or is not dense (expanded), is
-        copied first. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of
-        ``e_k`` does not depend on it, only the reported norm does.
+        copied first. A sparse gradient (COO, rows along dimension 0) moves only its rows, in place, with the
+        values of those rows at ``w`` kept for :meth:`restore`; its other rows have ``g_k = 0`` and stay. The
+        norm runs over the dense gradients and the (coalesced) rows together: ``||g_k||`` over all trainable
+        tensors. ``grad_scale`` is the factor the gradients carry (the fp16 loss scale); the direction of ``e_k``
+        does not depend on it, only the reported norm does.
         """
         if self._saved is not None:
             raise RuntimeError("perturb() called twice without restore(): the weights are already at w + e_k.")
-        weights = [p.detach() for p in self.params]
+        tables = {i: g.coalesce() for i, g in enumerate(grads) if g.is_sparse}
+        rows = {i: g.indices()[0] for i, g in tables.items()}
+        # Dense tensors as they are; a table by its rows: the rows of w (kept for restore) and of g_k.
+        weights = [p.detach().index_select(0, rows[i]) if i in rows else p.detach() for i, p in enumerate(self.params)]
+        grads = [tables[i].values() if i in tables else g for i, g in enumerate(grads)]
         grads = _private_buffers(grads, weights)
         if self.adaptive:
             # T g_k, then T^2 g_k in place: e_k = rho * T^2 g_k / ||T g_k||.
@@ -152,10 +186,13 @@ class MicroBatchSAM:
             if not math.isfinite(norm):
                 return Perturbation(norm / grad_scale, skipped=True)
         torch._foreach_mul_(grads, self.rho / (norm + EPS * grad_scale))
-        torch._foreach_add_(grads, weights)  # grads now hold w + e_k
-        self._saved = [p.data for p in self.params]
-        for p, perturbed in zip(self.params, grads):
-            p.data = perturbed
+        torch._foreach_add_(grads, weights)  # grads now hold w + e_k (of the rows, for a table)
+        self._saved = [(rows[i], weights[i]) if i in rows else p.data for i, p in enumerate(self.params)]
+        for i, (p, perturbed) in enumerate(zip(self.params, grads)):
+            if i in rows:
+                p.data.index_copy_(0, rows[i], perturbed)
+            else:
+                p.data = perturbed
         return Perturbation(norm / grad_scale, skipped=False)
 
     def perturb(self, loss: torch.Tensor, grad_scale: float = 1.0) -> Perturbation:
@@ -190,6 +227,44 @@ class RandomState:
             _accelerator_module().set_rng_state(self.accelerator)
 
 
+def trainable_embeddings(module: nn.Module) -> list[nn.Embedding]:
+    """The ``nn.Embedding`` modules of ``module`` whose table is trainable and can take a sparse gradient (not
+    ``scale_grad_by_freq``, which the sparse backward of ``F.embedding`` refuses; not already ``sparse``)."""
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.Embedding) and m.weight.requires_grad and not m.scale_grad_by_freq and not m.sparse
+    ]
+
+
+@contextlib.contextmanager
+def sparse_embedding_gradients(embeddings: Sequence[nn.Embedding], accumulating: bool = False):
+    """Forward passes run inside get sparse gradients for the tables of ``embeddings`` (``sparse=True``).
+
+    The backward of ``F.embedding(sparse=True)`` hands back the ``b * L`` looked-up rows of the output gradient
+    (COO, without the ``padding_idx`` row) instead of filling a table-sized zero tensor. A table that the forward
+    also uses elsewhere (tied to an LM head) receives the sum of both uses, a dense tensor: correct either way.
+
+    ``accumulating=False`` (the ascent pass, gradients taken by ``torch.autograd.grad``): every table.
+    ``accumulating=True`` (the descent pass, ``.backward()`` into ``.grad``): only the tables whose ``.grad``
+    already holds a dense tensor, which the sparse rows are then added into in place; a table without one keeps
+    the dense backward, so that ``.grad`` never becomes sparse (optimizers such as AdamW refuse sparse
+    gradients) and a table the pass does not reach keeps ``.grad = None``.
+    """
+    switched = [
+        m
+        for m in embeddings
+        if not accumulating or (m.weight.grad is not None and not m.weight.grad.is_sparse)
+    ]
+    for m in switched:
+        m.sparse = True
+    try:
+        yield
+    finally:
+        for m in switched:
+            m.sparse = False
+
+
 def _accelerator_module():
     """``torch.cuda`` (or ``torch.xpu``, ``torch.mps``, ...) when an accelerator is available, else ``None``."""
     accelerator = torch.accelerator.current_accelerator(check_available=True)
@@ -207,6 +282,9 @@ def _private_buffers(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> 
     seen = {w.untyped_storage().data_ptr() for w in weights}
     private = []
     for grad, weight in zip(grads, weights):
+        if grad.is_sparse:  # coalesced by ascent_gradients: values of its own
+            private.append(grad)
+            continue
         storage = grad.untyped_storage().data_ptr()
         if storage in seen or not is_non_overlapping_and_dense_or_false(grad):
             grad = torch.empty_like(weight, dtype=grad.dtype).copy_(grad)

@@ -23,6 +23,13 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
   accelerator, ``hf_msam.msam.RandomState``), so both see the same masks and the generators end where the
   stock step's single pass would leave them; with a tiny ``rho`` and one micro-batch per chunk the step is the
   stock step, dropout on.
+* Embedding tables (``sam_sparse_embeddings``, on by default): both passes run with the trainable ``nn.Embedding``
+  modules set to ``sparse=True``, so the ascent gradient of a table holds only the rows the micro-batch looks up,
+  those rows alone are perturbed (in place) and restored, and the descent rows are added into the table's dense
+  ``.grad`` in place (one process; under DDP the descent stays dense for the reducer). A table tied to an LM
+  head gets a dense gradient and the dense treatment; the update is the same either way. On CPU this removes
+  most of the per-micro-batch parameter-sized work for all-MiniLM-L6-v2, half of whose parameters are its word
+  embedding (``benchmarks/results/step_cpu_sparse.json``).
 * A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
   zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
   same collectives in every step.
@@ -43,7 +50,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .arguments import SAMTrainingArguments
 from .modelcard import MODEL_TAGS
-from .msam import MicroBatchSAM, Perturbation, RandomState, batch_size_of, split_micro_batches
+from .msam import (
+    MicroBatchSAM,
+    Perturbation,
+    RandomState,
+    batch_size_of,
+    sparse_embedding_gradients,
+    split_micro_batches,
+    trainable_embeddings,
+)
 from .reporting import SharpnessReportMixin
 from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches
 
@@ -56,9 +71,10 @@ CPU, measured (``benchmarks/results/step_cpu_issue8.json``: all-MiniLM-L6-v2, ba
 a shared 2-core machine): the vmap path took more CPU time than the loop at every m (m = 8: 1.49x SAM against
 1.20x; m = 16: 2.12x against 1.44x) and 4 to 4.5 more parameter copies per micro-batch (it materialises
 every trainable tensor per micro-batch, the word embedding included, and CPU SDPA has no batching rule), so
-"auto" keeps the loop there. CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made
-the loop 3.2x (m = 4) and 6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``)
-measures it."""
+"auto" keeps the loop there; with the embedding tables treated by rows (``sam_sparse_embeddings``) the loop went
+down to 1.09x SAM at m = 8 and 1.17x at m = 16 (``benchmarks/results/step_cpu_sparse.json``, 1 thread).
+CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made the loop 3.2x (m = 4) and
+6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``) measures it."""
 
 VMAP_COPIES_PER_MICRO_BATCH = 5
 """Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
@@ -105,6 +121,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._sam: MicroBatchSAM | None = None
         self._sam_module: nn.Module | None = None  # the module self._sam was built for
         self._batchnorms: list[nn.Module] = []
+        self._embeddings: list[nn.Embedding] = []  # tables treated by rows on the loop path (sam_sparse_embeddings)
         self._sam_items_in_step: float | None = None
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
@@ -177,7 +194,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             weight = world * items / items_step
 
             randomness = RandomState.capture()  # the descent pass replays the ascent pass's dropout masks
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), sparse_embedding_gradients(self._embeddings):
                 loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
@@ -189,9 +206,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
             randomness.restore()
+            # Rows added into .grad in place; not under DDP, whose reducer expects the dense gradients it was built for.
+            descent_tables = sparse_embedding_gradients(self._embeddings if world == 1 else [], accumulating=True)
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
-                    with self.compute_loss_context_manager():
+                    with self.compute_loss_context_manager(), descent_tables:
                         loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
                     self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
@@ -226,6 +245,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             self._batchnorms = [
                 m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             ]
+            # sam_global all-reduces the ascent gradients as dense tensors.
+            sparse = self.args.sam_sparse_embeddings and not self.args.sam_global
+            self._embeddings = trainable_embeddings(module) if sparse else []
         return self._sam
 
     # ------------------------------------------------------------------------------------------------
