@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -30,9 +31,8 @@ def main(out_dir: str) -> None:
         trainer.train()
         if trainer.accelerator.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{name}.safetensors"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    del trainer  # the DDP wrapper must go while the process group is still registered
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

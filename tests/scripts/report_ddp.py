@@ -7,6 +7,7 @@ import os
 import sys
 
 import torch
+from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -27,8 +28,8 @@ def main(out_dir: str) -> None:
     if rank == 0:
         save_file({k: v.detach().contiguous() for k, v in trainer.model.state_dict().items()},
                   os.path.join(out_dir, "weights.safetensors"))
-    torch.distributed.barrier()  # both ranks done before the group goes (else one may hang in its shutdown)
-    torch.distributed.destroy_process_group()
+    del trainer  # the DDP wrapper must go while the process group is still registered
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 import sys
 
 import torch
+from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -30,9 +31,8 @@ def main(out_dir: str) -> None:
         assert trainer._vmap_verified
         if trainer.accelerator.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in model.named_parameters()}, os.path.join(out_dir, f"{name}.safetensors"))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # without it, a rank can hang at shutdown now and then
-        torch.distributed.destroy_process_group()
+    del trainer  # the DDP wrapper must go while the process group is still registered
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
