@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from example_cards import copy_example  # benchmarks/example_cards.py, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPES = {"text": "glue", "vision": "vit"}
@@ -48,7 +50,7 @@ def machine(device: str) -> dict:
     return info
 
 
-def run(kind: str, device: str, bf16: bool, extra: list[str]) -> dict:
+def run(kind: str, device: str, bf16: bool, extra: list[str], example_card: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"hf_msam_default_{kind}_") as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", f"hf_msam.recipes.{RECIPES[kind]}", "--output_dir", str(out)]
@@ -67,6 +69,8 @@ def run(kind: str, device: str, bf16: bool, extra: list[str]) -> dict:
         results = json.loads((out / "all_results.json").read_text())
         card = json.loads((out / "msam_card.json").read_text())
         sharpness = json.loads((out / "sharpness.json").read_text()) if (out / "sharpness.json").is_file() else None
+        if example_card:  # the card of this reference run, beside the template (model_cards/examples/)
+            print(f"[run_defaults] example card -> {copy_example(out, RECIPES[kind])}", flush=True)
     record = {
         "recipe": f"hf-msam {RECIPES[kind]} (default: no model, no data)",
         "command": " ".join(cmd[1:]).replace(str(out), "OUTPUT_DIR"),
@@ -91,13 +95,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(RECIPES), help="run one default only")
     parser.add_argument("--bf16", action="store_true", help="run on the CUDA GPU with bf16 mixed precision")
+    parser.add_argument("--example_cards", action="store_true",
+                        help="copy each run's model card, plot and report to model_cards/examples/<recipe>/")
     parser.add_argument("extra", nargs="*", help="flags passed on to the recipe (after --)")
     args = parser.parse_args()
     device = "cuda" if args.bf16 else "cpu"
     suffix = "cuda_bf16" if args.bf16 else "cpu"
     RESULTS.mkdir(parents=True, exist_ok=True)
     for kind in [args.only] if args.only else ["text", "vision"]:
-        record = run(kind, device, args.bf16, args.extra)
+        record = run(kind, device, args.bf16, args.extra, args.example_cards)
         path = RESULTS / f"default_{kind}_{suffix}.json"
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{kind}: accuracy {record['eval_accuracy']:.4f}, wall {record['wall_time_s']} s -> {path}")
