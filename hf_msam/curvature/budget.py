@@ -4,7 +4,9 @@ The report's cost is a sum of unit costs times counts, all measured on the model
 work starts (``ReportCosts``): a Hessian-vector product costs about ``hvp`` seconds per probe example (Lanczos
 iterations, Hutchinson probes), a gradient ``gradient`` seconds per example (m-sharpness takes a gradient and
 a perturbed forward: 1.5 gradients), the linear-stability probe one HVP on a training batch per step, and the
-coherence ``gram.GramPlan.row_evaluations`` one-example rows plus the Gram products.
+coherence ``gram.GramPlan.row_evaluations`` one-example rows (an exact plan recomputes examples that do not
+stay resident: about n + n^2 / (2R) evaluations; a sketched plan evaluates each example once and sketches its
+rows) plus the Gram products.
 
 ``plan_report`` keeps the requested sizes when they fit ``max_seconds``; otherwise it scales every size by the
 largest common factor f in (0, 1] whose estimate fits (bisection; the estimate grows with f), each size kept
@@ -64,6 +66,8 @@ class ReportCosts:
     coherence_dim: int
     gram_flops_per_second: float
     coherence_memory_gb: float
+    coherence_sketch: str | int = "exact"  # gram.plan_gram's sketch option
+    coherence_sketch_row: float = 0.0  # seconds to sketch the rows of one example
 
 
 def estimate(sizes: ReportSizes, costs: ReportCosts) -> dict[str, float]:
@@ -80,8 +84,10 @@ def estimate(sizes: ReportSizes, costs: ReportCosts) -> dict[str, float]:
     }
     if sizes.coherence_examples:
         gram = plan_gram(sizes.coherence_examples, costs.coherence_rows_per_example, costs.coherence_dim,
-                         costs.coherence_memory_gb)
-        seconds["coherence"] = gram.row_evaluations * costs.coherence_row + gram.gram_flops / costs.gram_flops_per_second
+                         costs.coherence_memory_gb, sketch=costs.coherence_sketch)
+        sketching = gram.num_examples * costs.coherence_sketch_row if gram.sketch_dim else 0.0
+        seconds["coherence"] = (gram.row_evaluations * costs.coherence_row + sketching
+                                + gram.gram_flops / costs.gram_flops_per_second)
     return seconds
 
 
