@@ -550,7 +550,7 @@ def _fill(
         "probe": o.probe_steps,
         "adam": sizes.adam_iterations,
     }
-    bar = ReportProgress({name: plan.seconds[name] for name in ("gradient", *chosen)}, o.progress)
+    bar = ReportProgress({name: plan.seconds[name] for name in ("gradient", *chosen)}, o.progress, o.clock)
 
     def counted(v: torch.Tensor) -> torch.Tensor:
         result = op.matvec(v)
