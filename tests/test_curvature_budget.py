@@ -6,7 +6,6 @@ cost model against counts made by hand, and the report against its own plan."""
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import replace
 
