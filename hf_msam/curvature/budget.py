@@ -180,7 +180,7 @@ class ReportProgress:
 
         self.seconds, self.clock = dict(seconds), clock
         self.bar = tqdm(total=max(sum(seconds.values()), 1e-9), desc="sharpness report", disable=not enabled,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
         self.began = self.phase_began = clock()
         self.name, self.units, self.done = "", 1, 0
         self.finished: set[str] = set()
@@ -220,8 +220,7 @@ class ReportProgress:
         now = self.clock()
         self.elapsed, self.left = elapsed, left = now - self.began, self.time_left(now)
         self.bar.total = max(elapsed + left, 1e-9)
-        self.bar.set_postfix_str(f"{self.name} {self.done}/{self.units}, {_clock_time(elapsed)} elapsed, about "
-                                 f"{_clock_time(left)} left", refresh=False)
+        self.bar.set_postfix_str(f"{self.name} {self.done}/{self.units}, about {_clock_time(left)} left", refresh=False)
         self.bar.update(elapsed - self.bar.n)
 
     def close(self) -> None:
