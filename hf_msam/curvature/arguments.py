@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .gram import parse_sketch
 from .report import MEASURES
 
 PREFIX = "sharpness_"
@@ -82,6 +83,14 @@ class SharpnessArguments:
         metadata={"help": "Memory (GB) of the coherence's Jacobian-row buffers (more: fewer recomputed rows). "
                           "None: the report's default."},
     )
+    sharpness_coherence_sketch: str | None = field(
+        default=None,
+        metadata={"help": "Coherence Gram: 'exact', 'auto' (exact when the Jacobian rows of every coherence example "
+                          "fit sharpness_coherence_memory_gb, else a CountSketch of each row, so that each example "
+                          "is evaluated once; the report gives the sketch dimension and the estimated relative "
+                          "error of sigma) or a sketch dimension (an integer, e.g. 262144). None: the report's "
+                          "default ('auto')."},
+    )
     sharpness_batch_size: int | None = field(
         default=None, metadata={"help": "Examples per forward/backward pass of the report. None: the report's default."}
     )
@@ -120,6 +129,13 @@ def validate_sharpness_options(options: Any) -> None:
         value = getattr(options, PREFIX + name)
         if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
             raise ValueError(f"{PREFIX}{name} must be a finite number > 0 (or None for the default), got {value!r}.")
+    sketch = options.sharpness_coherence_sketch
+    if sketch is not None:
+        try:
+            parse_sketch(sketch)
+        except ValueError:
+            raise ValueError(f"{PREFIX}coherence_sketch must be 'auto', 'exact' or a sketch dimension (an integer "
+                             f">= 1, e.g. 262144), or None for the default, got {sketch!r}.") from None
     budget = options.sharpness_max_seconds
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
         raise ValueError(f"{PREFIX}max_seconds must be a number of seconds > 0, inf for no limit (or None for the "

@@ -4,7 +4,9 @@ The report's cost is a sum of unit costs times counts, all measured on the model
 work starts (``ReportCosts``): a Hessian-vector product costs about ``hvp`` seconds per probe example (Lanczos
 iterations, Hutchinson probes), a gradient ``gradient`` seconds per example (m-sharpness takes a gradient and
 a perturbed forward: 1.5 gradients), the linear-stability probe one HVP on a training batch per step, and the
-coherence ``gram.GramPlan.row_evaluations`` one-example rows plus the Gram products.
+coherence ``gram.GramPlan.row_evaluations`` one-example rows (an exact plan recomputes examples that do not
+stay resident: about n + n^2 / (2R) evaluations; a sketched plan evaluates each example once and sketches its
+rows) plus the Gram products.
 
 ``plan_report`` keeps the requested sizes when they fit ``max_seconds``; otherwise it scales every size by the
 largest common factor f in (0, 1] whose estimate fits (bisection; the estimate grows with f), each size kept
@@ -16,6 +18,7 @@ plan is the floors and says so.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -64,6 +67,8 @@ class ReportCosts:
     coherence_dim: int
     gram_flops_per_second: float
     coherence_memory_gb: float
+    coherence_sketch: str | int = "exact"  # gram.plan_gram's sketch option
+    coherence_sketch_row: float = 0.0  # seconds to sketch the rows of one example
 
 
 def estimate(sizes: ReportSizes, costs: ReportCosts) -> dict[str, float]:
@@ -80,8 +85,10 @@ def estimate(sizes: ReportSizes, costs: ReportCosts) -> dict[str, float]:
     }
     if sizes.coherence_examples:
         gram = plan_gram(sizes.coherence_examples, costs.coherence_rows_per_example, costs.coherence_dim,
-                         costs.coherence_memory_gb)
-        seconds["coherence"] = gram.row_evaluations * costs.coherence_row + gram.gram_flops / costs.gram_flops_per_second
+                         costs.coherence_memory_gb, sketch=costs.coherence_sketch)
+        sketching = gram.num_examples * costs.coherence_sketch_row if gram.sketch_dim else 0.0
+        seconds["coherence"] = (gram.row_evaluations * costs.coherence_row + sketching
+                                + gram.gram_flops / costs.gram_flops_per_second)
     return seconds
 
 
@@ -158,34 +165,66 @@ def plan_report(requested: ReportSizes, costs: ReportCosts, max_seconds: float) 
 
 
 class ReportProgress:
-    """One tqdm bar over every phase of the report, counted in estimated seconds.
+    """One tqdm bar over every phase of the report, in wall-clock seconds, with an honest time left.
 
-    A phase of estimate e and u units (HVPs, probes, rows) advances the bar by e / u per unit done, and ends
-    at its estimate whatever its count (Lanczos may converge early); the bar's rate is then about one and
-    its ETA the plan's remaining estimate, corrected by tqdm's measured rate when the plan is off.
+    The bar's position is the time elapsed and its total the time elapsed plus the predicted time left, so its
+    percentage is the share of the time done. The time left is, for the current phase after its first unit
+    (HVPs, probes, row evaluations), its units left times its measured seconds per unit (before: its plan
+    estimate times the ratio below), plus the plan's estimates of the later phases times the ratio of the time
+    spent so far to the plan's estimate of the work done so far. When the report runs three times slower than
+    planned (a loaded machine) the bar says so after one unit, instead of counting down the plan.
     """
 
-    def __init__(self, seconds: dict[str, float], enabled: bool):
+    def __init__(self, seconds: dict[str, float], enabled: bool, clock: Callable[[], float] = time.perf_counter):
         from tqdm.auto import tqdm
 
-        self.seconds = seconds
+        self.seconds, self.clock = dict(seconds), clock
         self.bar = tqdm(total=max(sum(seconds.values()), 1e-9), desc="sharpness report", disable=not enabled,
-                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}{postfix}]")
-        self.name, self.base, self.units, self.done = "", 0.0, 1, 0
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}{postfix}]")
+        self.began = self.phase_began = clock()
+        self.name, self.units, self.done = "", 1, 0
+        self.finished: set[str] = set()
+        self.elapsed, self.left = 0.0, sum(seconds.values())  # as last shown
 
     def start(self, name: str, units: int) -> None:
-        self.name, self.base, self.units, self.done = name, self.bar.n, max(1, units), 0
-        self.bar.set_postfix_str(name, refresh=False)
+        self.name, self.units, self.done, self.phase_began = name, max(1, units), 0, self.clock()
+        self._refresh()
 
     def step(self, done: int | None = None) -> None:
         """One more unit done (or ``done`` units in all) in the current phase."""
         self.done = self.done + 1 if done is None else done
-        share = min(self.done, self.units) / self.units
-        self.bar.set_postfix_str(f"{self.name} {self.done}/{self.units}", refresh=False)
-        self.bar.update(self.base + share * self.seconds.get(self.name, 0.0) - self.bar.n)
+        self._refresh()
 
     def finish(self) -> None:
-        self.bar.update(self.base + self.seconds.get(self.name, 0.0) - self.bar.n)
+        self.finished.add(self.name)
+        self._refresh()
+
+    def time_left(self, now: float) -> float:
+        """Predicted seconds left at ``now`` (class docstring)."""
+        current = self.name if self.name and self.name not in self.finished else None
+        share = min(self.done, self.units) / self.units
+        planned_done = sum(self.seconds.get(name, 0.0) for name in self.finished)
+        if current is not None:
+            planned_done += share * self.seconds.get(current, 0.0)
+        ratio = (now - self.began) / planned_done if planned_done > 0 else 1.0
+        later = sum(seconds for name, seconds in self.seconds.items() if name not in self.finished and name != current)
+        left = later * ratio
+        if current is not None:
+            if self.done > 0:
+                left += max(0, self.units - self.done) * (now - self.phase_began) / self.done
+            else:
+                left += self.seconds.get(current, 0.0) * ratio
+        return left
+
+    def _refresh(self) -> None:
+        now = self.clock()
+        self.elapsed, self.left = elapsed, left = now - self.began, self.time_left(now)
+        self.bar.total = max(elapsed + left, 1e-9)
+        self.bar.set_postfix_str(f"{self.name} {self.done}/{self.units}, about {_clock_time(left)} left", refresh=False)
+        self.bar.update(elapsed - self.bar.n)
 
     def close(self) -> None:
+        self.left = 0.0
+        self.bar.total = max(self.bar.n, 1e-9)
+        self.bar.refresh()
         self.bar.close()

@@ -24,6 +24,19 @@ Memory. All n r rows of d floats do not fit (all-MiniLM-L6-v2: 256 rows of 22.7M
   computes the rows of examples [pR, (p+1)R), their Gram block, then streams the later examples s at a
   time, K[resident, stream] = Phi_resident Phi_stream^T. Row evaluations: n + sum_p (n - (p+1)R), about
   n + n^2 / (2R); ``GramPlan`` counts them exactly, for the planner and the progress bar.
+
+Sketch. With a C-class head (r = C - 1 rows per example) few examples stay resident and the recomputation
+dominates (5 classes, 2 GB: 8 resident examples, 1,501 evaluations for 151 examples instead of 151). The
+sketched mode evaluates each example once: each row u (d floats) is compressed by a CountSketch (Charikar,
+Chen and Farach-Colton 2002; Clarkson and Woodruff 2013), (Su)_b = sum_{l: h(l) = b} s(l) u_l with a seeded
+random bucket h(l) in [0, k) and sign s(l) = +-1 per kept coordinate, so that all n r sketched rows stay
+resident (n r k floats). <Su, Sv> is unbiased for <u, v> with
+
+    Var <Su, Sv> = (||u||^2 ||v||^2 + <u, v>^2 - 2 sum_l u_l^2 v_l^2) / k  <=  (||u||^2 ||v||^2 + <u, v>^2) / k.
+
+The diagonal blocks K_ii = Phi_i Phi_i^T are computed exactly from the unsketched rows (max_i lambda_max(H_i)
+and the S_ii are then exact); only the blocks between examples carry sketch noise, and ``sketch_error_bound``
+bounds its effect on lambda_max(S) (hence on sigma, whose denominator is exact) in root mean square.
 """
 
 from __future__ import annotations
@@ -39,6 +52,8 @@ from .heads import logit_hessian
 from .operators import Batch, _grads, curvature_mode, model_device, output_field, to_device, trainable_parameters
 
 BYTES_PER_FLOAT = 4
+DEFAULT_SKETCH_DIM = 2**18  # k of the CountSketch: relative noise of an entry about sqrt(2 / k) = 0.3%
+SKETCH_MODES = ("auto", "exact")
 
 
 def _trim_padding(example: Batch) -> Batch:
@@ -79,35 +94,88 @@ class GramPlan:
     dim: int  # columns kept (after dropping the unused rows of embedding tables)
     resident_examples: int
     stream_examples: int
+    sketch_dim: int = 0  # k of the CountSketch; 0: exact
 
     @property
     def row_evaluations(self) -> int:
-        """Examples whose rows are computed, counting recomputation: n + sum_p (n - (p+1)R)."""
+        """Examples whose rows are computed, counting recomputation: n + sum_p (n - (p+1)R) exact, n sketched."""
         n, r = self.num_examples, self.resident_examples
+        if self.sketch_dim:
+            return n
         return n + sum(max(0, n - end) for end in range(r, n + r, r))
 
     @property
     def gram_flops(self) -> float:
-        """2 x multiply-adds of the products Phi_resident Phi_resident^T and Phi_resident Phi_stream^T."""
+        """2 x multiply-adds of the products: exact, Phi_resident Phi_resident^T and Phi_resident Phi_stream^T;
+        sketched, the exact diagonal blocks Phi_i Phi_i^T and the (n r x k) (k x n r) product of the sketches."""
         n, r, rows = self.num_examples, self.resident_examples, self.rows_per_example
+        if self.sketch_dim:
+            return 2.0 * n * rows * rows * self.dim + 2.0 * (n * rows) ** 2 * self.sketch_dim
         pairs = sum(min(r, n - a) * (n - a) for a in range(0, n, r))
         return 2.0 * pairs * rows * rows * self.dim
 
     @property
     def buffer_bytes(self) -> int:
+        if self.sketch_dim:
+            return (self.num_examples * self.sketch_dim + self.dim) * self.rows_per_example * BYTES_PER_FLOAT
         return (self.resident_examples + self.stream_examples) * self.rows_per_example * self.dim * BYTES_PER_FLOAT
 
 
 def plan_gram(
-    num_examples: int, rows_per_example: int, dim: int, memory_gb: float, *, stream_examples: int = 8
+    num_examples: int,
+    rows_per_example: int,
+    dim: int,
+    memory_gb: float,
+    *,
+    stream_examples: int = 8,
+    sketch: str | int = "exact",
 ) -> GramPlan:
-    """Largest resident block that fits ``memory_gb`` beside a stream block of ``stream_examples`` (fewer if
-    even that does not fit; one example each at the least)."""
+    """Exact: the largest resident block that fits ``memory_gb`` beside a stream block of ``stream_examples``
+    (fewer if even that does not fit; one example each at the least). ``sketch``: "exact"; an int k, the
+    CountSketch dimension; "auto", exact when its resident block holds every example (each example evaluated
+    once, no sketch error), else a sketch of ``DEFAULT_SKETCH_DIM`` halved until the sketches fit ``memory_gb``
+    (and at most the exact dimension)."""
+    sketch = parse_sketch(sketch)
     per_example = rows_per_example * dim * BYTES_PER_FLOAT
     fit = max(2, int(memory_gb * 2**30 // per_example))
     stream = max(1, min(stream_examples, fit // 4, num_examples))
     resident = max(1, min(fit - stream, num_examples))
-    return GramPlan(num_examples, rows_per_example, dim, resident, stream)
+    exact = GramPlan(num_examples, rows_per_example, dim, resident, stream)
+    if sketch == "exact" or (sketch == "auto" and resident >= num_examples):
+        return exact
+    if sketch == "auto":
+        k = DEFAULT_SKETCH_DIM
+        while k > 1024 and (num_examples * k + dim) * rows_per_example * BYTES_PER_FLOAT > memory_gb * 2**30:
+            k //= 2
+        k = min(k, dim)
+    else:
+        k = sketch
+    return GramPlan(num_examples, rows_per_example, dim, num_examples, 0, k)
+
+
+def parse_sketch(value: str | int) -> str | int:
+    """``"auto"``, ``"exact"`` or a CountSketch dimension k >= 1 (an int, or its digits as text)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not (value in SKETCH_MODES or (isinstance(value, int) and value >= 1)):
+        raise ValueError(f"coherence_sketch must be 'auto', 'exact' or a sketch dimension >= 1, got {value!r}")
+    return value
+
+
+class CountSketch:
+    """A seeded CountSketch R^dim -> R^k: bucket h(l) and sign s(l) per coordinate (module docstring)."""
+
+    def __init__(self, dim: int, k: int, seed: int, device: torch.device | str = "cpu"):
+        g = torch.Generator().manual_seed(seed)
+        self.k = k
+        self.buckets = torch.randint(0, k, (dim,), generator=g, dtype=torch.int32).to(device)
+        self.signs = (torch.randint(0, 2, (dim,), generator=g, dtype=torch.int8) * 2 - 1).to(device)
+        self._scratch = torch.empty(dim, device=device)
+
+    def apply(self, row: torch.Tensor, out: torch.Tensor) -> None:
+        """out (k floats) += S row."""
+        torch.mul(row, self.signs, out=self._scratch)
+        out.index_add_(0, self.buckets, self._scratch)
 
 
 class _Columns:
@@ -213,8 +281,21 @@ class WeightedNTK:
         self.rows_per_example = self._factors.rows
         self.dim = self._factors.columns.dim
 
-    def plan(self, num_examples: int, memory_gb: float, *, stream_examples: int = 8) -> GramPlan:
-        return plan_gram(num_examples, self.rows_per_example, self.dim, memory_gb, stream_examples=stream_examples)
+    def plan(self, num_examples: int, memory_gb: float, *, stream_examples: int = 8,
+             sketch: str | int = "exact") -> GramPlan:
+        return plan_gram(num_examples, self.rows_per_example, self.dim, memory_gb, stream_examples=stream_examples,
+                         sketch=sketch)
+
+    def time_sketch(self, plan: GramPlan, clock: Callable[[], float] = time.perf_counter) -> float:
+        """Seconds to sketch the rows of one example (0 for an exact plan): one row timed, times r."""
+        if not plan.sketch_dim:
+            return 0.0
+        device = model_device(self.model)
+        sketch = CountSketch(self.dim, plan.sketch_dim, 0, device)
+        row, out = torch.randn(self.dim, device=device), torch.zeros(plan.sketch_dim, device=device)
+        start = clock()
+        sketch.apply(row, out)
+        return (clock() - start) * self.rows_per_example
 
     def time_example(self, clock: Callable[[], float] = time.perf_counter, repeats: int = 3) -> float:
         """Seconds to compute the rows of one example: the median over the first ``repeats`` examples (one
@@ -229,19 +310,29 @@ class WeightedNTK:
         return float(statistics.median(times))
 
     def time_products(self, plan: GramPlan, clock: Callable[[], float] = time.perf_counter) -> float:
-        """Seconds of ``plan.gram_flops``, from timing one resident-by-stream product on a slice of columns."""
-        width = max(1, min(self.dim, 2**20))
-        a = torch.randn(plan.resident_examples * self.rows_per_example, width, device=model_device(self.model))
-        b = torch.randn(plan.stream_examples * self.rows_per_example, width, device=model_device(self.model))
+        """Seconds of ``plan.gram_flops``, from timing one product of the plan's shape on a slice of columns
+        (exact: resident by stream; sketched: the sketches by themselves, at most 512 rows)."""
+        device = model_device(self.model)
+        if plan.sketch_dim:
+            width = max(1, min(plan.sketch_dim, 2**16))
+            a = torch.randn(min(512, plan.num_examples * self.rows_per_example), width, device=device)
+            b = a
+        else:
+            width = max(1, min(self.dim, 2**20))
+            a = torch.randn(plan.resident_examples * self.rows_per_example, width, device=device)
+            b = torch.randn(plan.stream_examples * self.rows_per_example, width, device=device)
         start = clock()
         a @ b.T
         seconds = clock() - start
         return seconds * plan.gram_flops / (2.0 * a.shape[0] * b.shape[0] * width)
 
-    def compute(self, plan: GramPlan, on_progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    def compute(self, plan: GramPlan, on_progress: Callable[[int, int], None] | None = None,
+                *, seed: int = 0) -> torch.Tensor:
         """K (float64, n r x n r, the rows of example i at [i r, (i+1) r)) for the first ``plan.num_examples``
-        examples, holding the two row buffers of ``plan``. ``on_progress(done, total)`` counts the row
-        evaluations of examples (``GramPlan.row_evaluations``)."""
+        examples, holding the two row buffers of ``plan`` (or, sketched, the sketches of CountSketch ``seed``).
+        ``on_progress(done, total)`` counts the row evaluations of examples (``GramPlan.row_evaluations``)."""
+        if plan.sketch_dim:
+            return self._compute_sketched(plan, on_progress, seed)
         n, r, dim = plan.num_examples, self.rows_per_example, self.dim
         factors, done, total = self._factors, 0, plan.row_evaluations
         with curvature_mode(self.model):
@@ -270,6 +361,45 @@ class WeightedNTK:
                     k[b * r : b_stop * r, a * r : a_stop * r] = block.T
         return k
 
+    def _compute_sketched(self, plan: GramPlan, on_progress: Callable[[int, int], None] | None,
+                          seed: int) -> torch.Tensor:
+        """K with exact diagonal blocks Phi_i Phi_i^T and the blocks between examples from the CountSketches of
+        the rows."""
+        n, r = plan.num_examples, self.rows_per_example
+        with curvature_mode(self.model):
+            device = model_device(self.model)
+            sketch = CountSketch(self.dim, plan.sketch_dim, seed, device)
+            sketched = torch.zeros(n * r, plan.sketch_dim, device=device)
+            rows = torch.empty(r, self.dim, device=device)
+            diagonal = []
+            for i in range(n):
+                self._factors.write(i, rows)
+                diagonal.append((rows @ rows.T).double().cpu())
+                for a in range(r):
+                    sketch.apply(rows[a], sketched[i * r + a])
+                if on_progress is not None:
+                    on_progress(i + 1, n)
+            del rows, sketch
+            k = (sketched @ sketched.T).double().cpu()
+        for i, block in enumerate(diagonal):
+            k[i * r : (i + 1) * r, i * r : (i + 1) * r] = block
+        return k
+
+
+def sketch_error_bound(k: torch.Tensor, rows_per_example: int, sketch_dim: int) -> float:
+    """Root-mean-square bound on |lambda_max(S~) - lambda_max(S)| for a CountSketched Gram ``k`` (exact diagonal
+    blocks), S_ij = ||K_ij||_F.
+
+    Weyl: |lambda_max(S~) - lambda_max(S)| <= ||S~ - S||_2 <= ||S~ - S||_F; reverse triangle inequality:
+    |S~_ij - S_ij| <= ||K~_ij - K_ij||_F; the CountSketch variance (module docstring) then gives
+    E ||S~ - S||_F^2 <= sum over entries a, b of different examples of (K_aa K_bb + K_ab^2) / k. K_aa are exact;
+    K_ab^2 is taken from the sketch. Returns the square root of that sum."""
+    diagonal = k.diagonal().clamp_min(0)
+    example = torch.arange(k.shape[0]) // rows_per_example
+    between = example[:, None] != example[None, :]
+    variance = ((diagonal[:, None] * diagonal[None, :] + k**2) * between).sum() / sketch_dim
+    return float(variance.sqrt())
+
 
 def weighted_ntk_gram(
     model: torch.nn.Module,
@@ -279,11 +409,14 @@ def weighted_ntk_gram(
     memory_gb: float = 2.0,
     resident_examples: int | None = None,
     stream_examples: int = 8,
+    sketch: str | int = "exact",
+    seed: int = 0,
 ) -> torch.Tensor:
-    """K of ``examples`` within ``memory_gb`` of row buffers; ``resident_examples`` overrides the plan."""
+    """K of ``examples`` within ``memory_gb`` of row buffers; ``resident_examples`` overrides the exact plan;
+    ``sketch`` as in ``plan_gram`` (CountSketch ``seed``)."""
     ntk = WeightedNTK(model, examples, problem_type)
-    plan = ntk.plan(len(examples), memory_gb, stream_examples=stream_examples)
-    if resident_examples is not None:
+    plan = ntk.plan(len(examples), memory_gb, stream_examples=stream_examples, sketch=sketch)
+    if resident_examples is not None and not plan.sketch_dim:
         plan = GramPlan(len(examples), ntk.rows_per_example, ntk.dim, min(resident_examples, len(examples)),
                         min(stream_examples, len(examples)))
-    return ntk.compute(plan)
+    return ntk.compute(plan, seed=seed)

@@ -28,7 +28,7 @@ from . import stability
 from .adam import AdamState, adam_stability_threshold, preconditioned_lambda_max
 from .budget import ReportCosts, ReportPlan, ReportProgress, ReportSizes, default_max_seconds, plan_report
 from .coherence import coherence_from_blocks, train_coherence
-from .gram import WeightedNTK
+from .gram import WeightedNTK, parse_sketch, sketch_error_bound
 from .heads import infer_problem_type, per_example_loss
 from .msharpness import m_sharpness
 from .operators import (
@@ -85,6 +85,8 @@ class SharpnessReport:
     coherence: float | None = None
     coherence_examples: int | None = None
     coherence_hessian: str | None = None
+    coherence_sketch_dim: int | None = None  # k of the CountSketch of the Jacobian rows; null: exact Gram
+    coherence_sketch_error: float | None = None  # rms bound on the relative error of sigma from the sketch
     coherence_train_estimate: float | None = None
     coherence_train_interval: list[float] | None = None
     coherence_train_confidence: float | None = None
@@ -266,6 +268,7 @@ def sharpness_report(
     probe_sampling: str = "uniform",
     coherence_examples: int | None = None,
     coherence_memory_gb: float = 2.0,
+    coherence_sketch: str | int = "auto",
     optimizer: str | None = None,
     adam_state: AdamState | None = None,
     progress: bool = False,
@@ -281,7 +284,10 @@ def sharpness_report(
     is given, else right padding with ``config.pad_token_id`` then ``default_data_collator``). The probe
     set is ``num_examples`` examples drawn with ``seed``, processed in chunks of ``batch_size``;
     coherence uses its first ``coherence_examples`` (default all) and holds at most
-    ``coherence_memory_gb`` of Jacobian rows. The report fits ``max_seconds`` (default
+    ``coherence_memory_gb`` of Jacobian rows; ``coherence_sketch`` ("auto", "exact" or a dimension k) chooses
+    the exact Gram or a CountSketch of the rows (``gram.plan_gram``: "auto" sketches when the exact Gram would
+    recompute examples), whose dimension and estimated relative error of sigma the report gives
+    (``coherence_sketch_dim``, ``coherence_sketch_error``). The report fits ``max_seconds`` (default
     ``budget.default_max_seconds``: on a CPU the ``training_seconds``, between 2 and 10 minutes; 30 minutes on
     an accelerator): the first gradient, HVP and coherence rows are timed with ``clock``, and when the
     estimate exceeds the budget the probe-set size, Lanczos iterations, trace probes, coherence examples
@@ -307,6 +313,7 @@ def sharpness_report(
         raise ValueError(f"probe_sampling: {probe_sampling!r} is neither 'uniform' nor 'bernoulli'")
     if coherence_examples is not None and coherence_examples < 1:
         raise ValueError(f"coherence_examples: must be at least 1 (got {coherence_examples})")
+    coherence_sketch = parse_sketch(coherence_sketch)
     if adam_state is None:  # the default measures include adam only when there is an optimizer state
         chosen = tuple(x for x in chosen if x != "adam")
     # One seeded draw: the Hessian measures use its first num_examples, coherence its first coherence_examples
@@ -353,7 +360,7 @@ def sharpness_report(
         raise ValueError(f"max_seconds: the report's time budget must be > 0 seconds (got {max_seconds})")
     options = _Options(lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
                        probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress,
-                       float(max_seconds), clock, adam_state)
+                       float(max_seconds), clock, adam_state, coherence_sketch)
     with curvature_mode(model, device):
         _fill(report, model, examples, pool, batches, collate, chosen, options)
     return report
@@ -377,6 +384,7 @@ class _Options:
     max_seconds: float
     clock: Callable[[], float]
     adam_state: AdamState | None
+    coherence_sketch: str | int = "auto"
 
 
 def _check_outputs(model: torch.nn.Module, batch: Batch) -> Any:
@@ -451,12 +459,13 @@ def _plan(
     hvp_seconds = (o.clock() - tick) / first.num_examples
     n_coh = min(o.coherence_examples or len(examples), len(pool)) if "coherence" in chosen else 0
     ntk: WeightedNTK | Exception | None = None
-    row_seconds, rows, dim, rate = 0.0, 1, 1, 1.0
+    row_seconds, sketch_seconds, rows, dim, rate = 0.0, 0.0, 1, 1, 1.0
     if n_coh and report.problem_type is not None:
         try:
             ntk = WeightedNTK(model, [collate([e]) for e in pool[:n_coh]], report.problem_type)
-            gram = ntk.plan(n_coh, o.coherence_memory_gb)
+            gram = ntk.plan(n_coh, o.coherence_memory_gb, sketch=o.coherence_sketch)
             row_seconds = ntk.time_example(o.clock)
+            sketch_seconds = ntk.time_sketch(gram, o.clock)
             rate = gram.gram_flops / max(ntk.time_products(gram, o.clock), 1e-12)
             rows, dim = ntk.rows_per_example, ntk.dim
         except Exception as exc:  # reported by the coherence measure
@@ -474,7 +483,8 @@ def _plan(
         probe_batch_size=report.train_batch_size or 1,
         adam_iterations=o.lanczos_iterations if "adam" in chosen else 0,
     )
-    costs = ReportCosts(hvp_seconds, gradient_seconds, row_seconds, rows, dim, rate, o.coherence_memory_gb)
+    costs = ReportCosts(hvp_seconds, gradient_seconds, row_seconds, rows, dim, rate, o.coherence_memory_gb,
+                        o.coherence_sketch, sketch_seconds)
     plan = plan_report(requested, costs, o.max_seconds)
     report.seconds["planning"] = o.clock() - start
     report.hvp_counts["planning"] = first.num_hvps
@@ -535,11 +545,12 @@ def _fill(
         "eigenvalues": o.lanczos_iterations,
         "trace": o.trace_probes,
         "m_sharpness": 1,
-        "coherence": ntk.plan(n_coh, o.coherence_memory_gb).row_evaluations if isinstance(ntk, WeightedNTK) else 1,
+        "coherence": (ntk.plan(n_coh, o.coherence_memory_gb, sketch=o.coherence_sketch).row_evaluations
+                      if isinstance(ntk, WeightedNTK) else 1),
         "probe": o.probe_steps,
         "adam": sizes.adam_iterations,
     }
-    bar = ReportProgress({name: plan.seconds[name] for name in ("gradient", *chosen)}, o.progress)
+    bar = ReportProgress({name: plan.seconds[name] for name in ("gradient", *chosen)}, o.progress, o.clock)
 
     def counted(v: torch.Tensor) -> torch.Tensor:
         result = op.matvec(v)
@@ -600,9 +611,13 @@ def _fill(
             )
         if not isinstance(ntk, WeightedNTK):
             raise ntk if ntk is not None else ValueError("coherence: no examples")
-        k = ntk.compute(ntk.plan(n_coh, o.coherence_memory_gb), on_progress=lambda done, total: bar.step(done))
+        gram = ntk.plan(n_coh, o.coherence_memory_gb, sketch=o.coherence_sketch)
+        k = ntk.compute(gram, on_progress=lambda done, total: bar.step(done), seed=o.seed + 4)
         result = coherence_from_blocks(k, n_coh)
         report.coherence, report.coherence_examples = result.sigma, n_coh
+        if gram.sketch_dim:
+            report.coherence_sketch_dim = gram.sketch_dim
+            report.coherence_sketch_error = sketch_sigma_error(k, n_coh, gram.sketch_dim)
         gauss_newton["result"] = result
         report.coherence_hessian = "gauss-newton"
         report.lambda_max_ggn = result.lambda_max_ggn
@@ -655,6 +670,17 @@ def _fill(
     run("verdict", lambda: _verdict(report, gauss_newton.get("result"), o.seed))
     bar.close()
     report.hvp_count = sum(report.hvp_counts.values())
+
+
+def sketch_sigma_error(k: torch.Tensor, n: int, sketch_dim: int) -> float | None:
+    """Root-mean-square bound on the relative error of sigma computed from a CountSketched Gram ``k``:
+    ``gram.sketch_error_bound`` / lambda_max(S) (max_i lambda_max(H_i) is exact: the diagonal blocks are); None
+    when sigma is undefined."""
+    result = coherence_from_blocks(k, n)
+    if result.sigma is None:
+        return None
+    lambda_s = result.sigma * result.max_example_lambda_max
+    return sketch_error_bound(k, k.shape[0] // n, sketch_dim) / lambda_s
 
 
 def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int) -> None:
