@@ -93,8 +93,8 @@ def _default_run(parsed) -> dict:
         return {"num_train_epochs": 1.0, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
                 "per_device_eval_batch_size": 64, "max_seq_length": 64, "warmup_steps": 0.1,
                 "sam_rho": 0.05, "sam_micro_batch_size": 8, "save_strategy": "no",
-                "sharpness_num_examples": 64, "sharpness_coherence_examples": 256, "sharpness_trace_probes": 8,
-                "sharpness_lanczos_iterations": 16, "sharpness_max_seconds": 420}
+                "sharpness_num_examples": 32, "sharpness_coherence_examples": 256, "sharpness_trace_probes": 8,
+                "sharpness_lanczos_iterations": 16, "sharpness_probe_steps": 10, "sharpness_max_seconds": 420}
     return {}
 
 
