@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -98,3 +100,18 @@ def tiny_bert_factory():
 @pytest.fixture
 def token_dataset_factory():
     return token_dataset
+
+
+def run_process_group(command: list[str], *, timeout: float, what: str, **popen) -> subprocess.CompletedProcess:
+    """Run ``command`` in a session of its own and return its completed process; when it has not ended after
+    ``timeout`` seconds (a hung collective, a process that never exits), kill the whole group, workers included,
+    and fail the test with the end of its output."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, **popen)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{what} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

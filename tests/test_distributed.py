@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
+from conftest import run_process_group, tiny_bert, token_dataset
 from safetensors.torch import load_file
 from trainer_utils import SequentialSAMTrainer, lm_dataset_without_labels_in, max_abs_diff, sam_args, tiny_llama
 
@@ -25,15 +23,8 @@ def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> 
         script, *script_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    # A session of its own, so that a hung run is ended with all its workers, not just the launcher.
-    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)
-    try:
-        stdout, stderr = launcher.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(launcher.pid, signal.SIGKILL)
-        stdout, stderr = launcher.communicate()
-        pytest.fail(f"the 2-process run did not finish in {timeout} s (hung collective?)\n{stdout[-3000:]}\n{stderr[-6000:]}")
+    launcher = run_process_group(command, timeout=timeout, what="the 2-process run (hung collective?)", env=env)
+    stdout, stderr = launcher.stdout, launcher.stderr
     assert launcher.returncode == 0, f"exit {launcher.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
     assert "terminate called" not in stderr
 

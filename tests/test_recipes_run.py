@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 import torch
 
 from hf_msam.recipes import glue, vit
+from conftest import run_process_group
 from recipe_fixtures import (
     GOOD_TOKEN,
     FakeHub,
@@ -222,15 +221,7 @@ def _launch(script: str, args: list[str], cwd: Path, timeout: float = 240):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "recipes" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2",
            "--mixed_precision", "no", str(REPO / "recipes" / script), *args]
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"{script} under 2 processes still running after {timeout} s:\n{stderr[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run_process_group(cmd, timeout=timeout, what=f"{script} under 2 processes", cwd=cwd, env=env)
 
 
 def test_shutdown_lines_the_processes_up_before_the_group_goes(monkeypatch):
