@@ -584,12 +584,12 @@ def plot(records: list[dict[str, Any]], args: StudyArguments, path: Path) -> Non
                 std = statistics.stdev(values) if len(values) > 1 else 0.0
                 ax.errorbar([x - 0.1], [statistics.fmean(values)], yerr=[std], fmt="o", color=f"C{x}", capsize=4,
                             markersize=7)
-            ax.set_xticks(range(len(args.methods)), args.methods)
+            ax.set_xticks(range(len(args.methods)), args.methods, rotation=30 if len(args.methods) > 4 else 0, ha="right" if len(args.methods) > 4 else "center")
             ax.set_xlim(-0.6, len(args.methods) - 0.4)
             ax.set_ylabel(label)
             ax.set_title(f"{task}: {label}")
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"base ({args.optim}) vs SAM vs mSAM, rho={args.rho}: seeds (small dots), mean +- std (large)")
+    fig.suptitle(f"base ({args.optim}) vs SAM vs mSAM, rho={args.rho} (or @rho): seeds (small dots), mean +- std (large)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
