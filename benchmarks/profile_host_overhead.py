@@ -4,7 +4,8 @@ On the H200 the vmap path's step hardly depended on m (``results/step_cuda_bf16_
 at m = 1, 122 ms at m = 8) and SAM on it took twice the loop's step: the GPU waited on the host. This
 measures that host cost on a CPU, with a 6-layer BERT of width 16 (so small that every operator is dispatch
 and bookkeeping), batch 32, length 16, dropout 0.1, SDPA, one thread: the wall time of a step, and the number
-of aten operator calls in it (``torch.profiler``; deterministic, and on a GPU each one is at least a launch).
+of aten operator calls in it (``torch.profiler``; deterministic, and on a GPU each one is at least a launch),
+with the vmap step's calls split by phase.
 
 The loop is the loop path's arithmetic (``MicroBatchSAM``: ascent ``autograd.grad``, perturbation, descent
 backward into ``.grad``, restore); vmap is ``VectorizedMicroBatchSAM.step``, one group of m micro-batches.
@@ -27,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_msam.msam import MicroBatchSAM, RandomState, split_micro_batches
-from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+from hf_msam.vectorized import VectorizedMicroBatchSAM, _with_4d_attention_mask, stack_micro_batches
 
 BATCH, LENGTH, RHO = 32, 16, 0.05
 
@@ -62,6 +63,40 @@ def vmap_step(vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor
     vectorized.step(stack_micro_batches(micro_batches), torch.full((m,), 1.0 / m))
 
 
+def aten_calls(work) -> int:
+    """aten operator calls of one call of ``work`` (after one untimed call)."""
+    work()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work()
+    return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
+
+
+def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor], m: int) -> dict[str, int]:
+    """aten calls of the parts of one vmap step, and of one plain forward + ``autograd.grad`` for comparison."""
+    micro_batches = [micro_batch for micro_batch, _ in split_micro_batches(batch, BATCH // m)]
+    stacked = _with_4d_attention_mask(model, stack_micro_batches(micro_batches))
+
+    def batched_points():
+        return [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in vectorized.params]
+
+    def ascent():
+        points = batched_points()
+        return torch.autograd.grad(vectorized._losses(points, stacked).sum(), points, allow_unused=True)
+
+    grads = [torch.zeros(m, *p.shape) if g is None else g.detach() for g, p in zip(ascent(), vectorized.params)]
+    parameters = list(model.parameters())
+    return {
+        "batched_points": aten_calls(batched_points),
+        "vmap_forward": aten_calls(lambda: vectorized._losses(batched_points(), stacked)) - aten_calls(batched_points),
+        "ascent_forward_and_backward": aten_calls(ascent),
+        "perturbation_arithmetic": aten_calls(lambda: vectorized._perturbations([g.clone() for g in grads], 1.0))
+        - aten_calls(lambda: [g.clone() for g in grads]),
+        "descent_points": aten_calls(lambda: [p.unsqueeze(0) + g for p, g in zip(vectorized.params, grads)]),
+        "plain_forward_and_grad_one_micro_batch": aten_calls(lambda: torch.autograd.grad(model(**micro_batches[0]).loss, parameters)),
+        "trainable_tensors": len(vectorized.params),
+    }
+
+
 def measure(step, repeats: int) -> dict[str, float]:
     for _ in range(3):
         step()
@@ -70,10 +105,7 @@ def measure(step, repeats: int) -> dict[str, float]:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step()
-    calls = sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
-    return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times], "aten_calls": calls}
+    return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times], "aten_calls": aten_calls(step)}
 
 
 def main() -> None:
@@ -90,6 +122,7 @@ def main() -> None:
     for m in args.m:
         results[f"loop_m{m}"] = measure(lambda: loop_step(model, sam, batch, m), args.repeats)
         results[f"vmap_m{m}"] = measure(lambda: vmap_step(vectorized, batch, m), args.repeats)
+        results[f"vmap_m{m}"]["phases_aten_calls"] = vmap_phases(model, vectorized, batch, m)
         model.zero_grad(set_to_none=True)
         print(f"m={m:2d}  loop {results[f'loop_m{m}']['step_ms_median']:6.1f} ms {results[f'loop_m{m}']['aten_calls']:6d} aten calls"
               f"  |  vmap {results[f'vmap_m{m}']['step_ms_median']:6.1f} ms {results[f'vmap_m{m}']['aten_calls']:6d} aten calls", flush=True)
@@ -101,6 +134,7 @@ def main() -> None:
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "configs": results,
     }  # fmt: skip
+    print("vmap step phases (aten calls):", json.dumps(results[f"vmap_m{args.m[0]}"]["phases_aten_calls"]))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"-> {args.out}")
