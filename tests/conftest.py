@@ -43,6 +43,16 @@ def tiny_bert(num_labels: int = 2, seed: int = 0, **overrides):
     return BertForSequenceClassification(tiny_bert_config(num_labels, **overrides))
 
 
+def tiny_bert_lora(seed: int = 0):
+    """:func:`tiny_bert` under PEFT LoRA (rank 4 on query and value, adapters initialised non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+    model = tiny_bert(seed=seed)
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
 def token_dataset(n: int = 64, length: int = 8, num_labels: int = 2, seed: int = 0, vocab: int = 64):
     """``n`` random token sequences with random class labels (or float targets when num_labels == 1)."""
     import datasets

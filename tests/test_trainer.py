@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import image_dataset, tiny_bert, tiny_vit, token_dataset
+from conftest import image_dataset, tiny_bert, tiny_bert_lora, tiny_vit, token_dataset
 from msam_reference import reference_msam_gradient, reference_sgd_step
 from trainer_utils import (
     SequentialSAMTrainer,
@@ -187,15 +187,8 @@ def test_non_finite_ascent_gradient_is_skipped_under_fp16(tmp_path):
 
 # --- g. PEFT LoRA: only adapters move --------------------------------------------------------------
 def test_peft_lora_perturbs_and_updates_only_adapters(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    def lora_model():
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
-        torch.manual_seed(8)
-        return get_peft_model(tiny_bert(seed=8), config)
-
     data = token_dataset(8, seed=8)
-    model, reference = lora_model(), lora_model()
+    model, reference = tiny_bert_lora(seed=8), tiny_bert_lora(seed=8)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert frozen and trainable

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import tiny_bert, tiny_bert_lora
 from msam_reference import reference_msam_gradient, reference_sgd_step
 from trainer_utils import (
     SequentialSAMTrainer,
@@ -126,13 +127,7 @@ def test_causal_lm_with_label_holes_and_gradient_accumulation(tmp_path):
 
 
 def test_asam_and_peft_lora_match_loop_and_reference(tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    def lora_model():
-        config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
-        torch.manual_seed(4)
-        return get_peft_model(tiny_bert(seed=4), config)
-
+    lora_model = partial(tiny_bert_lora, seed=4)
     data = padded_dataset(8, seed=4)
     asam = dict(sam_micro_batch_size=2, sam_adaptive=True, sam_adaptive_eta=0.05)
     trainer, vmap_weights = _train(tmp_path, lora_model, data, "vmap", **asam)
