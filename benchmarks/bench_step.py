@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -376,6 +377,7 @@ def _stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": xs[0], "q1": q[0], "q3": q[2], "iqr": q[2] - q[0], "n": len(xs)}
 
 
+@functools.cache  # summarize() runs after every config
 def _machine() -> dict:
     import torch
     import transformers

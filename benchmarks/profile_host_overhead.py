@@ -85,9 +85,10 @@ def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, bat
 
     grads = [torch.zeros(m, *p.shape) if g is None else g.detach() for g, p in zip(ascent(), vectorized.params)]
     parameters = list(model.parameters())
+    points_calls = aten_calls(batched_points)
     return {
-        "batched_points": aten_calls(batched_points),
-        "vmap_forward": aten_calls(lambda: vectorized._losses(batched_points(), stacked)) - aten_calls(batched_points),
+        "batched_points": points_calls,
+        "vmap_forward": aten_calls(lambda: vectorized._losses(batched_points(), stacked)) - points_calls,
         "ascent_forward_and_backward": aten_calls(ascent),
         "perturbation_arithmetic": aten_calls(lambda: vectorized._perturbations([g.clone() for g in grads], 1.0))
         - aten_calls(lambda: [g.clone() for g in grads]),

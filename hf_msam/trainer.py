@@ -75,8 +75,12 @@ every trainable tensor per micro-batch, the word embedding included, and CPU SDP
 down to 1.09x SAM at m = 8 and 1.17x at m = 16 (``benchmarks/results/step_cpu_sparse.json``, 1 thread).
 CUDA, measured on one H200 (bf16, the same model and batch, torch 2.11): at m = 8 the vmap path took 85.5 ms a
 step against the loop's 387 ms (``benchmarks/results/step_cuda_bf16_vmap.json``), so "auto" picks it there for
-m >= 2; at m = 1 (SAM) the loop is faster (66 ms against 126 ms in round 0 of
-``step_cuda_bf16_vmap_mathsdpa.json``), so SAM keeps the loop on every device."""
+m >= 2; at m = 1 (SAM) the loop is faster (see ``AUTO_VMAP_MIN_MICRO_BATCHES``)."""
+
+AUTO_VMAP_MIN_MICRO_BATCHES = 2
+"""Fewest micro-batches in a chunk for which ``sam_micro_batch_mode="auto"`` picks the vmap path: SAM (m = 1)
+keeps the loop on every device. H200, bf16: SAM took 66 ms a step on the loop against 126 ms on vmap (round 0
+of ``benchmarks/results/step_cuda_bf16_vmap_mathsdpa.json``)."""
 
 VMAP_COPIES_PER_MICRO_BATCH = 5
 """Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
@@ -268,8 +272,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 level=logging.INFO,
             )
             return False
-        if mode == "auto" and len(micro_batches) == 1:
-            return False  # SAM (m = 1): the loop was measured faster, see AUTO_VMAP_DEVICE_TYPES
+        if mode == "auto" and len(micro_batches) < AUTO_VMAP_MIN_MICRO_BATCHES:
+            return False
         module = self.accelerator.unwrap_model(model)
         if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
             self._vmap_model_check(model)
