@@ -7,7 +7,9 @@ Configs: ``stock`` (``transformers.Trainer``), ``rho0`` (``SAMTrainer``, ``sam_r
 ``loop_m{2,4,8,16}`` and ``vmap_m{2,4,8,16}`` (mSAM with m micro-batches of 32/m examples, with
 ``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8; ``vmap_m1`` is SAM on the vmap path), ``sam_dense`` and
 ``loop_dense_m{2,4,8,16}`` (the loop with ``sam_sparse_embeddings=False``: every gradient dense), ``peer`` (``pytorch_optimizer.SAM`` around
-the same AdamW in a hand-written loop, clipping like the Trainer), and ``floor`` (no SAM arithmetic at all:
+the same AdamW in a hand-written loop, clipping like the Trainer), ``sam_hand`` and ``stock_hand`` (SAM with
+``MicroBatchSAM``, and the plain AdamW step, in that same loop: the peer needs a closure, which the Trainer has
+not, so this is the comparison in one harness), and ``floor`` (no SAM arithmetic at all:
 the forward/backward passes mSAM cannot avoid, plus the parameter-sized vector work, each timed alone).
 
 Every config runs in a fresh subprocess (peak memory = peak RSS during training minus RSS after model
@@ -22,6 +24,8 @@ steps per run; statistics pool the timed steps of all rounds.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime
 import functools
 import json
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +56,10 @@ TRAINER_CONFIGS = {
     "vmap_m1": dict(sam_rho=RHO, sam_micro_batch_mode="vmap"),  # SAM on the vmap path
     **{f"vmap_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="vmap") for m in MICRO_BATCH_COUNTS},
 }
-CONFIGS = [*TRAINER_CONFIGS, "peer"]
+HAND_CONFIGS = ("peer", "sam_hand", "stock_hand")
+"""Steps in one hand-written loop (no Trainer): the peer ``pytorch_optimizer.SAM``, which needs a closure, and SAM
+(``MicroBatchSAM``) and the plain AdamW step in the same loop, so that SAM is compared with the peer in one harness."""
+CONFIGS = [*TRAINER_CONFIGS, *HAND_CONFIGS]
 PARAM_BYTES_FP32 = None  # filled from the model
 
 
@@ -195,47 +203,75 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     return times[a.warmup :]
 
 
-def run_peer(a, model, ds, out: dict) -> list[float]:
+def run_hand(config: str, a, model, ds, out: dict) -> list[float]:
+    """One of ``HAND_CONFIGS`` in the same hand-written loop: the peer's, and ours in the harness the peer needs."""
     import torch
     from pytorch_optimizer import SAM
     from transformers import Trainer, TrainingArguments
+
+    from hf_msam.msam import MicroBatchSAM, RandomState, sparse_embedding_gradients, trainable_embeddings
 
     clock = _Sync(a.device)
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
         TrainingArguments(output_dir=tempfile.mkdtemp(), optim="adamw_torch", learning_rate=LR, use_cpu=a.device == "cpu", report_to="none")
     )
-    optimizer = SAM(model.parameters(), cls, rho=RHO, **kwargs)
     params = [p for p in model.parameters() if p.requires_grad]
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
     autocast = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16)
-    model.train()
-    times, cpu = [], []
-    _mem_begin(a, out)
-    step = 0
-    while step < a.warmup + a.steps:
-        for batch in loader:
-            if step >= a.warmup + a.steps:
-                break
-            batch = {k: v.to(a.device) for k, v in batch.items()}
-            t0 = clock()
-            c0 = time.process_time()
-            with autocast:
-                loss = model(**batch).loss
-            loss.backward()
+
+    def loss_of(batch):
+        with autocast:
+            return model(**batch).loss
+
+    if config == "peer":
+        optimizer = SAM(model.parameters(), cls, rho=RHO, **kwargs)
+
+        def step(batch):
+            loss_of(batch).backward()
 
             def closure():
                 optimizer.zero_grad()
-                with autocast:
-                    loss = model(**batch).loss
+                loss = loss_of(batch)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)  # like the Trainer (max_grad_norm=1)
                 return loss
 
             optimizer.step(closure)
             optimizer.zero_grad()
+    else:
+        optimizer = cls(params, **kwargs)
+        sam = MicroBatchSAM(params, rho=RHO)
+        tables = trainable_embeddings(model)
+
+        def step(batch):
+            if config == "sam_hand":  # hf_msam.msam's documented loop (m = 1), the ascent by embedding rows
+                randomness = RandomState.capture()
+                with sparse_embedding_gradients(tables):
+                    sam.perturb(loss_of(batch))
+                randomness.restore()
+                loss_of(batch).backward()
+                sam.restore()
+            else:
+                loss_of(batch).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad()
+
+    model.train()
+    times, cpu = [], []
+    _mem_begin(a, out)
+    done = 0
+    while done < a.warmup + a.steps:
+        for batch in loader:
+            if done >= a.warmup + a.steps:
+                break
+            batch = {k: v.to(a.device) for k, v in batch.items()}
+            t0 = clock()
+            c0 = time.process_time()
+            step(batch)
             times.append(clock() - t0)
             cpu.append(time.process_time() - c0)
-            step += 1
+            done += 1
     _mem_end(a, out)
     out["cpu_s"] = cpu[a.warmup :]
     return times[a.warmup :]
@@ -357,15 +393,35 @@ def worker(a) -> None:
     model, ds = build(a.device, BATCH * (a.warmup + a.steps + 2), attention or None)
     out["attn_implementation"] = model.config._attn_implementation
     out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if config in TRAINER_CONFIGS:
-        out["step_s"] = run_trainer(config, a, model, ds, out)
-    elif config == "peer":
-        out["step_s"] = run_peer(a, model, ds, out)
-    elif config == "floor":
-        run_floor(a, model, ds, out)
-    else:
-        raise SystemExit(f"unknown config {a.worker}")
+    with _host_syncs(a, out):
+        if config in TRAINER_CONFIGS:
+            out["step_s"] = run_trainer(config, a, model, ds, out)
+        elif config in HAND_CONFIGS:
+            out["step_s"] = run_hand(config, a, model, ds, out)
+        elif config == "floor":
+            run_floor(a, model, ds, out)
+        else:
+            raise SystemExit(f"unknown config {a.worker}")
     Path(a.result).write_text(json.dumps(out))
+
+
+@contextlib.contextmanager
+def _host_syncs(a, out: dict):
+    """With ``--count-syncs`` on CUDA: every operation that makes the host wait for the GPU during the run (warmup and
+    timed steps), by source line, from ``torch.cuda.set_sync_debug_mode("warn")``; the debug mode slows the step, so
+    such a run's times are not comparable."""
+    if not (a.count_syncs and a.device.startswith("cuda")):
+        yield
+        return
+    import torch
+
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    out["host_syncs"] = {"steps": a.warmup + a.steps, "total": sum(where.values()), "by_source_line": dict(where.most_common())}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -418,6 +474,7 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS + ["floor"]))
     p.add_argument("--floor-rounds", type=int, default=1, help="run the floor entry in the first N rounds only")
     p.add_argument("--out", default=None)
+    p.add_argument("--count-syncs", action="store_true", help="CUDA: record every host sync by source line (slows the steps)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -440,7 +497,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                 result = f.name
             cmd = [sys.executable, __file__, "--worker", c, "--result", result, "--device", a.device, "--threads", str(a.threads),
-                   "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--bf16"] if a.bf16 else [])
+                   "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--bf16"] if a.bf16 else []) + (["--count-syncs"] if a.count_syncs else [])
             t0 = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:  # recorded, and the other configs still run (one lent GPU session must yield every number it can)
@@ -477,7 +534,7 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
         "cpu_time": "cpu_s = time.process_time() over the same window (all threads of the process): less sensitive to other "
                     "processes competing for the 2 cores than wall time, but it includes OpenMP spin-waiting",
         "timing": "Trainer: on_step_begin -> on_step_end (training_step, clip, optimizer.step, scheduler, zero_grad); "
-                  "peer: first forward -> after zero_grad",
+                  "hand-written loop (peer, sam_hand, stock_hand): first forward -> after zero_grad",
         "memory": "fresh subprocess per run; CPU: peak RSS (VmHWM reset after model load) - RSS after model load; "
                   "CUDA: max_memory_allocated - memory_allocated after model load",
         "torch_cpu_allocator_stats": "not exposed by torch 2.13 on CPU (no torch.cpu.max_memory_allocated); RSS includes glibc retention",
@@ -500,6 +557,8 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
                  "mem_base_mb_runs": [r["mem_base_mb"] for r in rs]}
         if "minor_page_faults" in rs[0]:
             entry["minor_page_faults_per_step"] = statistics.median(f for r in rs for f in r["minor_page_faults"])
+        if "host_syncs" in rs[0]:
+            entry["host_syncs_runs"] = [r["host_syncs"] for r in rs]
         if "training_step_s" in rs[0]:
             entry["training_step_part_s"] = statistics.median(t for r in rs for t in r["training_step_s"])
         result["configs"][c] = entry
@@ -555,6 +614,8 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
         "rho0_within_2pct_of_stock": {"value": cfg.get("rho0", {}).get("ratio_vs_stock"), "limit": 1.02},
         "sam_le_2.05x_stock": {"value": cfg.get("sam", {}).get("ratio_vs_stock"), "limit": 2.05},
         "sam_no_slower_than_peer": {"value": med("sam") / med("peer"), "limit": 1.0},
+        # the same comparison in one harness: MicroBatchSAM and the peer in the same hand-written loop
+        "sam_no_slower_than_peer_same_harness": {"value": med("sam_hand") / med("peer"), "limit": 1.0, "paired_value": paired("sam_hand", "peer")},
         **{f"auto_path_{auto}_m{m}_le_{limit}x_sam": {"value": cfg.get(f"{auto}_m{m}", {}).get("ratio_vs_sam"), "limit": limit,
                                                       "paired_value": cfg.get(f"{auto}_m{m}", {}).get("paired_ratio_vs_sam")}
            for m, limit in limits.items()},
@@ -569,7 +630,7 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
             return None
 
     cpu_values = {"rho0_within_2pct_of_stock": cpu_ratio("rho0", "stock"), "sam_le_2.05x_stock": cpu_ratio("sam", "stock"),
-                  "sam_no_slower_than_peer": cpu_ratio("sam", "peer"),
+                  "sam_no_slower_than_peer": cpu_ratio("sam", "peer"), "sam_no_slower_than_peer_same_harness": cpu_ratio("sam_hand", "peer"),
                   **{f"auto_path_{auto}_m{m}_le_{limit}x_sam": cpu_ratio(f"{auto}_m{m}", "sam") for m, limit in limits.items()}}
     for k, v in cpu_values.items():
         targets[k]["value_from_cpu_time"] = v
@@ -580,6 +641,9 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
         f"m{m}": {"ratio_vs_sam_dense": med(f"loop_dense_m{m}") / med("sam_dense"), "cpu_ratio_vs_sam_dense": cpu_ratio(f"loop_dense_m{m}", "sam_dense"),
                   "rows_over_dense_step": med(f"loop_m{m}") / med(f"loop_dense_m{m}"), "rows_over_dense_cpu": cpu_ratio(f"loop_m{m}", f"loop_dense_m{m}")}
         for m in MICRO_BATCH_COUNTS if f"loop_dense_m{m}" in cfg and "sam_dense" in cfg
+    }
+    result["trainer_over_hand_loop"] = {  # what the Trainer's step adds to the same AdamW step in a hand-written loop
+        "stock": med("stock") / med("stock_hand"), "sam": med("sam") / med("sam_hand"),
     }
     result["auto_path"] = auto
     result["param_copy_mb"] = param_mb

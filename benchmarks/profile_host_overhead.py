@@ -1,14 +1,21 @@
-"""Host-side cost of one mSAM step, loop against vmap, where the arithmetic is negligible (issue 8).
+"""Host-side cost of one mSAM step, loop against vmap and SAM against the peer, where arithmetic is negligible (issue 8).
 
 On the H200 the vmap path's step hardly depended on m (``results/step_cuda_bf16_vmap_mathsdpa.json``: 126 ms
-at m = 1, 122 ms at m = 8) and SAM on it took twice the loop's step: the GPU waited on the host. This
-measures that host cost on a CPU, with a 6-layer BERT of width 16 (so small that every operator is dispatch
-and bookkeeping), batch 32, length 16, dropout 0.1, SDPA, one thread: the wall time of a step, and the number
-of aten operator calls in it (``torch.profiler``; deterministic, and on a GPU each one is at least a launch),
-with the vmap step's calls split by phase.
+at m = 1, 122 ms at m = 8), SAM on it took twice the loop's step, and the loop's SAM took 1.4 to 1.9x the peer's
+step: the GPU waited on the host. This measures that host cost on a CPU, with a 6-layer BERT of width 16 (so
+small that every operator is dispatch and bookkeeping), batch 32, length 16, dropout 0.1, SDPA, one thread:
 
-The loop is the loop path's arithmetic (``MicroBatchSAM``: ascent ``autograd.grad``, perturbation, descent
-backward into ``.grad``, restore); vmap is ``VectorizedMicroBatchSAM.step``, one group of m micro-batches.
+* ``step_ms_median``: the wall time of a step;
+* ``kernel_ops``: the aten operations of one step that reach a kernel (a ``TorchDispatchMode`` below autograd and
+  vmap; views, aliases and allocations are not counted): on a GPU each is at least one launch, which is what the
+  host spends its time on there;
+* ``aten_calls``: every aten call ``torch.profiler`` records, nested ones and views included (the earlier measure).
+
+``loop_m{m}`` and ``vmap_m{m}`` are the two paths' arithmetic alone (``MicroBatchSAM``: ascent ``autograd.grad``,
+perturbation, descent backward into ``.grad``, restore; ``VectorizedMicroBatchSAM.step``, one group), with the
+vmap step's parts (``phases``). ``harness`` is SAM (m = 1) as a whole optimizer step (AdamW, clipping at 1):
+the stock step and SAM in ``transformers.Trainer`` (``SAMTrainer``, the loop), and the stock step, SAM
+(``MicroBatchSAM``) and the peer (``pytorch_optimizer.SAM``) in one hand-written loop.
 
     python benchmarks/profile_host_overhead.py --out benchmarks/results/host_overhead_cpu.json
 """
@@ -20,17 +27,23 @@ import datetime
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import BertConfig, BertForSequenceClassification
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
+from hf_msam import SAMTrainer, SAMTrainingArguments
 from hf_msam.msam import MicroBatchSAM, RandomState, split_micro_batches
 from hf_msam.vectorized import VectorizedMicroBatchSAM, _with_4d_attention_mask, stack_micro_batches
 
-BATCH, LENGTH, RHO = 32, 16, 0.05
+BATCH, LENGTH, RHO, LR = 32, 16, 0.05, 1e-4
+NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view", "detach", "alias", "lift_fresh"}
+"""Operations that allocate or alias without a kernel; with the views (schemas whose outputs alias an input),
+they are left out of ``kernel_ops``."""
 
 
 def build() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -63,6 +76,21 @@ def vmap_step(vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor
     vectorized.step(stack_micro_batches(micro_batches), torch.full((m,), 1.0 / m))
 
 
+class KernelOps(TorchDispatchMode):
+    """Counts the aten operations dispatched below autograd and vmap that reach a kernel (see ``NOT_KERNELS``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        returns = func._schema.returns
+        is_view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+        if not is_view and func.overloadpacket.__name__ not in NOT_KERNELS:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
 def aten_calls(work) -> int:
     """aten operator calls of one call of ``work`` (after one untimed call)."""
     work()
@@ -71,31 +99,44 @@ def aten_calls(work) -> int:
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
-def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor], m: int) -> dict[str, int]:
-    """aten calls of the parts of one vmap step, and of one plain forward + ``autograd.grad`` for comparison."""
+def kernel_ops(work) -> int:
+    """:class:`KernelOps` of one call of ``work`` (after one untimed call)."""
+    work()
+    with KernelOps() as counter:
+        work()
+    return counter.count
+
+
+def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor], m: int) -> dict:
+    """Kernel ops and aten calls of the parts of one vmap step, and of one plain forward + ``autograd.grad`` for comparison."""
     micro_batches = [micro_batch for micro_batch, _ in split_micro_batches(batch, BATCH // m)]
     stacked = _with_4d_attention_mask(model, stack_micro_batches(micro_batches))
 
-    def batched_points():
-        return [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in vectorized.params]
-
     def ascent():
-        points = batched_points()
+        points = vectorized._ascent_points(m)
         return torch.autograd.grad(vectorized._losses(points, stacked).sum(), points, allow_unused=True)
 
-    grads = [torch.zeros(m, *p.shape) if g is None else g.detach() for g, p in zip(ascent(), vectorized.params)]
+    grads_per_tensor = [g.detach() for g in ascent()]
+    grads = vectorized.layout.rows(grads_per_tensor)
     parameters = list(model.parameters())
-    points_calls = aten_calls(batched_points)
-    return {
-        "batched_points": points_calls,
-        "vmap_forward": aten_calls(lambda: vectorized._losses(batched_points(), stacked)) - points_calls,
-        "ascent_forward_and_backward": aten_calls(ascent),
-        "perturbation_arithmetic": aten_calls(lambda: vectorized._perturbations([g.clone() for g in grads], 1.0))
-        - aten_calls(lambda: [g.clone() for g in grads]),
-        "descent_points": aten_calls(lambda: [p.unsqueeze(0) + g for p, g in zip(vectorized.params, grads)]),
-        "plain_forward_and_grad_one_micro_batch": aten_calls(lambda: torch.autograd.grad(model(**micro_batches[0]).loss, parameters)),
-        "trainable_tensors": len(vectorized.params),
+    parts = {
+        "batched_points": lambda: vectorized._ascent_points(m),
+        "gradient_rows": lambda: vectorized.layout.rows(grads_per_tensor),
+        "ascent_forward_and_backward": ascent,
+        "perturbation_arithmetic": lambda: vectorized._perturbations([g.clone() for g in grads], 1.0),
+        "descent_points": lambda: vectorized._descent_points(grads),
+        "plain_forward_and_grad_one_micro_batch": lambda: torch.autograd.grad(model(**micro_batches[0]).loss, parameters),
     }
+
+    def clones():  # inside perturbation_arithmetic, not part of it
+        return [g.clone() for g in grads]
+
+    phases = {"aten_calls": {name: aten_calls(work) for name, work in parts.items()},
+              "kernel_ops": {name: kernel_ops(work) for name, work in parts.items()}}
+    phases["aten_calls"]["perturbation_arithmetic"] -= aten_calls(clones)
+    phases["kernel_ops"]["perturbation_arithmetic"] -= kernel_ops(clones)
+    phases["trainable_tensors"] = len(vectorized.params)
+    return phases
 
 
 def measure(step, repeats: int) -> dict[str, float]:
@@ -106,7 +147,87 @@ def measure(step, repeats: int) -> dict[str, float]:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times], "aten_calls": aten_calls(step)}
+    return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times],
+            "kernel_ops": kernel_ops(step), "aten_calls": aten_calls(step)}
+
+
+def hand_loop_step(kind: str) -> callable:
+    """A whole AdamW step (clipping at 1) in a hand-written loop: ``stock``, ``sam`` (``MicroBatchSAM``) or ``peer``."""
+    from pytorch_optimizer import SAM
+
+    model, batch = build()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "peer":
+        optimizer = SAM(params, torch.optim.AdamW, rho=RHO, lr=LR)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            return loss
+
+        def step():
+            model(**batch).loss.backward()
+            optimizer.step(closure)
+            optimizer.zero_grad()
+
+        return step
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    sam = MicroBatchSAM(params, rho=RHO)
+
+    def step():
+        if kind == "sam":
+            loop_step(model, sam, batch, 1)
+        else:
+            model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def trainer_steps(kind: str, repeats: int) -> dict[str, float]:
+    """``measure`` of the Trainer's optimizer steps (``on_step_begin`` -> ``on_step_end``): ``stock`` or ``sam``."""
+    model, batch = build()
+
+    class Repeated(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10**6
+
+        def __getitem__(self, i):
+            return {k: v[i % BATCH] for k, v in batch.items()}
+
+    common = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=BATCH, max_steps=3 + repeats + 4, learning_rate=LR,
+                  optim="adamw_torch", report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True, use_cpu=True)
+    if kind == "stock":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=Repeated())
+    else:
+        trainer = SAMTrainer(model=model, args=SAMTrainingArguments(**common, sam_rho=RHO, sam_micro_batch_mode="loop"), train_dataset=Repeated())
+    times, counts = [], {}
+
+    class Probe(TrainerCallback):  # steps 0-2 warm up, then timed steps, then one profiled and one counted step
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.probe = {3 + repeats + 1: profile(activities=[ProfilerActivity.CPU]), 3 + repeats + 2: KernelOps()}.get(state.global_step)
+            if self.probe is not None:
+                self.probe.__enter__()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            elapsed = time.perf_counter() - self.start
+            if self.probe is not None:
+                self.probe.__exit__(None, None, None)
+                if isinstance(self.probe, KernelOps):
+                    counts["kernel_ops"] = self.probe.count
+                else:
+                    counts["aten_calls"] = sum(e.count for e in self.probe.key_averages() if e.key.startswith("aten::"))
+            elif 3 <= state.global_step - 1 < 3 + repeats:
+                times.append(elapsed)
+
+    trainer.add_callback(Probe())
+    trainer.train()
+    return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times], **counts}
 
 
 def main() -> None:
@@ -123,19 +244,27 @@ def main() -> None:
     for m in args.m:
         results[f"loop_m{m}"] = measure(lambda: loop_step(model, sam, batch, m), args.repeats)
         results[f"vmap_m{m}"] = measure(lambda: vmap_step(vectorized, batch, m), args.repeats)
-        results[f"vmap_m{m}"]["phases_aten_calls"] = vmap_phases(model, vectorized, batch, m)
+        results[f"vmap_m{m}"]["phases"] = vmap_phases(model, vectorized, batch, m)
         model.zero_grad(set_to_none=True)
-        print(f"m={m:2d}  loop {results[f'loop_m{m}']['step_ms_median']:6.1f} ms {results[f'loop_m{m}']['aten_calls']:6d} aten calls"
-              f"  |  vmap {results[f'vmap_m{m}']['step_ms_median']:6.1f} ms {results[f'vmap_m{m}']['aten_calls']:6d} aten calls", flush=True)
+        loop, vmapped = results[f"loop_m{m}"], results[f"vmap_m{m}"]
+        print(f"m={m:2d}  loop {loop['step_ms_median']:6.1f} ms {loop['kernel_ops']:6d} kernel ops"
+              f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops", flush=True)
+    harness = {f"{kind}_trainer": trainer_steps(kind, args.repeats) for kind in ("stock", "sam")}
+    harness.update({f"{kind}_hand": measure(hand_loop_step(kind), args.repeats) for kind in ("stock", "sam", "peer")})
+    for name, entry in harness.items():
+        print(f"{name:14s} {entry['step_ms_median']:6.1f} ms {entry['kernel_ops']:6d} kernel ops {entry['aten_calls']:6d} aten calls", flush=True)
     out = {
         "benchmark": "profile_host_overhead",
         "setup": {"model": "BERT, 6 layers, hidden 16, 2 heads, dropout 0.1, SDPA", "batch": BATCH, "length": LENGTH, "rho": RHO,
-                  "threads": 1, "repeats": args.repeats, "aten_calls": "aten operator calls in one step (torch.profiler)"},
+                  "threads": 1, "repeats": args.repeats, "optimizer_in_harness": f"AdamW lr={LR}, clip_grad_norm_(1.0)",
+                  "kernel_ops": "aten operations of one step that reach a kernel (TorchDispatchMode; views, aliases, allocations excluded)",
+                  "aten_calls": "aten operator calls in one step (torch.profiler; nested calls and views included)"},
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "configs": results,
+        "harness": harness,
     }  # fmt: skip
-    print("vmap step phases (aten calls):", json.dumps(results[f"vmap_m{args.m[0]}"]["phases_aten_calls"]))
+    print("vmap step phases:", json.dumps(results[f"vmap_m{args.m[0]}"]["phases"]))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         print(f"-> {args.out}")

@@ -4,16 +4,21 @@ The same mathematics as :mod:`hf_msam.msam` (``docs/design.md`` section 2), for 
 With ``W_i = w_i + 0`` broadcast to ``[m, ...]`` for every trainable tensor ``w_i``::
 
     L_k     = loss of functional_call(model, {W_i[k]}) on D_k      one vmap forward for all k
-    g_k     = d (sum_k L_k) / d W[k]                               one backward, outside vmap
-    e_k     = where(isfinite(||g_k||), rho * g_k / (||g_k|| + 1e-12), 0)    on the device, no host sync
+    G       = [d (sum_k L_k) / d W_i[k]  for all i]                one backward, outside vmap; rows [m, n]
+    e_k     = where(isfinite(||G[k]||), rho * G[k] / (||G[k]|| + 1e-12), 0)    on the device, no host sync
     loss    = sum_k weight_k * L_k(w + e_k)                        one vmap forward at w + e_k
     .grad  += d loss / d w                                         one ordinary backward
 
-ASAM uses ``T = |w| + eta``: ``e_k = rho * T^2 g_k / (||T g_k|| + 1e-12)``. The backward of both passes
-runs outside ``vmap`` (no batching rules for backward are needed), and the weights ``w`` are never
-modified: the perturbed point is a separate tensor, so there is nothing to restore. The price is memory:
-``W`` and its gradient are ``m`` copies of the trainable parameters in each pass (``groups_for_budget``
-bounds ``m`` per group).
+ASAM uses ``T = |w| + eta``: ``e_k = rho * T^2 G[k] / (||T G[k]|| + 1e-12)``. ``G`` lays the ascent gradients of
+all ``n`` trainable numbers end to end (one ``[m, n]`` buffer per dtype and device, :class:`FlatLayout`), so the
+norms, the scale and the perturbation are a handful of operations whatever the number of tensors (tensor by
+tensor they were several hundred for a 6-layer BERT, and on a GPU each is a launch the host pays for:
+``benchmarks/profile_host_overhead.py``). The points themselves stay one contiguous ``[m, *shape]``
+tensor per parameter, the layout the batched matrix products want. The backward of both passes runs outside
+``vmap`` (no batching rules for backward are needed), and the weights ``w`` are never modified: the perturbed
+point is a separate tensor, so there is nothing to restore. The price is memory: the points and their
+gradients are ``m`` copies of the trainable parameters in each pass (the trainer's
+``sam_vmap_memory_budget_mb`` bounds ``m`` per group).
 
 Traps handled here (transformers 5.x):
 
@@ -29,14 +34,14 @@ Traps handled here (transformers 5.x):
   kernel's backward fails on the batched layout ("LSE is not correctly aligned (strideH)"). The math
   backend is the same composite computation as eager attention.
 * An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
-  one to every micro-batch but the first: those rows of the gradient of ``W`` are zeroed.
+  one to every micro-batch but the first: those columns of ``G`` (and of the descent gradient) are zeroed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +50,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .msam import EPS, RandomState, _private_buffers
+from .msam import EPS, RandomState
 
 
 @dataclass
@@ -65,6 +70,59 @@ class VectorizedResult:
     skipped: torch.Tensor
 
 
+@dataclass(frozen=True)
+class _Bucket:
+    """The trainable tensors of one dtype and device, laid end to end in one flat vector.
+
+    Attributes:
+        indices: positions of the tensors in the list of trainable parameters, in storage order.
+        shapes: their shapes.
+        sizes: their numbers of elements (the widths of their slices).
+    """
+
+    indices: tuple[int, ...]
+    shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
+
+
+class FlatLayout:
+    """Rows ``[m, n]`` (one per dtype and device) that hold batched tensors ``[m, *shape]`` end to end, and their
+    per-tensor views."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.dtype, t.device), []).append(i)
+        self.buckets = [
+            _Bucket(tuple(ix), tuple(tensors[i].shape for i in ix), tuple(tensors[i].numel() for i in ix))
+            for ix in groups.values()
+        ]
+        self.count = len(tensors)
+
+    def rows(self, batched: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``[m, n]`` per bucket: the tensors ``batched[i]`` (``[m, *shape_i]``) end to end (``torch.cat``, a copy)."""
+        return [torch.cat([batched[i].reshape(batched[i].shape[0], -1) for i in b.indices], dim=1) for b in self.buckets]
+
+    def unflatten(self, rows: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """The views ``[m, *shape]`` of every tensor in ``rows`` (one ``[m, n]`` per bucket), in the tensors' order."""
+        views: list[torch.Tensor | None] = [None] * self.count
+        for bucket, flat in zip(self.buckets, rows):
+            m = flat.shape[0]
+            for i, shape, piece in zip(bucket.indices, bucket.shapes, flat.split(bucket.sizes, dim=1)):
+                views[i] = piece.view(m, *shape)
+        return views
+
+    def columns(self, index: int, row: int) -> tuple[int, slice]:
+        """``(bucket, columns)`` of row ``row`` (along dimension 0) of tensor ``index`` in the rows."""
+        for b, bucket in enumerate(self.buckets):
+            if index in bucket.indices:
+                position = bucket.indices.index(index)
+                width = bucket.sizes[position] // bucket.shapes[position][0]
+                start = sum(bucket.sizes[:position]) + row * width
+                return b, slice(start, start + width)
+        raise IndexError(index)
+
+
 class VectorizedMicroBatchSAM:
     """Both passes of mSAM for ``m`` stacked micro-batches of equal size, for one model.
 
@@ -79,6 +137,7 @@ class VectorizedMicroBatchSAM:
         self.adaptive = adaptive
         self.adaptive_eta = float(adaptive_eta)
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
+        self.layout = FlatLayout(self.params)
         self._padding_rows = _padding_rows(module, self.params)
 
     # --------------------------------------------------------------------------------------------------
@@ -101,22 +160,22 @@ class VectorizedMicroBatchSAM:
         randomness = RandomState.capture()
 
         # Ascent: one vmap forward at w for all k, one backward to the batched copies of w.
-        points = [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in self.params]
+        points = self._ascent_points(m)
         with autocast():
             clean = self._losses(points, batch)
         grads = torch.autograd.grad((clean.float() * grad_scale).sum(), points, allow_unused=True)
-        grads = _private_buffers([torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)], points)
+        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)]
         del points
-        self._zero_padding_rows(grads)
+        grads = self.layout.rows(grads)  # G: one copy, then the per-tensor gradients are freed
+        self._zero_padding_columns(grads)
         with torch.no_grad():
-            perturbations, norms, finite = self._perturbations(grads, grad_scale)
-        del grads
+            norms, finite = self._perturbations(grads, grad_scale)
 
         # Descent: one vmap forward at w + e_k (differentiable in w), one ordinary backward into .grad.
         randomness.restore()
-        points = [p.unsqueeze(0) + e for p, e in zip(self.params, perturbations)]
-        del perturbations
-        hooks = [x.register_hook(self._padding_hook(i)) for i, x in enumerate(points) if i in self._padding_rows]
+        points = self._descent_points(grads)
+        del grads
+        hooks = [points[i].register_hook(_zero_rows_hook(row)) for i, row in self._padding_rows.items()]
         with autocast():
             perturbed = self._losses(points, batch)
         backward((perturbed.float() * weights).sum())
@@ -125,6 +184,14 @@ class VectorizedMicroBatchSAM:
         return VectorizedResult(clean.detach().float(), perturbed.detach().float(), norms / grad_scale, ~finite)
 
     # --------------------------------------------------------------------------------------------------
+    def _ascent_points(self, m: int) -> list[torch.Tensor]:
+        """``W_i = [w_i, ..., w_i]``, the ``[m, *shape]`` leaves of the ascent pass."""
+        return [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in self.params]
+
+    def _descent_points(self, perturbations: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``w_i + e_k`` per tensor (``[m, *shape]``, differentiable in the parameters) from the rows of ``e``."""
+        return [p.unsqueeze(0) + e for p, e in zip(self.params, self.layout.unflatten(perturbations))]
+
     def _losses(self, points: list[torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
         """``[L_k]`` of the model at the per-micro-batch parameters ``points[i][k]``, one vmap forward."""
         names = self.names
@@ -139,37 +206,38 @@ class VectorizedMicroBatchSAM:
             return vmap(loss_of_one, randomness="different")(list(points), {k: batch[k] for k in keys})
 
     def _perturbations(self, grads: list[torch.Tensor], grad_scale: float):
-        """``e_k`` per tensor (``[m, ...]``), ``||g_k||`` and its finiteness, all on the device."""
-        m = grads[0].shape[0]
+        """``G -> e`` in place (rows ``[m, n]`` per bucket), with ``||g_k||`` and its finiteness, all on the device."""
         if self.adaptive:
-            scales = [p.detach().abs().add_(self.adaptive_eta) for p in self.params]  # T = |w| + eta
-            torch._foreach_mul_(grads, scales)  # T g_k
+            scales = [r.abs_().add_(self.adaptive_eta) for r in self.layout.rows([p.detach().unsqueeze(0) for p in self.params])]
+            for g, t in zip(grads, scales):  # T = |w| + eta, [1, n]
+                g.mul_(t)  # T g_k
         norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.reshape(m, -1).float(), dim=1) for g in grads]), dim=0
+            torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in grads]), dim=0
         )
         finite = torch.isfinite(norms)
-        factor = torch.where(finite, self.rho / (norms + EPS * grad_scale), torch.zeros_like(norms))
-        if self.adaptive:
-            torch._foreach_mul_(grads, scales)  # T^2 g_k
-        for g in grads:
-            shape = (m,) + (1,) * (g.dim() - 1)
-            g.mul_(factor.to(g.dtype).view(shape))
-            g.masked_fill_(~finite.view(shape), 0.0)  # inf * 0 is nan: clear skipped rows explicitly
-        return grads, norms, finite
+        factor = torch.where(finite, self.rho / (norms + EPS * grad_scale), torch.zeros_like(norms)).unsqueeze(1)
+        for i, g in enumerate(grads):
+            if self.adaptive:
+                g.mul_(scales[i])  # T^2 g_k
+            g.mul_(factor.to(g.dtype))
+            g.masked_fill_(~finite.unsqueeze(1), 0.0)  # inf * 0 is nan: clear skipped rows explicitly
+        return norms, finite
 
-    def _zero_padding_rows(self, grads: list[torch.Tensor]) -> None:
+    def _zero_padding_columns(self, grads: list[torch.Tensor]) -> None:
         for index, row in self._padding_rows.items():
-            grads[index][:, row] = 0
+            bucket, columns = self.layout.columns(index, row)
+            grads[bucket][:, columns] = 0
 
-    def _padding_hook(self, index: int):
-        row = self._padding_rows[index]
 
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            grad[:, row] = 0
-            return grad
+def _zero_rows_hook(row: int):
+    """A gradient hook that zeroes row ``row`` of every micro-batch's gradient ``[m, rows, ...]``."""
 
-        return hook
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, row] = 0
+        return grad
+
+    return hook
 
 
 def _padding_rows(module: nn.Module, params: tuple[nn.Parameter, ...]) -> dict[int, int]:

@@ -23,7 +23,7 @@ from trainer_utils import (
 from transformers import TrainingArguments
 
 import hf_msam.trainer as trainer_module
-from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+from hf_msam.vectorized import FlatLayout, VectorizedMicroBatchSAM, stack_micro_batches
 
 # --- tiny models and data --------------------------------------------------------------------------------
 
@@ -188,20 +188,34 @@ def test_dropout_masks_shared_between_the_passes(tmp_path):
 
 # --- skipped perturbations -------------------------------------------------------------------------------
 def test_non_finite_ascent_gradient_skips_only_its_micro_batch():
-    """A non-finite row of g gives e_k = 0 for that micro-batch only, and is reported as skipped."""
+    """A non-finite row of G gives e_k = 0 for that micro-batch only, and is reported as skipped."""
     model = tiny_bert(seed=8)
     sam = VectorizedMicroBatchSAM(model, rho=0.3)
-    grads = [torch.randn(3, *p.shape) for p in sam.params]
-    grads[0][1].view(-1)[0] = float("inf")
+    grads = sam.layout.rows([torch.randn(3, *p.shape) for p in sam.params])
+    grads[0][1, 0] = float("inf")
     expected = [g.clone() for g in grads]
-    perturbations, norms, finite = sam._perturbations(grads, grad_scale=1.0)
+    norms, finite = sam._perturbations(grads, grad_scale=1.0)
     assert finite.tolist() == [True, False, True]
     for k in (0, 2):
-        norm = torch.sqrt(sum((g[k] ** 2).sum() for g in expected))
-        assert torch.allclose(norms[k], norm)
-        for e, g in zip(perturbations, expected):
+        norm = torch.sqrt(sum((g[k].double() ** 2).sum() for g in expected)).float()
+        torch.testing.assert_close(norms[k], norm)
+        for e, g in zip(grads, expected):
             torch.testing.assert_close(e[k], 0.3 * g[k] / (norm + 1e-12))
-    assert all(torch.equal(e[1], torch.zeros_like(e[1])) for e in perturbations)
+    assert all(torch.equal(e[1], torch.zeros_like(e[1])) for e in grads)
+
+
+def test_flat_layout_rows_and_views_round_trip():
+    """rows() lays batched tensors end to end per dtype bucket; unflatten() gives every one back as a view."""
+    batched = [torch.randn(2, 3, 4), torch.randn(2, 5, dtype=torch.float64), torch.randn(2), torch.randn(2, 2, 2, dtype=torch.float64)]
+    layout = FlatLayout([t[0] for t in batched])
+    rows = layout.rows(batched)
+    assert [r.dtype for r in rows] == [torch.float32, torch.float64] and [tuple(r.shape) for r in rows] == [(2, 13), (2, 9)]
+    assert torch.equal(rows[0][1], torch.cat([batched[0][1].flatten(), batched[2][1].reshape(1)]))
+    views = layout.unflatten(rows)
+    assert all(torch.equal(view, tensor) for view, tensor in zip(views, batched))
+    assert all(view.untyped_storage().data_ptr() == rows[1].untyped_storage().data_ptr() for view in (views[1], views[3]))
+    bucket, columns = layout.columns(3, 1)  # row 1 of the 2x2 float64 tensor: after the 5 numbers of tensor 1
+    assert bucket == 1 and torch.equal(rows[1][:, columns], batched[3][:, 1])
 
 
 def test_overflowing_ascent_is_skipped_and_the_step_is_the_plain_gradient():
