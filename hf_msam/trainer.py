@@ -87,7 +87,9 @@ VMAP_COPIES_PER_MICRO_BATCH = 5
 its gradient in each pass, the perturbation, the batched embedding gradient), used to size the groups to
 ``sam_vmap_memory_budget_mb``. Measured: the extra peak memory of vmap over the loop in
 ``benchmarks/results/step_cpu_issue8.json`` is 4.5, 4.2 and 3.7 parameter copies per micro-batch at m = 4, 8,
-16 (peak RSS); rounded up."""
+16 (peak RSS); rounded up. With the ascent gradients laid out in rows (``hf_msam.vectorized.FlatLayout``) the
+extra over SAM was 3.0 and 3.3 copies per micro-batch at m = 4 and 8, against 3.3 and 3.3 for the code before
+(``benchmarks/results/step_cpu_vmap_rows.json`` and ``step_cpu_vmap_775bf69.json``, one run each, 2 threads)."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",

@@ -212,7 +212,8 @@ class VectorizedMicroBatchSAM:
             for g, t in zip(grads, scales):  # T = |w| + eta, [1, n]
                 g.mul_(t)  # T g_k
         norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.float32) for g in grads]), dim=0
+            torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]),
+            dim=0,
         )
         finite = torch.isfinite(norms)
         factor = torch.where(finite, self.rho / (norms + EPS * grad_scale), torch.zeros_like(norms)).unsqueeze(1)

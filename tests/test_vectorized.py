@@ -204,6 +204,20 @@ def test_non_finite_ascent_gradient_skips_only_its_micro_batch():
     assert all(torch.equal(e[1], torch.zeros_like(e[1])) for e in grads)
 
 
+def test_perturbation_norm_runs_over_every_dtype_bucket():
+    """Rows of two dtypes (a bf16 model with fp32 adapters): one ||g_k|| over both, and e_k in each row's dtype."""
+    sam = VectorizedMicroBatchSAM(tiny_bert(seed=8), rho=0.5)
+    grads = [torch.randn(2, 7), torch.randn(2, 5, dtype=torch.float64)]
+    expected = [g.clone() for g in grads]
+    norms, finite = sam._perturbations(grads, grad_scale=1.0)
+    assert finite.all()
+    for k in range(2):
+        norm = torch.sqrt((expected[0][k].double() ** 2).sum() + (expected[1][k] ** 2).sum())
+        torch.testing.assert_close(norms[k].double(), norm, rtol=1e-6, atol=0)
+        for e, g in zip(grads, expected):
+            torch.testing.assert_close(e[k], (0.5 * g[k].double() / norm).to(g.dtype), rtol=1e-6, atol=1e-9)
+
+
 def test_flat_layout_rows_and_views_round_trip():
     """rows() lays batched tensors end to end per dtype bucket; unflatten() gives every one back as a view."""
     batched = [torch.randn(2, 3, 4), torch.randn(2, 5, dtype=torch.float64), torch.randn(2), torch.randn(2, 2, 2, dtype=torch.float64)]
