@@ -83,13 +83,15 @@ keeps the loop on every device. H200, bf16: SAM took 66 ms a step on the loop ag
 of ``benchmarks/results/step_cuda_bf16_vmap_mathsdpa.json``)."""
 
 VMAP_COPIES_PER_MICRO_BATCH = 5
-"""Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the batched point and
-its gradient in each pass, the perturbation, the batched embedding gradient), used to size the groups to
+"""Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the ascent gradient, the
+perturbed point and its gradient, the batched embedding gradient), used to size the groups to
 ``sam_vmap_memory_budget_mb``. Measured: the extra peak memory of vmap over the loop in
 ``benchmarks/results/step_cpu_issue8.json`` is 4.5, 4.2 and 3.7 parameter copies per micro-batch at m = 4, 8,
-16 (peak RSS); rounded up. With the ascent gradients laid out in rows (``hf_msam.vectorized.FlatLayout``) the
-extra over SAM was 3.0 and 3.3 copies per micro-batch at m = 4 and 8, against 3.3 and 3.3 for the code before
-(``benchmarks/results/step_cpu_vmap_rows.json`` and ``step_cpu_vmap_775bf69.json``, one run each, 2 threads)."""
+16 (peak RSS); rounded up. Since the ascent points are broadcast views of the weights and the ascent gradients
+lie in rows (``hf_msam.vectorized``), the extra over SAM was 2.1 and 2.3 copies per micro-batch at m = 4 and 8,
+against 3.3 and 3.3 for the code before (``benchmarks/results/step_cpu_vmap_rows.json`` and
+``step_cpu_vmap_775bf69.json``, one run each, 2 threads); the H200 gave 2.7 before (21.4 copies at m = 8). The
+budget is left at 5: it has not been measured on a GPU since."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",

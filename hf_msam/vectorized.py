@@ -13,12 +13,12 @@ ASAM uses ``T = |w| + eta``: ``e_k = rho * T^2 G[k] / (||T G[k]|| + 1e-12)``. ``
 all ``n`` trainable numbers end to end (one ``[m, n]`` buffer per dtype and device, :class:`FlatLayout`), so the
 norms, the scale and the perturbation are a handful of operations whatever the number of tensors (tensor by
 tensor they were several hundred for a 6-layer BERT, and on a GPU each is a launch the host pays for:
-``benchmarks/profile_host_overhead.py``). The points themselves stay one contiguous ``[m, *shape]``
-tensor per parameter, the layout the batched matrix products want. The backward of both passes runs outside
-``vmap`` (no batching rules for backward are needed), and the weights ``w`` are never modified: the perturbed
-point is a separate tensor, so there is nothing to restore. The price is memory: the points and their
-gradients are ``m`` copies of the trainable parameters in each pass (the trainer's
-``sam_vmap_memory_budget_mb`` bounds ``m`` per group).
+``benchmarks/profile_host_overhead.py``). The points stay one ``[m, *shape]`` tensor per parameter, the layout
+the batched matrix products want; those of the ascent are ``w_i`` broadcast (stride 0 along ``m``), so they cost
+no memory. The backward of both passes runs outside ``vmap`` (no batching rules for backward are needed), and the
+weights ``w`` are never modified: the perturbed point is a separate tensor, so there is nothing to restore. The
+price is memory: ``G``, the descent points ``w + e_k`` and their gradients are ``m`` copies of the trainable
+parameters each (the trainer's ``sam_vmap_memory_budget_mb`` bounds ``m`` per group).
 
 Traps handled here (transformers 5.x):
 
@@ -159,7 +159,7 @@ class VectorizedMicroBatchSAM:
         batch = _with_4d_attention_mask(self.module, stacked)
         randomness = RandomState.capture()
 
-        # Ascent: one vmap forward at w for all k, one backward to the batched copies of w.
+        # Ascent: one vmap forward at w for all k, one backward to the broadcast points.
         points = self._ascent_points(m)
         with autocast():
             clean = self._losses(points, batch)
@@ -185,8 +185,9 @@ class VectorizedMicroBatchSAM:
 
     # --------------------------------------------------------------------------------------------------
     def _ascent_points(self, m: int) -> list[torch.Tensor]:
-        """``W_i = [w_i, ..., w_i]``, the ``[m, *shape]`` leaves of the ascent pass."""
-        return [p.detach().unsqueeze(0).expand(m, *p.shape).clone().requires_grad_(True) for p in self.params]
+        """``W_i = [w_i, ..., w_i]``, the ``[m, *shape]`` leaves of the ascent pass: views of ``w_i`` (stride 0 along
+        ``m``, no copy); their gradients are ordinary ``[m, *shape]`` tensors."""
+        return [p.detach().unsqueeze(0).expand(m, *p.shape).requires_grad_(True) for p in self.params]
 
     def _descent_points(self, perturbations: list[torch.Tensor]) -> list[torch.Tensor]:
         """``w_i + e_k`` per tensor (``[m, *shape]``, differentiable in the parameters) from the rows of ``e``."""

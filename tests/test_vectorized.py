@@ -218,6 +218,15 @@ def test_perturbation_norm_runs_over_every_dtype_bucket():
             torch.testing.assert_close(e[k], (0.5 * g[k].double() / norm).to(g.dtype), rtol=1e-6, atol=1e-9)
 
 
+def test_ascent_points_are_broadcast_views_of_the_weights():
+    """The ascent pass holds no copy of the weights: each point is w_i broadcast along m, a leaf of its own."""
+    sam = VectorizedMicroBatchSAM(tiny_bert(seed=8), rho=0.5)
+    points = sam._ascent_points(4)
+    for point, weight in zip(points, sam.params):
+        assert point.shape == (4, *weight.shape) and point.stride(0) == 0 and point.is_leaf and point.requires_grad
+        assert point.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
+
+
 def test_flat_layout_rows_and_views_round_trip():
     """rows() lays batched tensors end to end per dtype bucket; unflatten() gives every one back as a view."""
     batched = [torch.randn(2, 3, 4), torch.randn(2, 5, dtype=torch.float64), torch.randn(2), torch.randn(2, 2, 2, dtype=torch.float64)]
