@@ -156,7 +156,7 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_step_"),
         per_device_train_batch_size=BATCH,
-        max_steps=a.warmup + a.steps,
+        max_steps=a.warmup + a.steps + (1 if a.profile else 0),  # --profile: one more step, profiled
         learning_rate=LR,
         optim="adamw_torch",
         report_to="none",
@@ -178,7 +178,11 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     times, passes, cpu, faults = [], [], [], []
 
     class Timer(TrainerCallback):
+        profiler = None
+
         def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == a.warmup + a.steps:  # the extra step of --profile
+                self.profiler = _StepProfile(a.device).__enter__()
             self.t0 = clock()
             self.c0 = time.process_time()
             self.f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -188,6 +192,10 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
 
         def on_step_end(self, args, state, control, **kw):
             t2 = clock()
+            if self.profiler is not None:
+                self.profiler.__exit__(None, None, None)
+                out["profile"] = self.profiler.summary
+                return
             times.append(t2 - self.t0)
             cpu.append(time.process_time() - self.c0)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - self.f0)
@@ -272,6 +280,10 @@ def run_hand(config: str, a, model, ds, out: dict) -> list[float]:
             times.append(clock() - t0)
             cpu.append(time.process_time() - c0)
             done += 1
+    if a.profile:
+        with _StepProfile(a.device) as profiler:
+            step(batch)
+        out["profile"] = profiler.summary
     _mem_end(a, out)
     out["cpu_s"] = cpu[a.warmup :]
     return times[a.warmup :]
@@ -405,6 +417,44 @@ def worker(a) -> None:
     Path(a.result).write_text(json.dumps(out))
 
 
+class _StepProfile:
+    """``torch.profiler`` over one optimizer step (CPU and, on CUDA, the device): the 40 entries with the most
+    host (self CPU) time, CUDA runtime calls such as ``cudaLaunchKernel`` and ``cudaStreamSynchronize`` included,
+    and the step's wall time under the profiler."""
+
+    def __init__(self, device: str) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.cuda = device.startswith("cuda")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.profile = profile(activities=activities)
+        self.clock = _Sync(device)
+        self.summary: dict = {}
+
+    def __enter__(self) -> _StepProfile:
+        self.start = self.clock()
+        self.profile.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.clock()
+        self.profile.__exit__(*exc)
+        wall_ms = 1000 * (self.clock() - self.start)
+        events = self.profile.key_averages()
+
+        def device_ms(e) -> float:
+            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) / 1000
+
+        rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:40]
+        self.summary = {
+            "step_wall_ms_under_profiler": wall_ms,
+            "self_cpu_ms_all_events": sum(e.self_cpu_time_total for e in events) / 1000,
+            "device_ms_all_events": sum(device_ms(e) for e in events),
+            "top_by_self_cpu": [{"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1000,
+                                 "cpu_total_ms": e.cpu_time_total / 1000, "self_device_ms": device_ms(e)} for e in rows],
+        }  # fmt: skip
+
+
 @contextlib.contextmanager
 def _host_syncs(a, out: dict):
     """With ``--count-syncs`` on CUDA: every operation that makes the host wait for the GPU during the run (warmup and
@@ -475,6 +525,8 @@ def main() -> None:
     p.add_argument("--floor-rounds", type=int, default=1, help="run the floor entry in the first N rounds only")
     p.add_argument("--out", default=None)
     p.add_argument("--count-syncs", action="store_true", help="CUDA: record every host sync by source line (slows the steps)")
+    p.add_argument("--profile", action="store_true", help="profile one more step per run (torch.profiler; top host-time entries; "
+                   "the run's peak memory then includes the profiler's)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -497,7 +549,7 @@ def main() -> None:
             with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
                 result = f.name
             cmd = [sys.executable, __file__, "--worker", c, "--result", result, "--device", a.device, "--threads", str(a.threads),
-                   "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--bf16"] if a.bf16 else []) + (["--count-syncs"] if a.count_syncs else [])
+                   "--steps", str(a.steps), "--warmup", str(a.warmup)] + (["--bf16"] if a.bf16 else []) + (["--count-syncs"] if a.count_syncs else []) + (["--profile"] if a.profile else [])
             t0 = time.time()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:  # recorded, and the other configs still run (one lent GPU session must yield every number it can)
@@ -559,6 +611,8 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
             entry["minor_page_faults_per_step"] = statistics.median(f for r in rs for f in r["minor_page_faults"])
         if "host_syncs" in rs[0]:
             entry["host_syncs_runs"] = [r["host_syncs"] for r in rs]
+        if "profile" in rs[0]:
+            entry["profile_runs"] = [r["profile"] for r in rs]
         if "training_step_s" in rs[0]:
             entry["training_step_part_s"] = statistics.median(t for r in rs for t in r["training_step_s"])
         result["configs"][c] = entry

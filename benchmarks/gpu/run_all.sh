@@ -22,13 +22,14 @@ STAGES=${STAGES:-vmap}  # also: tests step curvature text vision (each adds minu
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } > "$OUT/gpu_env.txt" 2>&1
 
 # Issue 8 (vectorised mSAM): its CUDA exactness tests; the step benchmark of SAM in the Trainer and in the peer's
-# hand-written loop, the peer, and vmap at m = 2..16 (9 configs x 2 rounds, about 18 s per fresh process on an H200);
-# then the host syncs of a step by source line (set_sync_debug_mode; its times are not comparable). About 8 minutes.
+# hand-written loop, the plain step in that loop, the peer, and vmap at m = 2..16 (8 configs x 2 rounds, about 18 s
+# per fresh process on an H200); then a diagnostic run (its times are not comparable): the host syncs of a step by
+# source line (set_sync_debug_mode) and a torch.profiler table of one step. About 8 minutes.
 [[ $STAGES == *vmap* ]] && timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_vectorized.py -k "cuda or fp16" > "$OUT/vmap_tests.log" 2>&1; echo "vmap tests exit $?" >> "$OUT/vmap_tests.log"
-[[ $STAGES == *vmap* ]] && timeout 340 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 2 --steps 15 --warmup 3 \
-  --configs stock,stock_hand,sam,sam_hand,peer,vmap_m2,vmap_m4,vmap_m8,vmap_m16 --out "$OUT/step_cuda_bf16_vmap.json" > "$OUT/bench_vmap.log" 2>&1; echo "bench_step vmap exit $?" >> "$OUT/bench_vmap.log"
-[[ $STAGES == *vmap* ]] && timeout 80 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 2 --warmup 1 --count-syncs \
-  --configs sam,peer,vmap_m8 --out "$OUT/step_cuda_bf16_syncs.json" >> "$OUT/bench_vmap.log" 2>&1; echo "bench_step syncs exit $?" >> "$OUT/bench_vmap.log"
+[[ $STAGES == *vmap* ]] && timeout 300 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 2 --steps 15 --warmup 3 \
+  --configs stock_hand,sam,sam_hand,peer,vmap_m2,vmap_m4,vmap_m8,vmap_m16 --out "$OUT/step_cuda_bf16_vmap.json" > "$OUT/bench_vmap.log" 2>&1; echo "bench_step vmap exit $?" >> "$OUT/bench_vmap.log"
+[[ $STAGES == *vmap* ]] && timeout 100 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 2 --warmup 1 --count-syncs --profile \
+  --configs sam,sam_hand,peer,vmap_m8 --out "$OUT/step_cuda_bf16_diagnostics.json" >> "$OUT/bench_vmap.log" 2>&1; echo "bench_step diagnostics exit $?" >> "$OUT/bench_vmap.log"
 # Issue 8: would torch.compile (and CUDA graphs) take the host's work off the vectorised pass? About 2 minutes.
 [[ $STAGES == *compile* ]] && timeout 150 python3 benchmarks/probe_compile_vmap.py --device cuda --out "$OUT/compile_vmap_cuda.json" > "$OUT/compile.log" 2>&1; echo "probe_compile_vmap exit $?" >> "$OUT/compile.log"
 # Issue 7: the GPU variants of the correctness tests.
