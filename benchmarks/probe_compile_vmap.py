@@ -7,7 +7,8 @@ against the eager one, on the 6-layer BERT of width 16 of ``profile_host_overhea
 one CPU thread), for dropout off and on, and checks the losses and gradients against eager:
 
 * backends ``aot_eager`` (the traced aten graph, run op by op) and ``inductor`` (fused kernels); on CUDA also
-  ``inductor`` with ``mode="reduce-overhead"`` (CUDA graphs);
+  ``inductor`` with ``mode="reduce-overhead"`` (CUDA graphs); for attention dropout under SDPA also inductor with
+  no fusion (``max_fusion_size=1``), where the fused CPU code gave NaN;
 * dropout 0.1 in the hidden layers only, in the attention probabilities only (SDPA's ``dropout_p``), and the same
   with eager attention; inductor with ``fallback_random=True``, so that it draws eager's masks.
 
@@ -86,11 +87,11 @@ def timed(work, repeats: int, device: str) -> list[float]:
     return times
 
 
-def probe(case: str, backend: str, mode: str | None, device: str, repeats: int) -> dict:
+def probe(case: str, backend: str, mode: str | None, options: dict | None, device: str, repeats: int) -> dict:
     vectorized, batch = model_for(case, device)
     eager_losses, eager_grads = ascent(vectorized, vectorized._losses, batch)
     torch._dynamo.reset()
-    compiled = torch.compile(vectorized._losses, backend=backend, mode=mode)
+    compiled = torch.compile(vectorized._losses, backend=backend, mode=mode, options=options)
     entry: dict = {}
     with inductor_config.patch(fallback_random=True):
         try:
@@ -128,15 +129,20 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    variants = [("aot_eager", None), ("inductor", None)] + ([("inductor", "reduce-overhead")] if args.device == "cuda" else [])
+    variants = {  # name: (backend, mode, inductor options, the cases it runs on)
+        "aot_eager": ("aot_eager", None, None, ["no_dropout"]),  # eager's ops, so eager's randomness
+        "inductor": ("inductor", None, None, list(CASES)),
+        "inductor_no_fusion": ("inductor", None, {"max_fusion_size": 1}, ["attention_dropout_sdpa"]),
+    }
+    if args.device == "cuda":
+        variants["inductor_reduce-overhead"] = ("inductor", "reduce-overhead", None, list(CASES))
     results = {}
     for case in CASES:
         results[case] = {"eager": eager_entry(case, args.device, args.repeats)}
-        for backend, mode in variants:
-            if case != "no_dropout" and backend != "inductor":
-                continue  # aot_eager runs eager's ops: its randomness is eager's
-            name = backend + (f"_{mode}" if mode else "")
-            results[case][name] = probe(case, backend, mode, args.device, args.repeats)
+        for name, (backend, mode, options, cases) in variants.items():
+            if case not in cases:
+                continue
+            results[case][name] = probe(case, backend, mode, options, args.device, args.repeats)
             print(case, name, json.dumps(results[case][name]), flush=True)
         print(case, "eager", json.dumps(results[case]["eager"]), flush=True)
     out = {
