@@ -13,7 +13,8 @@ small that every operator is dispatch and bookkeeping), batch 32, length 16, dro
 
 ``loop_m{m}`` and ``vmap_m{m}`` are the two paths' arithmetic alone (``MicroBatchSAM``: ascent ``autograd.grad``,
 perturbation, descent backward into ``.grad``, restore; ``VectorizedMicroBatchSAM.step``, one group), with the
-vmap step's parts (``phases``). ``harness`` is SAM (m = 1) as a whole optimizer step (AdamW, clipping at 1):
+vmap step's parts (``phases``); ``vmap_compiled_m{m}`` is the vmap step with ``compile=True`` (its kernels are not
+counted: compiled code calls most of them without the dispatcher). ``harness`` is SAM (m = 1) as a whole optimizer step (AdamW, clipping at 1):
 the stock step and SAM in ``transformers.Trainer`` (``SAMTrainer``, the loop), and the stock step, SAM
 (``MicroBatchSAM``) and the peer (``pytorch_optimizer.SAM``) in one hand-written loop.
 
@@ -139,7 +140,9 @@ def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, bat
     return phases
 
 
-def measure(step, repeats: int) -> dict[str, float]:
+def measure(step, repeats: int, count_kernels: bool = True) -> dict[str, float]:
+    """Median step time after 3 untimed steps, and the step's kernel ops and aten calls (``count_kernels=False``
+    for compiled code, whose own kernels bypass the dispatcher, and which a dispatch mode would recompile)."""
     for _ in range(3):
         step()
     times = []
@@ -147,8 +150,9 @@ def measure(step, repeats: int) -> dict[str, float]:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
+    counts = {"kernel_ops": kernel_ops(step)} if count_kernels else {}
     return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times],
-            "kernel_ops": kernel_ops(step), "aten_calls": aten_calls(step)}
+            **counts, "aten_calls": aten_calls(step)}
 
 
 def hand_loop_step(kind: str) -> callable:
@@ -240,15 +244,18 @@ def main() -> None:
     model, batch = build()
     sam = MicroBatchSAM(model.parameters(), rho=RHO)
     vectorized = VectorizedMicroBatchSAM(model, rho=RHO)
+    compiled = VectorizedMicroBatchSAM(model, rho=RHO, compile=True)
     results = {}
     for m in args.m:
         results[f"loop_m{m}"] = measure(lambda: loop_step(model, sam, batch, m), args.repeats)
         results[f"vmap_m{m}"] = measure(lambda: vmap_step(vectorized, batch, m), args.repeats)
         results[f"vmap_m{m}"]["phases"] = vmap_phases(model, vectorized, batch, m)
+        results[f"vmap_compiled_m{m}"] = measure(lambda: vmap_step(compiled, batch, m), args.repeats, count_kernels=False)
         model.zero_grad(set_to_none=True)
-        loop, vmapped = results[f"loop_m{m}"], results[f"vmap_m{m}"]
+        loop, vmapped, fast = results[f"loop_m{m}"], results[f"vmap_m{m}"], results[f"vmap_compiled_m{m}"]
         print(f"m={m:2d}  loop {loop['step_ms_median']:6.1f} ms {loop['kernel_ops']:6d} kernel ops"
-              f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops", flush=True)
+              f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops"
+              f"  |  vmap compiled {fast['step_ms_median']:6.1f} ms", flush=True)
     harness = {f"{kind}_trainer": trainer_steps(kind, args.repeats) for kind in ("stock", "sam")}
     harness.update({f"{kind}_hand": measure(hand_loop_step(kind), args.repeats) for kind in ("stock", "sam", "peer")})
     for name, entry in harness.items():

@@ -42,6 +42,12 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             ``sam_vmap_memory_budget_mb``; refused with the reason when the model cannot take it); ``"auto"``,
             vmap where the model is eligible and it was measured faster (on CUDA, for two or more micro-batches),
             else the loop. The update is the same in every mode.
+        sam_vmap_compile (`bool`, *optional*, defaults to `False`):
+            Compile the two vectorised passes of the vmap path with ``torch.compile`` (inductor with eager's random
+            operations, so the dropout masks are the loop's, and no kernel fusion; ``hf_msam.vectorized``). The same
+            update; on a model so small that the step is host-bound it halved the vmap step on a CPU
+            (``benchmarks/results/compile_vmap_cpu.json``). The first steps pay the compilation, and a new sequence
+            length can recompile. Not yet measured on a GPU. Needs ``sam_micro_batch_mode`` ``"vmap"`` or ``"auto"``.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             ASAM (Kwon et al., 2021): the perturbation ``e_k = rho * T^2 g_k / ||T g_k||`` with the elementwise
             scale ``T = |w| + sam_adaptive_eta``, applied to every trainable tensor (biases and LayerNorm
@@ -105,6 +111,14 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             "sam_global=True keep the dense treatment. False: dense gradients for every tensor."
         },
     )
+    sam_vmap_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Compile the two vectorised passes of the vmap path with torch.compile (inductor, eager's random "
+            "ops, no fusion): the same update with less host work per step; the first steps pay the compilation. "
+            "Not yet measured on a GPU. Needs sam_micro_batch_mode 'vmap' or 'auto'."
+        },
+    )
     sam_vmap_memory_budget_mb: float | None = field(
         default=None,
         metadata={
@@ -141,6 +155,11 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
         budget = self.sam_vmap_memory_budget_mb
         if budget is not None and (not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0):
             raise ValueError(f"sam_vmap_memory_budget_mb must be a number > 0 (MiB) or None, got {budget!r}.")
+        if self.sam_vmap_compile and self.sam_micro_batch_mode == "loop":
+            raise ValueError(
+                "sam_vmap_compile=True compiles the vmap path, which sam_micro_batch_mode='loop' never runs: use "
+                "sam_micro_batch_mode='vmap' or 'auto', or drop sam_vmap_compile."
+            )
         size = self.sam_micro_batch_size
         if self.sam_micro_batch_mode == "vmap" and self.sam_global:
             raise ValueError(

@@ -314,7 +314,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             reason = "sam_global=True all-reduces the ascent gradient between the two passes"
         else:
             self._vmap = VectorizedMicroBatchSAM(
-                module, rho=self.args.sam_rho, adaptive=self.args.sam_adaptive, adaptive_eta=self.args.sam_adaptive_eta
+                module,
+                rho=self.args.sam_rho,
+                adaptive=self.args.sam_adaptive,
+                adaptive_eta=self.args.sam_adaptive_eta,
+                compile=self.args.sam_vmap_compile,
             )
             self._vmap_group_size = None
             return

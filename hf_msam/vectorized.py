@@ -35,6 +35,9 @@ Traps handled here (transformers 5.x):
   backend is the same composite computation as eager attention.
 * An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
   one to every micro-batch but the first: those columns of ``G`` (and of the descent gradient) are zeroed.
+
+``compile=True`` runs the vmapped loss through ``torch.compile`` (:data:`COMPILE_OPTIONS`); the random state is
+handled as above, because inductor then calls eager's random operations in eager's order.
 """
 
 from __future__ import annotations
@@ -51,6 +54,14 @@ from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .msam import EPS, RandomState
+
+
+COMPILE_OPTIONS = {"fallback_random": True, "max_fusion_size": 1}
+"""Inductor settings of ``VectorizedMicroBatchSAM(compile=True)``. ``fallback_random``: eager's random operations,
+so that the dropout masks are those of the eager passes and of the loop. ``max_fusion_size=1``: no fusion; with
+dropout inside SDPA (BERT's default attention) the fused CPU code returned NaN losses under vmap (torch 2.13),
+while the unfused code was exact and about as fast on a host-bound model (3.9 against 9.5 ms eager, the ascent
+pass in ``benchmarks/results/compile_vmap_cpu.json``)."""
 
 
 @dataclass
@@ -129,9 +140,12 @@ class VectorizedMicroBatchSAM:
     Args:
         module: the (unwrapped) model; its forward must return the loss (``labels`` in the batch).
         rho, adaptive, adaptive_eta: as in :class:`hf_msam.msam.MicroBatchSAM`.
+        compile: run the vmapped loss of both passes through ``torch.compile`` (:data:`COMPILE_OPTIONS`).
     """
 
-    def __init__(self, module: nn.Module, rho: float, adaptive: bool = False, adaptive_eta: float = 0.01) -> None:
+    def __init__(
+        self, module: nn.Module, rho: float, adaptive: bool = False, adaptive_eta: float = 0.01, compile: bool = False
+    ) -> None:
         self.module = module
         self.rho = float(rho)
         self.adaptive = adaptive
@@ -139,6 +153,7 @@ class VectorizedMicroBatchSAM:
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
         self.layout = FlatLayout(self.params)
         self._padding_rows = _padding_rows(module, self.params)
+        self._batched_losses = torch.compile(self._vmapped_losses, options=COMPILE_OPTIONS) if compile else self._vmapped_losses
 
     # --------------------------------------------------------------------------------------------------
     def step(
@@ -195,16 +210,20 @@ class VectorizedMicroBatchSAM:
 
     def _losses(self, points: list[torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
         """``[L_k]`` of the model at the per-micro-batch parameters ``points[i][k]``, one vmap forward."""
+        tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        constants = {k: v for k, v in batch.items() if k not in tensors}
+        return self._batched_losses(list(points), tensors, constants)
+
+    def _vmapped_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
+        """``vmap`` of ``functional_call`` over the leading dimension of ``points`` and ``tensors`` (compiled or not)."""
         names = self.names
-        keys = [k for k, v in batch.items() if isinstance(v, torch.Tensor)]
-        constants = {k: v for k, v in batch.items() if k not in keys}
 
         def loss_of_one(params_k, tensors_k):
             outputs = functional_call(self.module, dict(zip(names, params_k)), args=(), kwargs={**constants, **tensors_k})
             return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused kernels' batching rules: see the module docstring
-            return vmap(loss_of_one, randomness="different")(list(points), {k: batch[k] for k in keys})
+            return vmap(loss_of_one, randomness="different")(points, tensors)
 
     def _perturbations(self, grads: list[torch.Tensor], grad_scale: float):
         """``G -> e`` in place (rows ``[m, n]`` per bucket), with ``||g_k||`` and its finiteness, all on the device."""

@@ -30,8 +30,12 @@ STAGES=${STAGES:-vmap}  # also: tests step curvature text vision (each adds minu
   --configs stock_hand,sam,sam_hand,peer,vmap_m2,vmap_m4,vmap_m8,vmap_m16 --out "$OUT/step_cuda_bf16_vmap.json" > "$OUT/bench_vmap.log" 2>&1; echo "bench_step vmap exit $?" >> "$OUT/bench_vmap.log"
 [[ $STAGES == *vmap* ]] && timeout 100 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 2 --warmup 1 --count-syncs --profile \
   --configs sam,sam_hand,peer,vmap_m8 --out "$OUT/step_cuda_bf16_diagnostics.json" >> "$OUT/bench_vmap.log" 2>&1; echo "bench_step diagnostics exit $?" >> "$OUT/bench_vmap.log"
-# Issue 8: would torch.compile (and CUDA graphs) take the host's work off the vectorised pass? About 2 minutes.
+# Issue 8: does torch.compile (and CUDA graphs) take the host's work off the vectorised passes? The probe (one pass,
+# exactness with dropout), then SAM against vmap with sam_vmap_compile at m = 8 and 16 (one round; the warmup steps
+# compile). About 5 minutes.
 [[ $STAGES == *compile* ]] && timeout 150 python3 benchmarks/probe_compile_vmap.py --device cuda --out "$OUT/compile_vmap_cuda.json" > "$OUT/compile.log" 2>&1; echo "probe_compile_vmap exit $?" >> "$OUT/compile.log"
+[[ $STAGES == *compile* ]] && timeout 150 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
+  --configs sam,vmapc_m8,vmapc_m16 --out "$OUT/step_cuda_bf16_vmap_compiled.json" >> "$OUT/compile.log" 2>&1; echo "bench_step compiled exit $?" >> "$OUT/compile.log"
 # Issue 7: the GPU variants of the correctness tests.
 [[ $STAGES == *tests* ]] && timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/gpu_tests.log" 2>&1; echo "tests exit $?" >> "$OUT/gpu_tests.log"
 [[ $STAGES == *step* ]] && timeout 120 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8 >> "$OUT/bench.log" 2>&1; echo "bench_step exit $?" >> "$OUT/bench.log"
