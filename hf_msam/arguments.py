@@ -46,7 +46,7 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             Compile the two vectorised passes of the vmap path with ``torch.compile`` (inductor with eager's random
             operations, so the dropout masks are the loop's, and no kernel fusion; ``hf_msam.vectorized``). The same
             update; on a model so small that the step is host-bound it halved the vmap step on a CPU
-            (``benchmarks/results/compile_vmap_cpu.json``). The first steps pay the compilation, and a new sequence
+            (``benchmarks/results/host_overhead_cpu.json``). The first steps pay the compilation, and a new sequence
             length can recompile. Not yet measured on a GPU. Needs ``sam_micro_batch_mode`` ``"vmap"`` or ``"auto"``.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             ASAM (Kwon et al., 2021): the perturbation ``e_k = rho * T^2 g_k / ||T g_k||`` with the elementwise

@@ -51,14 +51,15 @@ def image_dataset(n: int = 16, seed: int = 0):
     )
 
 
-def tiny_vit(seed: int = 0):
+def tiny_vit(seed: int = 0, **overrides):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+    config = ViTConfig(**{
+        **dict(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+               intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+        **overrides,
+    })  # fmt: skip
     return ViTForImageClassification(config)
 
 
@@ -382,17 +383,26 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def test_compiled_passes_equal_eager_passes_with_dropout():
-    """torch.compile of both vectorised passes: the same losses and .grad as eager, dropout (hidden and SDPA
-    attention, where fused inductor code gave NaN) included, so the masks are eager's; and graphs were compiled."""
-    data = padded_dataset(8, seed=15)
-    batch = tensor_batch(data, 0, 8)
+COMPILED_CASES = {  # a model with dropout on, and a batch of 8 examples
+    "bert_sdpa": (lambda: tiny_bert(seed=15, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, attn_implementation="sdpa"),
+                  lambda: tensor_batch(padded_dataset(8, seed=15), 0, 8)),
+    "vit": (lambda: tiny_vit(seed=15, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2), lambda: tensor_batch(image_dataset(8, seed=15), 0, 8)),
+    "llama": (lambda: tiny_llama(seed=15, attention_dropout=0.2), lambda: tensor_batch(lm_dataset(8, seed=15), 0, 8)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(COMPILED_CASES))
+def test_compiled_passes_equal_eager_passes_with_dropout(case):
+    """torch.compile of both vectorised passes: the same losses and .grad as eager with dropout on (for BERT also in
+    SDPA's attention, where fused inductor code gave NaN), so the masks are eager's; and graphs were compiled."""
+    make_model, make_batch = COMPILED_CASES[case]
+    batch = make_batch()
     stacked = stack_micro_batches([{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)])
     results = {}
     torch._dynamo.reset()
     graphs_before = _compiled_graphs()
     for compiled in (False, True):
-        model = tiny_bert(seed=15, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, attn_implementation="sdpa").train()
+        model = make_model().train()
         torch.manual_seed(0)
         result = VectorizedMicroBatchSAM(model, rho=0.3, compile=compiled).step(stacked, torch.full((4,), 0.25))
         results[compiled] = (result, [p.grad for p in model.parameters()], torch.rand(1))
@@ -402,6 +412,7 @@ def test_compiled_passes_equal_eager_passes_with_dropout():
     torch.testing.assert_close(compiled.perturbed_losses, eager.perturbed_losses, rtol=0, atol=1e-6)
     assert max((a - b).abs().max().item() for a, b in zip(compiled_grads, eager_grads)) < 1e-6
     assert torch.equal(compiled_next, eager_next)  # the generator ends where the eager passes leave it
+    assert (compiled.perturbed_losses - compiled.clean_losses).abs().max() > 1e-4  # the perturbation moved the losses
 
 
 def test_compiled_vmap_training_matches_loop_and_reference(tmp_path):
