@@ -60,7 +60,7 @@ def ascent(vectorized: VectorizedMicroBatchSAM, losses, batch: dict, seed: int =
     """Forward at the batched points and ``autograd.grad``: the ascent pass of ``VectorizedMicroBatchSAM.step``."""
     torch.manual_seed(seed)
     points = vectorized._ascent_points(M)
-    values = losses(points, batch)
+    values = losses(points, batch, ascent=True)
     return values.detach(), torch.autograd.grad(values.sum(), points)
 
 

@@ -115,7 +115,7 @@ def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, bat
 
     def ascent():
         points = vectorized._ascent_points(m)
-        return torch.autograd.grad(vectorized._losses(points, stacked).sum(), points, allow_unused=True)
+        return torch.autograd.grad(vectorized._losses(points, stacked, ascent=True).sum(), points, allow_unused=True)
 
     grads_per_tensor = [g.detach() for g in ascent()]
     grads = vectorized.layout.rows(grads_per_tensor)

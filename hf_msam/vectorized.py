@@ -36,8 +36,12 @@ Traps handled here (transformers 5.x):
 * An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
   one to every micro-batch but the first: those columns of ``G`` (and of the descent gradient) are zeroed.
 
-``compile=True`` runs the vmapped loss through ``torch.compile`` (:data:`COMPILE_OPTIONS`); the random state is
-handled as above, because inductor then calls eager's random operations in eager's order.
+``compile=True`` runs the vmapped loss of each pass through ``torch.compile`` (:data:`COMPILE_OPTIONS`); the random
+state is handled as above, because inductor then calls eager's random operations in eager's order. Each pass
+compiles once per sequence length (the length stays a static size under vmap, even with ``dynamic=True``), and
+once more for the second call of a Hugging Face classifier, whose first forward sets ``config.problem_type``;
+past ``torch._dynamo.config.recompile_limit`` (8) graphs a pass runs eagerly, with dynamo's warning. Padding to a
+fixed length, or to a multiple (``pad_to_multiple_of``), keeps the lengths few.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ COMPILE_OPTIONS = {"fallback_random": True, "max_fusion_size": 1}
 """Inductor settings of ``VectorizedMicroBatchSAM(compile=True)``. ``fallback_random``: eager's random operations,
 so that the dropout masks are those of the eager passes and of the loop. ``max_fusion_size=1``: no fusion; with
 dropout inside SDPA (BERT's default attention) the fused CPU code returned NaN losses under vmap (torch 2.13),
-while the unfused code was exact and about as fast on a host-bound model (3.9 against 9.5 ms eager, the ascent
+while the unfused code was exact and about as fast on a host-bound model (3.9 against 9.2 ms eager, the ascent
 pass in ``benchmarks/results/compile_vmap_cpu.json``)."""
 
 
@@ -153,7 +157,9 @@ class VectorizedMicroBatchSAM:
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
         self.layout = FlatLayout(self.params)
         self._padding_rows = _padding_rows(module, self.params)
-        self._batched_losses = torch.compile(self._vmapped_losses, options=COMPILE_OPTIONS) if compile else self._vmapped_losses
+        self._pass_losses = [self._ascent_losses, self._descent_losses]
+        if compile:  # one compiled function per pass: each keeps its own cache of graphs (and its recompile limit)
+            self._pass_losses = [torch.compile(f, options=COMPILE_OPTIONS) for f in self._pass_losses]
 
     # --------------------------------------------------------------------------------------------------
     def step(
@@ -177,7 +183,7 @@ class VectorizedMicroBatchSAM:
         # Ascent: one vmap forward at w for all k, one backward to the broadcast points.
         points = self._ascent_points(m)
         with autocast():
-            clean = self._losses(points, batch)
+            clean = self._losses(points, batch, ascent=True)
         grads = torch.autograd.grad((clean.float() * grad_scale).sum(), points, allow_unused=True)
         grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)]
         del points
@@ -192,7 +198,7 @@ class VectorizedMicroBatchSAM:
         del grads
         hooks = [points[i].register_hook(_zero_rows_hook(row)) for i, row in self._padding_rows.items()]
         with autocast():
-            perturbed = self._losses(points, batch)
+            perturbed = self._losses(points, batch, ascent=False)
         backward((perturbed.float() * weights).sum())
         for hook in hooks:
             hook.remove()
@@ -208,11 +214,19 @@ class VectorizedMicroBatchSAM:
         """``w_i + e_k`` per tensor (``[m, *shape]``, differentiable in the parameters) from the rows of ``e``."""
         return [p.unsqueeze(0) + e for p, e in zip(self.params, self.layout.unflatten(perturbations))]
 
-    def _losses(self, points: list[torch.Tensor], batch: Mapping[str, Any]) -> torch.Tensor:
+    def _losses(self, points: list[torch.Tensor], batch: Mapping[str, Any], ascent: bool) -> torch.Tensor:
         """``[L_k]`` of the model at the per-micro-batch parameters ``points[i][k]``, one vmap forward."""
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         constants = {k: v for k, v in batch.items() if k not in tensors}
-        return self._batched_losses(list(points), tensors, constants)
+        return self._pass_losses[0 if ascent else 1](list(points), tensors, constants)
+
+    def _ascent_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
+        """:meth:`_vmapped_losses` at the broadcast points (a function of its own for ``torch.compile``'s cache)."""
+        return self._vmapped_losses(points, tensors, constants)
+
+    def _descent_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
+        """:meth:`_vmapped_losses` at ``w + e_k`` (a function of its own for ``torch.compile``'s cache)."""
+        return self._vmapped_losses(points, tensors, constants)
 
     def _vmapped_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
         """``vmap`` of ``functional_call`` over the leading dimension of ``points`` and ``tensors`` (compiled or not)."""

@@ -201,7 +201,8 @@ def _run(argv: list[str] | None) -> int:
     if data_args.pad_to_max_length:
         collator = default_data_collator
     else:
-        multiple = 8 if (training_args.fp16 or training_args.bf16) else None
+        # mixed precision's tensor cores, and sam_vmap_compile's one graph per sequence length, want few lengths
+        multiple = 8 if (training_args.fp16 or training_args.bf16 or training_args.sam_vmap_compile) else None
         collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
     model_name = DEFAULT_MODEL_HUB_ID if default_model else model_args.model_name_or_path
