@@ -48,7 +48,8 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             update; on a model so small that the step is host-bound it halved the vmap step on a CPU
             (``benchmarks/results/host_overhead_cpu.json``). The first two steps pay the compilation, and each new
             sequence length compiles again (up to 8 per pass, then eager): pad to a fixed length or a multiple
-            (``pad_to_multiple_of``; the glue recipe pads to a multiple of 8 then, ``--pad_to_max_length`` to one). Not yet measured on a GPU. Needs ``sam_micro_batch_mode`` ``"vmap"`` or ``"auto"``.
+            (``pad_to_multiple_of``; the glue recipe pads to a multiple of 8 then, ``--pad_to_max_length`` to one).
+            Not yet measured on a GPU. Needs ``sam_micro_batch_mode`` ``"vmap"`` or ``"auto"``.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
             ASAM (Kwon et al., 2021): the perturbation ``e_k = rho * T^2 g_k / ||T g_k||`` with the elementwise
             scale ``T = |w| + sam_adaptive_eta``, applied to every trainable tensor (biases and LayerNorm
