@@ -189,6 +189,30 @@ def test_glue_second_evaluation_split_is_merged_with_the_mm_suffix(text_assets, 
     assert results["eval_accuracy_mm"] == pytest.approx(float((logits.argmax(-1).numpy() == np.asarray(dev["label"])).mean()))
 
 
+def test_glue_with_compiled_vmap_passes_pads_to_a_multiple_of_8(text_assets, tmp_path, monkeypatch):
+    """--sam_vmap_compile: the recipe runs the compiled vmap path and pads every batch to a multiple of 8, so that
+    the passes compile for few sequence lengths."""
+    from torch._dynamo.utils import counters
+
+    built = []
+
+    class Recorded(glue.SAMTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(glue, "SAMTrainer", Recorded)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    argv = _glue_args(text_assets, tmp_path / "run") + ["--sam_micro_batch_mode", "vmap", "--sam_vmap_compile", "True",
+                                                        "--save_strategy", "no", "--sharpness_report", "False"]
+    assert glue.main(argv) == 0
+    (trainer,) = built
+    assert trainer._vmap_verified and counters["stats"]["unique_graphs"] >= graphs + 2
+    lengths = {batch["input_ids"].shape[1] for batch in trainer.get_train_dataloader()}
+    assert trainer.data_collator.pad_to_multiple_of == 8 and all(length % 8 == 0 for length in lengths)
+
+
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints"])
 def test_hub_strategy_pushing_during_training_is_refused_before_anything_runs(text_assets, tmp_path, monkeypatch,
                                                                               capsys, strategy):
