@@ -157,6 +157,7 @@ class VectorizedMicroBatchSAM:
         self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
         self.layout = FlatLayout(self.params)
         self._padding_rows = _padding_rows(module, self.params)
+        self._padding_columns = [self.layout.columns(index, row) for index, row in self._padding_rows.items()]
         self._pass_losses = [self._ascent_losses, self._descent_losses]
         if compile:  # one compiled function per pass: each keeps its own cache of graphs (and its recompile limit)
             self._pass_losses = [torch.compile(f, options=COMPILE_OPTIONS) for f in self._pass_losses]
@@ -259,8 +260,7 @@ class VectorizedMicroBatchSAM:
         return norms, finite
 
     def _zero_padding_columns(self, grads: list[torch.Tensor]) -> None:
-        for index, row in self._padding_rows.items():
-            bucket, columns = self.layout.columns(index, row)
+        for bucket, columns in self._padding_columns:
             grads[bucket][:, columns] = 0
 
 
