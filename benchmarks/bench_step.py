@@ -215,28 +215,18 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     return times[a.warmup :]
 
 
-def run_hand(config: str, a, model, ds, out: dict) -> list[float]:
-    """One of ``HAND_CONFIGS`` in the same hand-written loop: the peer's, and ours in the harness the peer needs."""
+def hand_step(config: str, model, optimizer_cls, optimizer_kwargs: dict, loss_of):
+    """One optimizer step of ``HAND_CONFIGS`` in a hand-written loop, as a function of the batch: the peer with its
+    closure, SAM with ``MicroBatchSAM`` (``hf_msam.msam``'s documented loop, m = 1, the ascent by embedding rows), or
+    the plain step; clipping at 1 like the Trainer (``max_grad_norm=1``). ``loss_of(batch)`` is the model's loss."""
     import torch
     from pytorch_optimizer import SAM
-    from transformers import Trainer, TrainingArguments
 
     from hf_msam.msam import MicroBatchSAM, RandomState, sparse_embedding_gradients, trainable_embeddings
 
-    clock = _Sync(a.device)
-    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
-        TrainingArguments(output_dir=tempfile.mkdtemp(), optim="adamw_torch", learning_rate=LR, use_cpu=a.device == "cpu", report_to="none")
-    )
     params = [p for p in model.parameters() if p.requires_grad]
-    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
-    autocast = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16)
-
-    def loss_of(batch):
-        with autocast:
-            return model(**batch).loss
-
     if config == "peer":
-        optimizer = SAM(model.parameters(), cls, rho=RHO, **kwargs)
+        optimizer = SAM(params, optimizer_cls, rho=RHO, **optimizer_kwargs)
 
         def step(batch):
             loss_of(batch).backward()
@@ -245,30 +235,51 @@ def run_hand(config: str, a, model, ds, out: dict) -> list[float]:
                 optimizer.zero_grad()
                 loss = loss_of(batch)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)  # like the Trainer (max_grad_norm=1)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 return loss
 
             optimizer.step(closure)
             optimizer.zero_grad()
-    else:
-        optimizer = cls(params, **kwargs)
-        sam = MicroBatchSAM(params, rho=RHO)
-        tables = trainable_embeddings(model)
 
-        def step(batch):
-            if config == "sam_hand":  # hf_msam.msam's documented loop (m = 1), the ascent by embedding rows
-                randomness = RandomState.capture()
-                with sparse_embedding_gradients(tables):
-                    sam.perturb(loss_of(batch))
-                randomness.restore()
-                loss_of(batch).backward()
-                sam.restore()
-            else:
-                loss_of(batch).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
+        return step
+    optimizer = optimizer_cls(params, **optimizer_kwargs)
+    sam = MicroBatchSAM(params, rho=RHO)
+    tables = trainable_embeddings(model)
 
+    def step(batch):
+        if config == "sam_hand":
+            randomness = RandomState.capture()
+            with sparse_embedding_gradients(tables):
+                sam.perturb(loss_of(batch))
+            randomness.restore()
+            loss_of(batch).backward()
+            sam.restore()
+        else:
+            loss_of(batch).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def run_hand(config: str, a, model, ds, out: dict) -> list[float]:
+    """One of ``HAND_CONFIGS`` in the same hand-written loop: the peer's, and ours in the harness the peer needs."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    clock = _Sync(a.device)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(
+        TrainingArguments(output_dir=tempfile.mkdtemp(), optim="adamw_torch", learning_rate=LR, use_cpu=a.device == "cpu", report_to="none")
+    )
+    loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(0))
+    autocast = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16)
+
+    def loss_of(batch):
+        with autocast:
+            return model(**batch).loss
+
+    step = hand_step(config, model, cls, kwargs, loss_of)
     model.train()
     times, cpu = [], []
     _mem_begin(a, out)

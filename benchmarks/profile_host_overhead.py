@@ -14,9 +14,10 @@ small that every operator is dispatch and bookkeeping), batch 32, length 16, dro
 ``loop_m{m}`` and ``vmap_m{m}`` are the two paths' arithmetic alone (``MicroBatchSAM``: ascent ``autograd.grad``,
 perturbation, descent backward into ``.grad``, restore; ``VectorizedMicroBatchSAM.step``, one group), with the
 vmap step's parts (``phases``); ``vmap_compiled_m{m}`` is the vmap step with ``compile=True`` (its kernels are not
-counted: compiled code calls most of them without the dispatcher). ``harness`` is SAM (m = 1) as a whole optimizer step (AdamW, clipping at 1):
-the stock step and SAM in ``transformers.Trainer`` (``SAMTrainer``, the loop), and the stock step, SAM
-(``MicroBatchSAM``) and the peer (``pytorch_optimizer.SAM``) in one hand-written loop.
+counted: compiled code calls most of them without the dispatcher). ``harness`` is SAM (m = 1) as a whole
+optimizer step (AdamW, clipping at 1): the stock step and SAM in ``transformers.Trainer`` (``SAMTrainer``, the
+loop), and the stock step, SAM (``MicroBatchSAM``, embedding rows) and the peer (``pytorch_optimizer.SAM``) in
+``bench_step.py``'s hand-written loop (``hand_step``).
 
     python benchmarks/profile_host_overhead.py --out benchmarks/results/host_overhead_cpu.json
 """
@@ -33,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_step import HAND_CONFIGS, hand_step
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
@@ -155,41 +157,11 @@ def measure(step, repeats: int, count_kernels: bool = True) -> dict[str, float]:
             **counts, "aten_calls": aten_calls(step)}
 
 
-def hand_loop_step(kind: str) -> callable:
-    """A whole AdamW step (clipping at 1) in a hand-written loop: ``stock``, ``sam`` (``MicroBatchSAM``) or ``peer``."""
-    from pytorch_optimizer import SAM
-
+def hand_loop_step(config: str) -> callable:
+    """A whole AdamW step in the hand-written loop of ``bench_step.py`` (``hand_step``): one of its ``HAND_CONFIGS``."""
     model, batch = build()
-    params = [p for p in model.parameters() if p.requires_grad]
-    if kind == "peer":
-        optimizer = SAM(params, torch.optim.AdamW, rho=RHO, lr=LR)
-
-        def closure():
-            optimizer.zero_grad()
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            return loss
-
-        def step():
-            model(**batch).loss.backward()
-            optimizer.step(closure)
-            optimizer.zero_grad()
-
-        return step
-    optimizer = torch.optim.AdamW(params, lr=LR)
-    sam = MicroBatchSAM(params, rho=RHO)
-
-    def step():
-        if kind == "sam":
-            loop_step(model, sam, batch, 1)
-        else:
-            model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-
-    return step
+    step = hand_step(config, model, torch.optim.AdamW, {"lr": LR}, lambda b: model(**b).loss)
+    return lambda: step(batch)
 
 
 def trainer_steps(kind: str, repeats: int) -> dict[str, float]:
@@ -257,7 +229,7 @@ def main() -> None:
               f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops"
               f"  |  vmap compiled {fast['step_ms_median']:6.1f} ms", flush=True)
     harness = {f"{kind}_trainer": trainer_steps(kind, args.repeats) for kind in ("stock", "sam")}
-    harness.update({f"{kind}_hand": measure(hand_loop_step(kind), args.repeats) for kind in ("stock", "sam", "peer")})
+    harness.update({config: measure(hand_loop_step(config), args.repeats) for config in HAND_CONFIGS})
     for name, entry in harness.items():
         print(f"{name:14s} {entry['step_ms_median']:6.1f} ms {entry['kernel_ops']:6d} kernel ops {entry['aten_calls']:6d} aten calls", flush=True)
     out = {
