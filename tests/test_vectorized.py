@@ -415,6 +415,20 @@ def test_compiled_passes_equal_eager_passes_with_dropout(case):
     assert (compiled.perturbed_losses - compiled.clean_losses).abs().max() > 1e-4  # the perturbation moved the losses
 
 
+def test_each_compiled_pass_keeps_its_own_graphs(caplog):
+    """Two sequence lengths: each pass compiles per length (the ascent once more, after BERT's first forward sets
+    config.problem_type); sharing one cache, the passes would exceed a recompile limit that each alone stays within."""
+    model = tiny_bert(seed=17, attn_implementation="sdpa").train()
+    sam = VectorizedMicroBatchSAM(model, rho=0.3, compile=True)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=3), caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+        for length in (8, 12):
+            batch = tensor_batch(padded_dataset(8, length=length, seed=length), 0, 8)
+            sam.step(stack_micro_batches([{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)]), torch.full((4,), 0.25))
+    assert _compiled_graphs() >= 4
+    assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
 def test_compiled_vmap_training_matches_loop_and_reference(tmp_path):
     data = padded_dataset(16, seed=16)
 
