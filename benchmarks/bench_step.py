@@ -305,14 +305,16 @@ def run_hand(config: str, a, model, ds, out: dict) -> list[float]:
 
 
 def run_floor(a, model, ds, out: dict) -> None:
-    """The passes mSAM cannot avoid, and the per-micro-batch vector work, each timed alone (same process)."""
+    """The passes mSAM cannot avoid, their matrix products alone, and the per-micro-batch vector work, each timed
+    alone (same process)."""
     import torch
 
-    from hf_msam.msam import MicroBatchSAM, split_micro_batches
+    from hf_msam.msam import MicroBatchSAM, sparse_embedding_gradients, split_micro_batches, trainable_embeddings
 
     clock = _Sync(a.device)
     autocast = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16)
     params = [p for p in model.parameters() if p.requires_grad]
+    embeddings = trainable_embeddings(model)
     loader = torch.utils.data.DataLoader(ds, batch_size=BATCH, shuffle=False, drop_last=True)
     batch = {k: v.to(a.device) for k, v in next(iter(loader)).items()}
     model.train()
@@ -325,15 +327,33 @@ def run_floor(a, model, ds, out: dict) -> None:
             (w * loss).backward()
 
     def passes(mb: int | None):
-        # mSAM's passes with no vector work: fwd + autograd.grad (ascent), fwd + backward (descent)
+        # mSAM's passes with no vector work, the embedding tables by rows as SAMTrainer's loop takes them:
+        # fwd + autograd.grad (ascent), fwd + backward into .grad (descent)
         for micro, w in split_micro_batches(batch, mb):
-            with autocast:
+            with sparse_embedding_gradients(embeddings), autocast:
                 loss = model(**micro).loss
             g = torch.autograd.grad(loss, params, allow_unused=True)
             del g
-            with autocast:
+            with sparse_embedding_gradients(embeddings, accumulating=True), autocast:
                 loss = model(**micro).loss
             (w * loss).backward()
+
+    # The matrix products of every nn.Linear of the encoder (which sees every token; the pooler and the head see one
+    # row per example), forward and backward, for BATCH * SEQ_LEN rows cut into m chunks: what a pass's GEMMs cost
+    # when each micro-batch has 1/m of the rows (the weights are read m times).
+    linears = [mod for mod in model.bert.encoder.modules() if isinstance(mod, torch.nn.Linear)]
+    rows = BATCH * SEQ_LEN
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    gemm_inputs = [(torch.randn(rows, lin.in_features, device=a.device, dtype=dtype),
+                    torch.randn(rows, lin.out_features, device=a.device, dtype=dtype),
+                    lin.weight.detach().to(dtype), lin.bias.detach().to(dtype)) for lin in linears]  # fmt: skip
+
+    def gemms(m: int):
+        for x, dy, weight, bias in gemm_inputs:
+            for xk, dyk in zip(x.chunk(m), dy.chunk(m)):
+                torch.addmm(bias, xk, weight.t())  # forward
+                dyk @ weight  # input gradient
+                dyk.t() @ xk  # weight gradient
 
     def opt_step():
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -360,9 +380,14 @@ def run_floor(a, model, ds, out: dict) -> None:
         "fwd_bwd_b32": lambda: fwd_bwd(None),
         "fwd_bwd_4x8": lambda: fwd_bwd(8),
         "fwd_bwd_8x4": lambda: fwd_bwd(4),
+        "fwd_bwd_16x2": lambda: fwd_bwd(2),
         "passes_m1": lambda: passes(None),
         "passes_m4": lambda: passes(8),
         "passes_m8": lambda: passes(4),
+        "passes_m16": lambda: passes(2),
+        "gemms_m1": lambda: gemms(1),
+        "gemms_m8": lambda: gemms(8),
+        "gemms_m16": lambda: gemms(16),
         "vec_grad_alloc_fill": vec_alloc,
         "vec_norm": vec_norm,
         "vec_clone_perturb_restore": vec_perturb_and_restore,
@@ -662,14 +687,19 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
         floor = {"medians_s": fl, "samples_s": pooled,
                  "small_batch_penalty_4x8_vs_b32": fl["fwd_bwd_4x8"] / fl["fwd_bwd_b32"],
                  "small_batch_penalty_8x4_vs_b32": fl["fwd_bwd_8x4"] / fl["fwd_bwd_b32"],
+                 "small_batch_penalty_16x2_vs_b32": fl["fwd_bwd_16x2"] / fl["fwd_bwd_b32"],
+                 "gemm_penalty_m8_vs_m1": fl["gemms_m8"] / fl["gemms_m1"],
+                 "gemm_penalty_m16_vs_m1": fl["gemms_m16"] / fl["gemms_m1"],
                  "step_floor_s": {"stock": fl["fwd_bwd_b32"] + opt, "sam": fl["passes_m1"] + opt,
-                                  "loop_m4": fl["passes_m4"] + opt, "loop_m8": fl["passes_m8"] + opt},
+                                  **{f"loop_m{m}": fl[f"passes_m{m}"] + opt for m in (4, 8, 16)}},
                  "vector_work_per_micro_batch_s_approx": per_mb_vec,
-                 "note": "passes_mK = K x (forward + autograd.grad, forward + backward) with no SAM vector work; "
-                         "vec_* = one parameter-sized operation on all trainable tensors; vec_clone_perturb_restore includes a clone of g"}
-        floor["floor_ratio_m4_vs_sam_floor"] = floor["step_floor_s"]["loop_m4"] / floor["step_floor_s"]["sam"]
-        floor["floor_ratio_m8_vs_sam_floor"] = floor["step_floor_s"]["loop_m8"] / floor["step_floor_s"]["sam"]
-        for c in ("stock", "sam", "loop_m4", "loop_m8"):
+                 "note": "passes_mK = K x (forward + autograd.grad, forward + backward; embedding tables by rows, as the "
+                         "trainer's loop) with no SAM vector work; gemms_mK = the forward, input-gradient and weight-gradient "
+                         "products of every nn.Linear of the encoder for the step's batch * length rows in K chunks; vec_* = one "
+                         "parameter-sized operation on all trainable tensors; vec_clone_perturb_restore includes a clone of g"}
+        for m in (4, 8, 16):
+            floor[f"floor_ratio_m{m}_vs_sam_floor"] = floor["step_floor_s"][f"loop_m{m}"] / floor["step_floor_s"]["sam"]
+        for c in ("stock", "sam", "loop_m4", "loop_m8", "loop_m16"):
             if c in cfg:
                 cfg[c]["overhead_over_floor_s"] = med(c) - floor["step_floor_s"][c]
         result["floor"] = floor
