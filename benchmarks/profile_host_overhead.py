@@ -9,7 +9,10 @@ small that every operator is dispatch and bookkeeping), batch 32, length 16, dro
 * ``kernel_ops``: the aten operations of one step that reach a kernel (a ``TorchDispatchMode`` below autograd and
   vmap; views, aliases and allocations are not counted): on a GPU each is at least one launch, which is what the
   host spends its time on there;
-* ``aten_calls``: every aten call ``torch.profiler`` records, nested ones and views included (the earlier measure).
+* ``aten_calls``: every aten call ``torch.profiler`` records, nested ones and views included (the earlier measure);
+* ``host_reads``: the step's reads of a tensor's value on the host (``_local_scalar_dense``: ``.item()``, ``bool``);
+  on a GPU each read of a device tensor is a sync. Reads made by ``torch.optim``'s code are left out: AdamW
+  reads its step counters, one per parameter, which are host tensors on a GPU too (no sync there).
 
 ``loop_m{m}`` and ``vmap_m{m}`` are the two paths' arithmetic alone (``MicroBatchSAM``: ascent ``autograd.grad``,
 perturbation, descent backward into ``.grad``, restore; ``VectorizedMicroBatchSAM.step``, one group), with the
@@ -27,8 +30,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +52,9 @@ BATCH, LENGTH, RHO, LR = 32, 16, 0.05, 1e-4
 NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view", "detach", "alias", "lift_fresh"}
 """Operations that allocate or alias without a kernel; with the views (schemas whose outputs alias an input),
 they are left out of ``kernel_ops``."""
+DISPATCH_WRAPPERS = ("_dynamo", "_compile.py", f"utils{os.sep}_python_dispatch.py")
+"""Where the frames between an operation's caller and ``TorchDispatchMode.__torch_dispatch__`` come from (torch 2.13
+wraps the latter in ``torch._dynamo``'s ``disable``)."""
 
 
 def build() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -80,18 +88,34 @@ def vmap_step(vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor
 
 
 class KernelOps(TorchDispatchMode):
-    """Counts the aten operations dispatched below autograd and vmap that reach a kernel (see ``NOT_KERNELS``)."""
+    """Counts the aten operations dispatched below autograd and vmap that reach a kernel (see ``NOT_KERNELS``), and
+    the host reads among them (``_local_scalar_dense``: ``.item()``, ``.tolist()``, ``bool(tensor)``; on a GPU each
+    read of a device tensor makes the host wait for the GPU), except those ``torch.optim``'s code makes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.count = 0
+        self.host_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         returns = func._schema.returns
         is_view = bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
-        if not is_view and func.overloadpacket.__name__ not in NOT_KERNELS:
+        name = func.overloadpacket.__name__
+        if not is_view and name not in NOT_KERNELS:
             self.count += 1
+        if name == "_local_scalar_dense":
+            self.host_reads += not _made_by_torch_optimizer()
         return func(*args, **(kwargs or {}))
+
+
+def _made_by_torch_optimizer() -> bool:
+    """Whether the code that asked for the host read is ``torch.optim``'s (AdamW reads its step counters): the first
+    caller of ``__torch_dispatch__`` outside the wrappers torch puts around it. A read in a closure that an optimizer
+    calls is the closure's."""
+    frame = sys._getframe(2)
+    while any(f"torch{os.sep}{wrapper}" in frame.f_code.co_filename for wrapper in DISPATCH_WRAPPERS):
+        frame = frame.f_back
+    return f"torch{os.sep}optim{os.sep}" in frame.f_code.co_filename
 
 
 def aten_calls(work) -> int:
@@ -102,12 +126,12 @@ def aten_calls(work) -> int:
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
-def kernel_ops(work) -> int:
+def kernel_ops(work) -> KernelOps:
     """:class:`KernelOps` of one call of ``work`` (after one untimed call)."""
     work()
     with KernelOps() as counter:
         work()
-    return counter.count
+    return counter
 
 
 def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor], m: int) -> dict:
@@ -135,9 +159,9 @@ def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, bat
         return [g.clone() for g in grads]
 
     phases = {"aten_calls": {name: aten_calls(work) for name, work in parts.items()},
-              "kernel_ops": {name: kernel_ops(work) for name, work in parts.items()}}
+              "kernel_ops": {name: kernel_ops(work).count for name, work in parts.items()}}
     phases["aten_calls"]["perturbation_arithmetic"] -= aten_calls(clones)
-    phases["kernel_ops"]["perturbation_arithmetic"] -= kernel_ops(clones)
+    phases["kernel_ops"]["perturbation_arithmetic"] -= kernel_ops(clones).count
     phases["trainable_tensors"] = len(vectorized.params)
     return phases
 
@@ -152,7 +176,8 @@ def measure(step, repeats: int, count_kernels: bool = True) -> dict[str, float]:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    counts = {"kernel_ops": kernel_ops(step)} if count_kernels else {}
+    counted = kernel_ops(step) if count_kernels else None
+    counts = {"kernel_ops": counted.count, "host_reads": counted.host_reads} if count_kernels else {}
     return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times],
             **counts, "aten_calls": aten_calls(step)}
 
@@ -195,7 +220,7 @@ def trainer_steps(kind: str, repeats: int) -> dict[str, float]:
             if self.probe is not None:
                 self.probe.__exit__(None, None, None)
                 if isinstance(self.probe, KernelOps):
-                    counts["kernel_ops"] = self.probe.count
+                    counts["kernel_ops"], counts["host_reads"] = self.probe.count, self.probe.host_reads
                 else:
                     counts["aten_calls"] = sum(e.count for e in self.probe.key_averages() if e.key.startswith("aten::"))
             elif 3 <= state.global_step - 1 < 3 + repeats:
@@ -225,19 +250,22 @@ def main() -> None:
         results[f"vmap_compiled_m{m}"] = measure(lambda: vmap_step(compiled, batch, m), args.repeats, count_kernels=False)
         model.zero_grad(set_to_none=True)
         loop, vmapped, fast = results[f"loop_m{m}"], results[f"vmap_m{m}"], results[f"vmap_compiled_m{m}"]
-        print(f"m={m:2d}  loop {loop['step_ms_median']:6.1f} ms {loop['kernel_ops']:6d} kernel ops"
-              f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops"
+        print(f"m={m:2d}  loop {loop['step_ms_median']:6.1f} ms {loop['kernel_ops']:6d} kernel ops {loop['host_reads']:3d} host reads"
+              f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops {vmapped['host_reads']:3d} host reads"
               f"  |  vmap compiled {fast['step_ms_median']:6.1f} ms", flush=True)
     harness = {f"{kind}_trainer": trainer_steps(kind, args.repeats) for kind in ("stock", "sam")}
     harness.update({config: measure(hand_loop_step(config), args.repeats) for config in HAND_CONFIGS})
     for name, entry in harness.items():
-        print(f"{name:14s} {entry['step_ms_median']:6.1f} ms {entry['kernel_ops']:6d} kernel ops {entry['aten_calls']:6d} aten calls", flush=True)
+        print(f"{name:14s} {entry['step_ms_median']:6.1f} ms {entry['kernel_ops']:6d} kernel ops {entry['aten_calls']:6d} aten calls"
+              f" {entry['host_reads']:4d} host reads", flush=True)
     out = {
         "benchmark": "profile_host_overhead",
         "setup": {"model": "BERT, 6 layers, hidden 16, 2 heads, dropout 0.1, SDPA", "batch": BATCH, "length": LENGTH, "rho": RHO,
                   "threads": 1, "repeats": args.repeats, "optimizer_in_harness": f"AdamW lr={LR}, clip_grad_norm_(1.0)",
                   "kernel_ops": "aten operations of one step that reach a kernel (TorchDispatchMode; views, aliases, allocations excluded)",
-                  "aten_calls": "aten operator calls in one step (torch.profiler; nested calls and views included)"},
+                  "aten_calls": "aten operator calls in one step (torch.profiler; nested calls and views included)",
+                  "host_reads": "_local_scalar_dense calls in one step (.item(), .tolist(), bool(tensor)), those made by "
+                                "torch.optim's code left out (AdamW's reads of its step counters, host tensors on a GPU too)"},
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
                     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "configs": results,
