@@ -5,8 +5,9 @@ Fashion-MNIST) and record accuracy, wall time and the machine in benchmarks/resu
     python benchmarks/run_defaults.py --bf16               # CUDA GPU, bf16: default_text_cuda_bf16.json, ...
     python benchmarks/run_defaults.py --only text -- --num_train_epochs 2   # extra flags go to the recipe
 
-Each recipe runs as `python -m hf_msam.recipes.<glue|vit>` in a fresh process, with its output_dir in a
-temporary folder (nothing large is written into the repository).
+Each recipe runs as `python -m hf_msam.recipes.<glue|vit>` in a fresh process, in a temporary folder, with the
+output_dir it chooses by default (`runs/<model>-<data>`, the name its model card takes; nothing large is written
+into the repository).
 """
 
 from __future__ import annotations
@@ -52,8 +53,7 @@ def machine(device: str) -> dict:
 
 def run(kind: str, device: str, bf16: bool, extra: list[str], example_card: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"hf_msam_default_{kind}_") as tmp:
-        out = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", f"hf_msam.recipes.{RECIPES[kind]}", "--output_dir", str(out)]
+        cmd = [sys.executable, "-m", f"hf_msam.recipes.{RECIPES[kind]}"]
         if device == "cpu":
             cmd += ["--use_cpu", "True"]
         if bf16:
@@ -62,10 +62,11 @@ def run(kind: str, device: str, bf16: bool, extra: list[str], example_card: bool
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         start = time.time()
         print(f"[run_defaults] {kind}: {' '.join(cmd)}", flush=True)
-        proc = subprocess.run(cmd, cwd=ROOT, env=env)  # the recipe's log streams through
+        proc = subprocess.run(cmd, cwd=tmp, env=env)  # the recipe's log streams through
         wall = time.time() - start
         if proc.returncode != 0:
             raise SystemExit(f"{kind} default run failed with exit code {proc.returncode}")
+        (out,) = (Path(tmp) / "runs").iterdir()  # the recipe's default output_dir
         results = json.loads((out / "all_results.json").read_text())
         card = json.loads((out / "msam_card.json").read_text())
         sharpness = json.loads((out / "sharpness.json").read_text()) if (out / "sharpness.json").is_file() else None
@@ -73,7 +74,8 @@ def run(kind: str, device: str, bf16: bool, extra: list[str], example_card: bool
             print(f"[run_defaults] example card -> {copy_example(out, RECIPES[kind])}", flush=True)
     record = {
         "recipe": f"hf-msam {RECIPES[kind]} (default: no model, no data)",
-        "command": " ".join(cmd[1:]).replace(str(out), "OUTPUT_DIR"),
+        "command": " ".join(cmd[1:]),
+        "output_dir": str(out.relative_to(tmp)),
         "data": card.get("dataset"),
         "base_model": card.get("base_model") or "ViT from config (trained from scratch)",
         "train_examples": card.get("train_examples"),
