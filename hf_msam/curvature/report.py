@@ -330,6 +330,7 @@ def sharpness_report(
             data_collator = _pad_collator(0 if pad is None else int(pad))
     collate = data_collator
     batches = [collate(chunk) for chunk in _chunks(examples, batch_size)]
+    probe_set = _ProbeSet(examples, pool, batches, collate)
     config = getattr(model, "config", None)
     labels = batches[0]["labels"]
     problem_type = infer_problem_type(config, labels) if isinstance(labels, torch.Tensor) else None
@@ -358,16 +359,34 @@ def sharpness_report(
         max_seconds = default_max_seconds(device_type, training_seconds)
     if not max_seconds > 0:
         raise ValueError(f"max_seconds: the report's time budget must be > 0 seconds (got {max_seconds})")
-    options = _Options(lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
+    options = _Options(chosen, lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
                        probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress,
                        float(max_seconds), clock, adam_state, coherence_sketch)
     with curvature_mode(model, device):
-        _fill(report, model, examples, pool, batches, collate, chosen, options)
+        _fill(report, model, probe_set, options)
     return report
+
+
+@dataclass(frozen=True)
+class _ProbeSet:
+    """The probe examples of one report.
+
+    Attributes:
+        examples: the first ``num_examples`` of ``pool``, which the Hessian measures take.
+        pool: the seeded draw from the dataset; coherence takes its first ``coherence_examples``.
+        batches: ``examples`` collated in chunks of ``batch_size``.
+        collate: the data collator.
+    """
+
+    examples: list[dict[str, Any]]
+    pool: list[dict[str, Any]]
+    batches: list[Batch]
+    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
 
 
 @dataclass
 class _Options:
+    measures: tuple[str, ...]
     lanczos_iterations: int
     lanczos_tol: float
     top_k: int
@@ -438,20 +457,14 @@ def _baseline(report: SharpnessReport, model: torch.nn.Module, batches: list[Bat
 
 
 def _plan(
-    report: SharpnessReport,
-    model: torch.nn.Module,
-    examples: list[dict[str, Any]],
-    pool: list[dict[str, Any]],
-    batches: list[Batch],
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    chosen: tuple[str, ...],
-    o: _Options,
+    report: SharpnessReport, model: torch.nn.Module, probe_set: _ProbeSet, o: _Options
 ) -> tuple[ReportPlan, WeightedNTK | Exception | None]:
     """Time a gradient and an HVP on the first batch and the coherence rows of one example, fit the sizes to
     ``o.max_seconds`` (``budget.plan_report``), print the plan, and record it in the report. Returns the plan
     and the coherence Gram builder (or why it could not be set up)."""
+    examples, pool, chosen = probe_set.examples, probe_set.pool, o.measures
     start = o.clock()
-    first = HessianOperator(model, batches[:1])
+    first = HessianOperator(model, probe_set.batches[:1])
     tick = o.clock()
     first.gradient()
     gradient_seconds, tick = (o.clock() - tick) / first.num_examples, o.clock()
@@ -462,7 +475,7 @@ def _plan(
     row_seconds, sketch_seconds, rows, dim, rate = 0.0, 0.0, 1, 1, 1.0
     if n_coh and report.problem_type is not None:
         try:
-            ntk = WeightedNTK(model, [collate([e]) for e in pool[:n_coh]], report.problem_type)
+            ntk = WeightedNTK(model, [probe_set.collate([e]) for e in pool[:n_coh]], report.problem_type)
             gram = ntk.plan(n_coh, o.coherence_memory_gb, sketch=o.coherence_sketch)
             row_seconds = ntk.time_example(o.clock)
             sketch_seconds = ntk.time_sketch(gram, o.clock)
@@ -498,18 +511,11 @@ def _plan(
     return plan, ntk
 
 
-def _fill(
-    report: SharpnessReport,
-    model: torch.nn.Module,
-    examples: list[dict[str, Any]],
-    pool: list[dict[str, Any]],
-    batches: list[Batch],
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]],
-    chosen: tuple[str, ...],
-    o: _Options,
-) -> None:
+def _fill(report: SharpnessReport, model: torch.nn.Module, probe_set: _ProbeSet, o: _Options) -> None:
+    """Plan the measures within ``o.max_seconds`` (:func:`_plan`), then run each chosen one into ``report``."""
+    examples, batches, collate, chosen = probe_set.examples, probe_set.batches, probe_set.collate, o.measures
     _check_outputs(model, batches[0])
-    plan, ntk = _plan(report, model, examples, pool, batches, collate, chosen, o)
+    plan, ntk = _plan(report, model, probe_set, o)
     sizes = plan.sizes
     if sizes.num_examples < len(examples):
         examples = examples[: sizes.num_examples]
