@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from trainer_utils import SequentialSAMTrainer, lm_dataset_without_labels_in, max_abs_diff, sam_args, tiny_llama
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "msam_ddp.py")
-LM_SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "msam_ddp_lm.py")
+"""The 2-process training script: ``SCRIPT SUITE OUT`` (suites ``bert``, ``lm``, ``vmap``)."""
 
 
 def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> None:
@@ -32,7 +32,7 @@ def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> 
 @pytest.fixture(scope="module")
 def ddp_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    launch_two_processes(SCRIPT, str(out))
+    launch_two_processes(SCRIPT, "bert", str(out))
     return out
 
 
@@ -70,7 +70,7 @@ def test_ascent_gradient_is_not_all_reduced_without_sam_global(ddp_weights):
 @pytest.fixture(scope="module")
 def lm_ddp_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_lm")
-    launch_two_processes(LM_SCRIPT, str(out), timeout=240)
+    launch_two_processes(SCRIPT, "lm", str(out), timeout=240)
     return out
 
 
@@ -95,3 +95,4 @@ def test_two_processes_with_unequal_supervision_equal_one_process(lm_ddp_weights
     SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
     distributed = load_file(str(lm_ddp_weights / f"{setting}.safetensors"))
     assert max_abs_diff(distributed, {k: v.detach() for k, v in model.state_dict().items()}) < 1e-6
+    assert (lm_ddp_weights / f"{setting}.skipped").read_text() == "0"

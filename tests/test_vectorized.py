@@ -448,10 +448,10 @@ def test_compiled_vmap_training_matches_loop_and_reference(tmp_path):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     """2 gloo processes on the vmap path (per-device batch 8) equal one process with batch 16."""
-    from test_distributed import launch_two_processes
+    from test_distributed import SCRIPT, launch_two_processes
     from safetensors.torch import load_file
 
-    launch_two_processes(os.path.join(os.path.dirname(__file__), "scripts", "vmap_ddp.py"), str(tmp_path))
+    launch_two_processes(SCRIPT, "vmap", str(tmp_path))
     bert_data = padded_dataset(32, seed=15)
     _, bert = _train(tmp_path / "bert", lambda: tiny_bert(seed=15), bert_data, "loop", per_device_train_batch_size=16,
                      sam_micro_batch_size=4, max_steps=2)
@@ -461,6 +461,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     for name, single in (("bert", bert), ("llama", llama)):
         two = load_file(os.path.join(tmp_path, f"{name}.safetensors"))
         assert max((two[k] - v).abs().max().item() for k, v in single.items()) < 1e-6, name
+        assert (tmp_path / f"{name}.skipped").read_text() == "0", name
 
 
 # --- fp16 overflow through the Trainer; the CUDA checks (SDPA batching rule, GradScaler, bf16) -------------

@@ -1,32 +1,57 @@
-"""Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): a few mSAM steps per setting,
-weights written by rank 0 to OUT/<setting>.safetensors for comparison with one process and a doubled batch."""
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): two mSAM steps for each setting of one
+suite. Rank 0 writes the weights to OUT/<setting>.safetensors and the first step's count of skipped perturbations
+to OUT/<setting>.skipped, for comparison with one process and the doubled batch.
+
+    python -m accelerate.commands.launch ... msam_ddp.py SUITE OUT
+
+Suites:
+  bert: a tiny BERT with micro-batches of 4, with one micro-batch per process, and with ``sam_global``.
+  lm: a tiny causal LM with -100 holes, so the processes hold different numbers of supervised tokens; in the
+      ``empty_*`` settings every label of the second process's chunk is -100 in the first step.
+  vmap: the vmap path (micro-batches of 4) for a padded tiny BERT and a tiny Llama with -100 holes.
+"""
 
 import os
 import sys
 
-import torch
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import tiny_bert, token_dataset  # noqa: E402
-from trainer_utils import SequentialSAMTrainer, sam_args  # noqa: E402
+from test_vectorized import padded_dataset  # noqa: E402
+from trainer_utils import SequentialSAMTrainer, lm_dataset, lm_dataset_without_labels_in, sam_args, tiny_llama  # noqa: E402
 
-SETTINGS = {
-    "micro4": dict(sam_micro_batch_size=4),
-    "per_device": dict(),
-    "global": dict(sam_global=True),
+VMAP = dict(sam_micro_batch_size=4, sam_micro_batch_mode="vmap")
+# suite -> setting -> (model, training data, SAMTrainingArguments overrides); 8 examples per process and step
+SUITES = {
+    "bert": {
+        "micro4": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12), dict(sam_micro_batch_size=4)),
+        "per_device": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12), dict()),
+        "global": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12), dict(sam_global=True)),
+    },
+    "lm": {
+        "holes_micro4": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(), dict(sam_micro_batch_size=4)),
+        "empty_micro4": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_micro_batch_size=4)),
+        "empty_per_device": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict()),
+        "empty_global": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_global=True)),
+    },
+    "vmap": {
+        "bert": (lambda: tiny_bert(seed=15), lambda: padded_dataset(32, seed=15), VMAP),
+        "llama": (lambda: tiny_llama(seed=15), lambda: lm_dataset(32, seed=15), VMAP),
+    },
 }
 
 
-def main(out_dir: str) -> None:
-    data = token_dataset(32, seed=12)
-    for name, overrides in SETTINGS.items():
-        model = tiny_bert(seed=12)
-        args = sam_args(os.path.join(out_dir, name), per_device_train_batch_size=8, max_steps=2, sam_rho=0.2, **overrides)
-        trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data)
+def main(suite: str, out_dir: str) -> None:
+    for name, (make_model, make_data, overrides) in SUITES[suite].items():
+        model = make_model()
+        args = sam_args(os.path.join(out_dir, f"{name}_run"), per_device_train_batch_size=8, max_steps=2, sam_rho=0.2,
+                        **overrides)
+        trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=make_data())
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
         trainer.train()
+        assert args.sam_micro_batch_mode != "vmap" or trainer._vmap_verified  # the vmap path ran, not the loop
         if trainer.accelerator.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{name}.safetensors"))
             with open(os.path.join(out_dir, f"{name}.skipped"), "w") as handle:
@@ -36,4 +61,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
