@@ -20,7 +20,8 @@ vmap step's parts (``phases``); ``vmap_compiled_m{m}`` is the vmap step with ``c
 counted: compiled code calls most of them without the dispatcher). ``harness`` is SAM (m = 1) as a whole
 optimizer step (AdamW, clipping at 1): the stock step and SAM in ``transformers.Trainer`` (``SAMTrainer``, the
 loop), and the stock step, SAM (``MicroBatchSAM``, embedding rows) and the peer (``pytorch_optimizer.SAM``) in
-``bench_step.py``'s hand-written loop (``hand_step``).
+``bench_step.py``'s hand-written loop (``hand_step``). The three steps of one m, and the three steps of the
+hand-written loop, are timed in turn (one of each per repeat).
 
     python benchmarks/profile_host_overhead.py --out benchmarks/results/host_overhead_cpu.json
 """
@@ -166,20 +167,27 @@ def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, bat
     return phases
 
 
-def measure(step, repeats: int, count_kernels: bool = True) -> dict[str, float]:
-    """Median step time after 3 untimed steps, and the step's kernel ops and aten calls (``count_kernels=False``
-    for compiled code, whose own kernels bypass the dispatcher, and which a dispatch mode would recompile)."""
-    for _ in range(3):
-        step()
-    times = []
+def measure(steps: dict[str, callable], repeats: int, uncounted: frozenset[str] = frozenset()) -> dict[str, dict]:
+    """Per step: the median time after 3 untimed calls, with the timed calls of all ``steps`` taken in turn (one of
+    each per repeat, so that the load of a shared machine drifting between them does not bias their ratios), and
+    the step's kernel ops, host reads and aten calls. The steps named in ``uncounted`` (compiled code, whose own
+    kernels bypass the dispatcher, and which a dispatch mode would recompile) get no kernel ops or host reads."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    counted = kernel_ops(step) if count_kernels else None
-    counts = {"kernel_ops": counted.count, "host_reads": counted.host_reads} if count_kernels else {}
-    return {"step_ms_median": 1000 * statistics.median(times), "step_ms_samples": [1000 * t for t in times],
-            **counts, "aten_calls": aten_calls(step)}
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, step in steps.items():
+        counted = None if name in uncounted else kernel_ops(step)
+        counts = {} if counted is None else {"kernel_ops": counted.count, "host_reads": counted.host_reads}
+        results[name] = {"step_ms_median": 1000 * statistics.median(times[name]), "step_ms_samples": [1000 * t for t in times[name]],
+                         **counts, "aten_calls": aten_calls(step)}
+    return results
 
 
 def hand_loop_step(config: str) -> callable:
@@ -244,17 +252,18 @@ def main() -> None:
     compiled = VectorizedMicroBatchSAM(model, rho=RHO, compile=True)
     results = {}
     for m in args.m:
-        results[f"loop_m{m}"] = measure(lambda: loop_step(model, sam, batch, m), args.repeats)
-        results[f"vmap_m{m}"] = measure(lambda: vmap_step(vectorized, batch, m), args.repeats)
+        results.update(measure({f"loop_m{m}": lambda: loop_step(model, sam, batch, m),
+                                f"vmap_m{m}": lambda: vmap_step(vectorized, batch, m),
+                                f"vmap_compiled_m{m}": lambda: vmap_step(compiled, batch, m)},
+                               args.repeats, uncounted=frozenset({f"vmap_compiled_m{m}"})))
         results[f"vmap_m{m}"]["phases"] = vmap_phases(model, vectorized, batch, m)
-        results[f"vmap_compiled_m{m}"] = measure(lambda: vmap_step(compiled, batch, m), args.repeats, count_kernels=False)
         model.zero_grad(set_to_none=True)
         loop, vmapped, fast = results[f"loop_m{m}"], results[f"vmap_m{m}"], results[f"vmap_compiled_m{m}"]
         print(f"m={m:2d}  loop {loop['step_ms_median']:6.1f} ms {loop['kernel_ops']:6d} kernel ops {loop['host_reads']:3d} host reads"
               f"  |  vmap {vmapped['step_ms_median']:6.1f} ms {vmapped['kernel_ops']:6d} kernel ops {vmapped['host_reads']:3d} host reads"
               f"  |  vmap compiled {fast['step_ms_median']:6.1f} ms", flush=True)
     harness = {f"{kind}_trainer": trainer_steps(kind, args.repeats) for kind in ("stock", "sam")}
-    harness.update({config: measure(hand_loop_step(config), args.repeats) for config in HAND_CONFIGS})
+    harness.update(measure({config: hand_loop_step(config) for config in HAND_CONFIGS}, args.repeats))
     for name, entry in harness.items():
         print(f"{name:14s} {entry['step_ms_median']:6.1f} ms {entry['kernel_ops']:6d} kernel ops {entry['aten_calls']:6d} aten calls"
               f" {entry['host_reads']:4d} host reads", flush=True)

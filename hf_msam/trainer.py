@@ -130,6 +130,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             self.model.add_model_tags(MODEL_TAGS)
         self._sam: MicroBatchSAM | None = None
         self._sam_module: nn.Module | None = None  # the module self._sam was built for
+        self._last_unwrapped: tuple[nn.Module, nn.Module] | None = None  # (model as passed, its unwrapped module)
         self._batchnorms: list[nn.Module] = []
         self._embeddings: list[nn.Embedding] = []  # tables treated by rows on the loop path (sam_sparse_embeddings)
         self._sam_items_in_step: float | None = None
@@ -179,7 +180,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def _msam_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
         sam = self._get_sam(model)
-        ascent_model = self.accelerator.unwrap_model(model)  # bypasses the DDP reducer; keeps autocast
+        ascent_model = self._unwrapped(model)  # bypasses the DDP reducer; keeps autocast
         world = self.accelerator.num_processes
         scaler = self.accelerator.scaler
         grad_scale = float(scaler.get_scale()) if scaler is not None else 1.0
@@ -241,9 +242,16 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         tensors = [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad and v.is_floating_point()]
         self.accelerator.backward(sum(t.sum() for t in tensors) * 0.0)
 
+    def _unwrapped(self, model: nn.Module) -> nn.Module:
+        """``accelerator.unwrap_model(model)``, kept for the last ``model`` passed: the Trainer passes the same
+        (wrapped) model every step, and accelerate's unwrapping looks up installed packages on every call."""
+        if self._last_unwrapped is None or self._last_unwrapped[0] is not model:
+            self._last_unwrapped = (model, self.accelerator.unwrap_model(model))
+        return self._last_unwrapped[1]
+
     def _get_sam(self, model: nn.Module) -> MicroBatchSAM:
         """The perturbation state for the trainable parameters of ``model`` (built once per model)."""
-        module = self.accelerator.unwrap_model(model)
+        module = self._unwrapped(model)
         if self._sam is None or self._sam_module is not module:
             self._sam = MicroBatchSAM(
                 module.parameters(),
@@ -278,7 +286,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             return False
         if mode == "auto" and len(micro_batches) < AUTO_VMAP_MIN_MICRO_BATCHES:
             return False
-        module = self.accelerator.unwrap_model(model)
+        module = self._unwrapped(model)
         if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
             self._vmap_model_check(model)
         reason = self._vmap_ineligible
@@ -301,7 +309,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def _vmap_model_check(self, model: nn.Module) -> None:
         """Build the vectorised step for the model, or set why the model or the Trainer set-up cannot take it."""
         self._get_sam(model)
-        module = self.accelerator.unwrap_model(model)
+        module = self._unwrapped(model)
         if self._batchnorms:
             reason = "the model has BatchNorm layers (their running statistics cannot be updated under vmap)"
         elif self.label_smoother is not None:
