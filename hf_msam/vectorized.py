@@ -154,7 +154,13 @@ class VectorizedMicroBatchSAM:
         self.rho = float(rho)
         self.adaptive = adaptive
         self.adaptive_eta = float(adaptive_eta)
-        self.names, self.params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
+        self.params = tuple(p for p in module.parameters() if p.requires_grad)
+        # Every name of each trainable tensor (a tied LM head is the word embedding under a second name), so that
+        # functional_call need not search the module for tied weights on every call (tie_weights=False).
+        names_of: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(p), []).append(name)
+        self._aliases = tuple(tuple(names_of[id(p)]) for p in self.params)
         self.layout = FlatLayout(self.params)
         self._padding_rows = _padding_rows(module, self.params)
         self._padding_columns = [self.layout.columns(index, row) for index, row in self._padding_rows.items()]
@@ -231,10 +237,11 @@ class VectorizedMicroBatchSAM:
 
     def _vmapped_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
         """``vmap`` of ``functional_call`` over the leading dimension of ``points`` and ``tensors`` (compiled or not)."""
-        names = self.names
+        aliases = self._aliases
 
         def loss_of_one(params_k, tensors_k):
-            outputs = functional_call(self.module, dict(zip(names, params_k)), args=(), kwargs={**constants, **tensors_k})
+            named = {name: p_k for names, p_k in zip(aliases, params_k) for name in names}
+            outputs = functional_call(self.module, named, args=(), kwargs={**constants, **tensors_k}, tie_weights=False)
             return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused kernels' batching rules: see the module docstring

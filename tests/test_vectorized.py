@@ -127,6 +127,25 @@ def test_causal_lm_with_label_holes_and_gradient_accumulation(tmp_path):
     assert max_abs_diff(loop, reference) < 1e-6
 
 
+def test_causal_lm_with_tied_embeddings_matches_loop_and_reference(tmp_path):
+    """The word embedding is the LM head's weight too: both uses must see the same ``w + e_k`` in the descent pass
+    and both contribute to ``g_k``."""
+    data = lm_dataset(16, seed=6)
+
+    def make():
+        return tiny_llama(seed=6, tie_word_embeddings=True)
+
+    model = make()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer, vmap_weights = _train(tmp_path, make, data, "vmap", sam_micro_batch_size=2)
+    assert trainer._vmap_verified
+    _, loop_weights = _train(tmp_path, make, data, "loop", sam_micro_batch_size=2)
+    reference = _reference(make, data, 2, token_level=True)
+    assert max_abs_diff(vmap_weights, reference) < 1e-6
+    assert max_abs_diff(loop_weights, reference) < 1e-6
+    assert max_abs_diff(vmap_weights, snapshot(make())) > 1e-3  # it did train
+
+
 def test_asam_and_peft_lora_match_loop_and_reference(tmp_path):
     lora_model = partial(tiny_bert_lora, seed=4)
     data = padded_dataset(8, seed=4)
