@@ -35,12 +35,13 @@ stage() {  # stage NAME LOG SECONDS COMMAND...: when NAME is one of $STAGES, COM
 
 # Issue 8 (vectorised mSAM), the default: one call of at most 10 minutes, the most needed results first (each
 # command has its own time limit, and what a cut-off call wrote to $OUT still comes back).
-# vmap: its CUDA exactness tests (about 25 s on an H200); the step benchmark of SAM in the Trainer and in the peer's
-# hand-written loop, the plain step in that loop, the peer, and vmap at m = 8 and 16 (6 configs x 2 rounds, 14 to
-# 25 s per fresh process; a run cut short keeps its finished configs); then a diagnostic run (its times are not
-# comparable): the host syncs of a step by source line (set_sync_debug_mode) and a torch.profiler table of one step.
-stage vmap vmap_tests.log 60 python3 -m pytest -q -p no:cacheprovider tests/test_vectorized.py -k "cuda or fp16"
-stage vmap bench_vmap.log 260 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 2 --steps 15 --warmup 3 \
+# vmap: its CUDA exactness tests (25 s on an H200, then, last, the compiled passes with dropout); the step benchmark
+# of SAM in the Trainer and in the peer's hand-written loop, the plain step in that loop, the peer, and vmap at m = 8
+# and 16 (6 configs x 2 rounds, 14 to 25 s per fresh process; a run cut short keeps its finished configs); then a
+# diagnostic run (its times are not comparable): the host syncs of a step by source line (set_sync_debug_mode) and
+# a torch.profiler table of one step.
+stage vmap vmap_tests.log 90 python3 -m pytest -q -p no:cacheprovider tests/test_vectorized.py -k "cuda or fp16"
+stage vmap bench_vmap.log 230 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 2 --steps 15 --warmup 3 \
   --configs stock_hand,sam,sam_hand,peer,vmap_m8,vmap_m16 --out "$OUT/step_cuda_bf16_vmap.json"
 stage vmap bench_vmap.log 90 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 2 --warmup 1 \
   --count-syncs --profile --configs sam,peer,vmap_m8 --out "$OUT/step_cuda_bf16_diagnostics.json"
