@@ -7,30 +7,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from bench_verdict import FAMILIES, directions
 
 from hf_msam.curvature.coherence import coherence_from_hessians, train_coherence
 
 N, D, P, DRAWS = 400, 30, 64, 50
 
 
-def directions(family: str, rng: np.random.Generator) -> np.ndarray:
-    if family == "orthogonal":
-        return np.eye(N)
-    u = rng.standard_normal((N, D))
-    u /= np.linalg.norm(u, axis=1, keepdims=True)
-    if family == "identical":
-        u[:] = u[0]
-    elif family == "cluster":  # 10% of the examples share one direction, the rest are random
-        u[: N // 10] = u[0]
-    return u
-
-
-@pytest.mark.parametrize("family", ["random", "cluster", "identical", "orthogonal"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_interval_covers_the_training_set_sigma(family):
     rng = np.random.default_rng(123)
     covered = 0
     for draw in range(DRAWS):
-        u = directions(family, rng)
+        u = directions(family, N, D, rng)
         s = np.abs(u @ u.T)
         truth = float(np.linalg.eigvalsh(s)[-1])
         probe = rng.choice(N, P, replace=False)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from bench_verdict import LeastSquares
 from test_curvature_stability import second_moment_radius
 
 from hf_msam.curvature.coherence import coherence_from_blocks, train_coherence
@@ -148,21 +149,6 @@ def test_away_from_a_minimum_is_inconclusive():
     # even a rate above 2 / lambda_max proves nothing away from a minimum
     verdict, _ = _verdict(x, 3 / lam, b=4, n=2000, seed=0, lambda_min=-0.05 * lam)
     assert verdict.verdict == "inconclusive"
-
-
-class LeastSquares(torch.nn.Module):
-    """A linear regression head with the transformers interface: loss = mean_i (x_i . w - y_i)^2."""
-
-    def __init__(self, w: torch.Tensor):
-        super().__init__()
-        self.config = type("Config", (), {"problem_type": "regression", "num_labels": 1})()
-        self.w = torch.nn.Parameter(w.clone())
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor):
-        from transformers.modeling_outputs import SequenceClassifierOutput
-
-        logits = (features @ self.w)[:, None]
-        return SequenceClassifierOutput(loss=((logits[:, 0] - labels) ** 2).mean(), logits=logits)
 
 
 @pytest.mark.parametrize("seed", range(8))

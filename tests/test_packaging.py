@@ -12,12 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from example_cards import copy_example  # benchmarks/, on sys.path from conftest
 
 from hf_msam.modelcard import write_model_card
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from example_cards import copy_example  # noqa: E402
 
 
 @pytest.fixture(scope="module")
