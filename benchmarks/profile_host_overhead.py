@@ -198,7 +198,8 @@ def hand_loop_step(config: str) -> callable:
 
 
 def trainer_steps(kind: str, repeats: int) -> dict[str, float]:
-    """``measure`` of the Trainer's optimizer steps (``on_step_begin`` -> ``on_step_end``): ``stock`` or ``sam``."""
+    """The median time of the Trainer's optimizer steps (``on_step_begin`` -> ``on_step_end``), timed apart from the
+    others, and one step's kernel ops, host reads and aten calls: ``stock`` or ``sam``."""
     model, batch = build()
 
     class Repeated(torch.utils.data.Dataset):
