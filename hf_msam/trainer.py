@@ -75,7 +75,10 @@ every trainable tensor per micro-batch, the word embedding included, and CPU SDP
 down to 1.09x SAM at m = 8 and 1.17x at m = 16 (``benchmarks/results/step_cpu_sparse.json``, 1 thread).
 CUDA, measured on one H200 (bf16, the same model and batch, torch 2.11): at m = 8 the vmap path took 85.5 ms a
 step against the loop's 387 ms (``benchmarks/results/step_cuda_bf16_vmap.json``), so "auto" picks it there for
-m >= 2; at m = 1 (SAM) the loop is faster (see ``AUTO_VMAP_MIN_MICRO_BATCHES``)."""
+m >= 2; at m = 1 (SAM) the loop is faster (see ``AUTO_VMAP_MIN_MICRO_BATCHES``). "auto" does not compile: with
+``sam_vmap_compile`` the vmap step at m = 8 cost 0.99x SAM's against 1.86x eager
+(``benchmarks/results/step_cuda_bf16_vmap_compiled_43a9bd7.json``, ``step_cuda_bf16_vmap_43a9bd7.json``), but its
+compilation took about 75 s per sequence length."""
 
 AUTO_VMAP_MIN_MICRO_BATCHES = 2
 """Fewest micro-batches in a chunk for which ``sam_micro_batch_mode="auto"`` picks the vmap path: SAM (m = 1)
@@ -90,8 +93,9 @@ perturbed point and its gradient, the batched embedding gradient), used to size 
 16 (peak RSS); rounded up. Since the ascent points are broadcast views of the weights and the ascent gradients
 lie in rows (``hf_msam.vectorized``), the extra over SAM was 2.1 and 2.3 copies per micro-batch at m = 4 and 8,
 against 3.3 and 3.3 for the code before (``benchmarks/results/step_cpu_vmap_rows.json`` and
-``step_cpu_vmap_775bf69.json``, one run each, 2 threads); the H200 gave 2.7 before (21.4 copies at m = 8). The
-budget is left at 5: it has not been measured on a GPU since."""
+``step_cpu_vmap_775bf69.json``, one run each, 2 threads); the H200 gave 2.7 before (21.4 copies at m = 8) and
+2.1 and 2.3 after, at m = 8 and 16 (``max_memory_allocated``, ``benchmarks/results/step_cuda_bf16_vmap_43a9bd7.json``).
+The budget is left at 5, for models whose per-micro-batch share differs from this BERT's (only it was measured)."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",

@@ -6,7 +6,7 @@
 # most the device tool brings back.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"vmap compile"}  # also: probe tests step curvature text vision (each adds minutes)
+STAGES=${STAGES:-"vmap compile"}  # also: compile16 probe tests step curvature text vision (each adds minutes)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -50,6 +50,10 @@ stage vmap bench_vmap.log 90 python3 benchmarks/bench_step.py --device cuda --bf
 # exactness with dropout, and CUDA graphs.
 stage compile compile.log 150 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
   --configs sam,vmapc_m8,vmapc_m16 --out "$OUT/step_cuda_bf16_vmap_compiled.json"
+# compile16: vmap with sam_vmap_compile at m = 16 alone (its compile takes most of the 150 s above), with SAM and the
+# peer in the same run.
+stage compile16 compile.log 200 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
+  --configs vmapc_m16,sam,peer --out "$OUT/step_cuda_bf16_vmap_compiled_m16.json"
 stage probe compile.log 150 python3 benchmarks/probe_compile_vmap.py --device cuda --out "$OUT/compile_vmap_cuda.json"
 # Issue 7: the GPU variants of the correctness tests; the benchmarks on the GPU; both defaults in bf16.
 stage tests gpu_tests.log 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
