@@ -160,7 +160,7 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
     common = dict(
         output_dir=tempfile.mkdtemp(prefix="bench_step_"),
         per_device_train_batch_size=BATCH,
-        max_steps=a.warmup + a.steps + (1 if a.profile else 0),  # --profile: one more step, profiled
+        max_steps=_steps_run(a),
         learning_rate=LR,
         optim="adamw_torch",
         report_to="none",
@@ -457,6 +457,11 @@ def worker(a) -> None:
     Path(a.result).write_text(json.dumps(out))
 
 
+def _steps_run(a) -> int:
+    """Optimizer steps a run takes: the warmup and timed steps, and with ``--profile`` one more, profiled."""
+    return a.warmup + a.steps + (1 if a.profile else 0)
+
+
 class _StepProfile:
     """``torch.profiler`` over one optimizer step (CPU and, on CUDA, the device): the 40 entries with the most
     host (self CPU) time, CUDA runtime calls such as ``cudaLaunchKernel`` and ``cudaStreamSynchronize`` included,
@@ -511,7 +516,7 @@ def _host_syncs(a, out: dict):
         yield
     torch.cuda.set_sync_debug_mode(0)
     where = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
-    out["host_syncs"] = {"steps": a.warmup + a.steps, "total": sum(where.values()), "by_source_line": dict(where.most_common())}
+    out["host_syncs"] = {"steps": _steps_run(a), "total": sum(where.values()), "by_source_line": dict(where.most_common())}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -124,6 +124,11 @@ def aten_calls(work) -> int:
     work()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         work()
+    return _aten_events(prof)
+
+
+def _aten_events(prof: profile) -> int:
+    """The aten operator calls a finished ``torch.profiler`` run recorded."""
     return sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
 
 
@@ -231,7 +236,7 @@ def trainer_steps(kind: str, repeats: int) -> dict[str, float]:
                 if isinstance(self.probe, KernelOps):
                     counts["kernel_ops"], counts["host_reads"] = self.probe.count, self.probe.host_reads
                 else:
-                    counts["aten_calls"] = sum(e.count for e in self.probe.key_averages() if e.key.startswith("aten::"))
+                    counts["aten_calls"] = _aten_events(self.probe)
             elif 3 <= state.global_step - 1 < 3 + repeats:
                 times.append(elapsed)
 
