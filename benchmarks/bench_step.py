@@ -6,7 +6,8 @@ all-MiniLM-L6-v2 (22.7M parameters, dropout as configured), batch 32, length 64,
 Configs: ``stock`` (``transformers.Trainer``), ``rho0`` (``SAMTrainer``, ``sam_rho=0``), ``sam`` (m=1),
 ``loop_m{2,4,8,16}`` and ``vmap_m{2,4,8,16}`` (mSAM with m micro-batches of 32/m examples, with
 ``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8; ``vmap_m1`` is SAM on the vmap path; ``vmapc_m{m}`` with
-``sam_vmap_compile=True``, whose first steps compile, so give it ``--warmup 3``), ``sam_dense`` and
+``sam_vmap_compile=True``, whose first steps compile, so give it ``--warmup 3``; ``vmap_dense_m{m}`` with
+``sam_sparse_embeddings=False``, the word embedding batched like every other tensor), ``sam_dense`` and
 ``loop_dense_m{2,4,8,16}`` (the loop with ``sam_sparse_embeddings=False``: every gradient dense), ``peer`` (``pytorch_optimizer.SAM`` around
 the same AdamW in a hand-written loop, clipping like the Trainer), ``sam_hand`` and ``stock_hand`` (SAM with
 ``MicroBatchSAM``, and the plain AdamW step, in that same loop: the peer needs a closure, which the Trainer has
@@ -56,6 +57,9 @@ TRAINER_CONFIGS = {
        for m in MICRO_BATCH_COUNTS},
     "vmap_m1": dict(sam_rho=RHO, sam_micro_batch_mode="vmap"),  # SAM on the vmap path
     **{f"vmap_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="vmap") for m in MICRO_BATCH_COUNTS},
+    # the vmap path with the word embedding batched like every other tensor, as before it was treated by rows
+    **{f"vmap_dense_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="vmap", sam_sparse_embeddings=False)
+       for m in MICRO_BATCH_COUNTS},
     # the vmap path with its two passes compiled (sam_vmap_compile); the warmup steps take the compilation
     **{f"vmapc_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="vmap", sam_vmap_compile=True)
        for m in MICRO_BATCH_COUNTS},
@@ -555,6 +559,8 @@ def _machine() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    # The host allocator's settings change the CPU numbers (large tensors paged in afresh every step, or kept)
+    info["allocator_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
     return info
 
 

@@ -29,6 +29,7 @@ hand-written loop, are timed in turn (one of each per repeat).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -146,23 +147,22 @@ def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, bat
     stacked = _with_4d_attention_mask(model, stack_micro_batches(micro_batches))
 
     def ascent():
-        points = vectorized._ascent_points(m)
-        return torch.autograd.grad(vectorized._losses(points, stacked, ascent=True).sum(), points, allow_unused=True)
+        return vectorized._ascent(stacked, m)
 
-    grads_per_tensor = [g.detach() for g in ascent()]
+    _, grads_per_tensor, rows = ascent()
     grads = vectorized.layout.rows(grads_per_tensor)
     parameters = list(model.parameters())
     parts = {
         "batched_points": lambda: vectorized._ascent_points(m),
         "gradient_rows": lambda: vectorized.layout.rows(grads_per_tensor),
         "ascent_forward_and_backward": ascent,
-        "perturbation_arithmetic": lambda: vectorized._perturbations([g.clone() for g in grads], 1.0),
+        "perturbation_arithmetic": lambda: vectorized._perturbations(*clones()),
         "descent_points": lambda: vectorized._descent_points(grads),
         "plain_forward_and_grad_one_micro_batch": lambda: torch.autograd.grad(model(**micro_batches[0]).loss, parameters),
     }
 
     def clones():  # inside perturbation_arithmetic, not part of it
-        return [g.clone() for g in grads]
+        return [g.clone() for g in grads], 1.0, None if rows is None else dataclasses.replace(rows, values=rows.values.clone())
 
     phases = {"aten_calls": {name: aten_calls(work) for name, work in parts.items()},
               "kernel_ops": {name: kernel_ops(work).count for name, work in parts.items()}}

@@ -61,11 +61,15 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             all processes, at the cost of one extra all-reduce per step. Excludes ``sam_micro_batch_size`` and
             needs ``gradient_accumulation_steps=1``.
         sam_sparse_embeddings (`bool`, *optional*, defaults to `True`):
-            On the loop path, treat each trainable ``nn.Embedding`` table by the rows a micro-batch uses: the
-            ascent gradient of those rows only (``F.embedding(sparse=True)``), the perturbation of those rows in
-            place and their exact restore, and the descent rows added into ``.grad`` in place (one process). The
-            update is the same (``||g_k||`` still runs over every trainable tensor); a table used elsewhere too
-            (tied to an LM head) and ``sam_global`` keep the dense treatment. False: dense gradients everywhere.
+            Treat embedding tables by the rows the micro-batches look up; the update is the same (``||g_k||``
+            still runs over every trainable tensor). On the loop path, every trainable ``nn.Embedding``: the ascent
+            gradient of those rows only (``F.embedding(sparse=True)``), the perturbation of those rows in place and
+            their exact restore, and the descent rows added into ``.grad`` in place (one process). On the vmap
+            path, the model's input table (``get_input_embeddings()``): its lookup is taken outside vmap and
+            perturbed by rows, so the table gets no copy per micro-batch (``hf_msam.vectorized.InputTableRows``;
+            a model that looks it up other than once with ``input_ids`` gets an error that names this flag). A
+            table used elsewhere too (tied to an LM head) and ``sam_global`` keep the dense treatment. False: every
+            trainable tensor is treated whole.
     """
 
     sam_rho: float = field(
@@ -107,10 +111,11 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
     sam_sparse_embeddings: bool = field(
         default=True,
         metadata={
-            "help": "Loop path: take the ascent gradient of each nn.Embedding table for the rows the micro-batch "
-            "uses only, perturb and restore those rows in place, and add the descent rows into .grad in place "
-            "(the same update, less work per micro-batch). A table used elsewhere too (tied to the LM head) and "
-            "sam_global=True keep the dense treatment. False: dense gradients for every tensor."
+            "help": "Treat embedding tables by the rows the micro-batches look up (the same update, less work and "
+            "memory per micro-batch). Loop path: every nn.Embedding's ascent gradient, perturbation and restore by "
+            "rows, descent rows added into .grad in place. vmap path: the input table's lookup perturbed by rows, "
+            "no copy of the table per micro-batch. A table used elsewhere too (tied to the LM head) and "
+            "sam_global=True keep the dense treatment. False: every trainable tensor is treated whole."
         },
     )
     sam_vmap_compile: bool = field(

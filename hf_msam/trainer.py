@@ -29,7 +29,8 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
   ``.grad`` in place (one process; under DDP the descent stays dense for the reducer). A table tied to an LM
   head gets a dense gradient and the dense treatment; the update is the same either way. On CPU this removes
   most of the per-micro-batch parameter-sized work for all-MiniLM-L6-v2, half of whose parameters are its word
-  embedding (``benchmarks/results/step_cpu_sparse.json``).
+  embedding (``benchmarks/results/step_cpu_sparse.json``). The vmap path treats the model's input table by rows
+  too (``hf_msam.vectorized.InputTableRows``), so the table gets no copy per micro-batch.
 * A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
   zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
   same collectives in every step.
@@ -331,6 +332,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 adaptive=self.args.sam_adaptive,
                 adaptive_eta=self.args.sam_adaptive_eta,
                 compile=self.args.sam_vmap_compile,
+                table_rows=self.args.sam_sparse_embeddings,
             )
             self._vmap_group_size = None
             return
@@ -370,13 +372,14 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     def _group_size_for_budget(self, num_micro_batches: int) -> int:
         """Micro-batches per vectorised group: as many as ``sam_vmap_memory_budget_mb`` holds copies of the
-        trainable parameters (``VMAP_COPIES_PER_MICRO_BATCH`` each); default budget: half the free device memory.
-        Activations need no budget: a group of g micro-batches of size b holds those of one g*b batch, at most
-        the per-device batch that the stock step holds."""
+        batched parameters (``VMAP_COPIES_PER_MICRO_BATCH`` each: every trainable tensor but an input table treated by
+        rows, whose rows take what one activation takes); default budget: half the free device memory. Activations
+        need no budget: a group of g micro-batches of size b holds those of one g*b batch, at most the per-device
+        batch that the stock step holds."""
         budget_mb = self.args.sam_vmap_memory_budget_mb
         if budget_mb is None:
             budget_mb = _free_memory_mb(self.args.device) / 2
-        param_mb = sum(p.numel() * p.element_size() for p in self._vmap.params) / 2**20
+        param_mb = sum(p.numel() * p.element_size() for p in self._vmap.batched_params) / 2**20
         self._vmap_group_size = max(1, min(num_micro_batches, int(budget_mb // (VMAP_COPIES_PER_MICRO_BATCH * param_mb))))
         return self._vmap_group_size
 

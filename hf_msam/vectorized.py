@@ -36,6 +36,20 @@ Traps handled here (transformers 5.x):
 * An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
   one to every micro-batch but the first: those columns of ``G`` (and of the descent gradient) are zeroed.
 
+The input embedding table by its rows (``table_rows=True``, :class:`InputTableRows`): a group of ``m`` micro-batches
+of ``b`` sequences of length ``L`` looks up at most ``m * b * L`` rows of the word embedding, half of the parameters
+of a small BERT, so it gets no batched point. Its lookup ``E = W[ids]`` (``[m, b, L, d]``) is taken outside vmap and
+handed to the model in place of the table's output (a forward hook on the ``nn.Embedding``)::
+
+    ascent:   E = W[ids] (a leaf)             dE = d (sum_k L_k) / dE           g_k rows = sum of dE_k over equal ids
+    descent:  E = W[ids] + e_k[ids]           (differentiable in W: the stock lookup's backward into .grad)
+
+with the rows of ``g_k`` coalesced per micro-batch on the device (a sort of the ``(k, id)`` keys, static shapes, no
+host sync), the ``padding_idx`` positions left out as the stock backward leaves them, and ``||g_k||`` over the rows
+and every other tensor. Only the model's input table (``get_input_embeddings()``) is treated so, when it is
+trainable, not tied to another use (an LM head), not ``max_norm`` or ``scale_grad_by_freq``, and not in an
+encoder-decoder; the lookup must be of the batch's ``input_ids`` exactly once per forward, which is checked.
+
 ``compile=True`` runs the vmapped loss of each pass through ``torch.compile`` (:data:`COMPILE_OPTIONS`); the random
 state is handled as above, because inductor then calls eager's random operations in eager's order. Each pass
 compiles once per sequence length (the length stays a static size under vmap, even with ``dynamic=True``), and
@@ -145,10 +159,24 @@ class VectorizedMicroBatchSAM:
         module: the (unwrapped) model; its forward must return the loss (``labels`` in the batch).
         rho, adaptive, adaptive_eta: as in :class:`hf_msam.msam.MicroBatchSAM`.
         compile: run the vmapped loss of both passes through ``torch.compile`` (:data:`COMPILE_OPTIONS`).
+        table_rows: treat the model's input embedding table by the rows looked up (:class:`InputTableRows`) where
+            it can be; False: it gets a batched point like every other tensor.
+
+    Attributes:
+        params: every trainable tensor (the descent accumulates into their ``.grad``).
+        batched_params: those with a batched point ``[m, *shape]`` per pass (all but the table treated by rows),
+            laid out by ``layout``.
+        table: the input table treated by rows, or None.
     """
 
     def __init__(
-        self, module: nn.Module, rho: float, adaptive: bool = False, adaptive_eta: float = 0.01, compile: bool = False
+        self,
+        module: nn.Module,
+        rho: float,
+        adaptive: bool = False,
+        adaptive_eta: float = 0.01,
+        compile: bool = False,
+        table_rows: bool = True,
     ) -> None:
         self.module = module
         self.rho = float(rho)
@@ -160,9 +188,11 @@ class VectorizedMicroBatchSAM:
         names_of: dict[int, list[str]] = {}
         for name, p in module.named_parameters(remove_duplicate=False):
             names_of.setdefault(id(p), []).append(name)
-        self._aliases = tuple(tuple(names_of[id(p)]) for p in self.params)
-        self.layout = FlatLayout(self.params)
-        self._padding_rows = _padding_rows(module, self.params)
+        self.table = InputTableRows.of(module, names_of) if table_rows else None
+        self.batched_params = tuple(p for p in self.params if self.table is None or p is not self.table.weight)
+        self._aliases = tuple(tuple(names_of[id(p)]) for p in self.batched_params)
+        self.layout = FlatLayout(self.batched_params)
+        self._padding_rows = _padding_rows(module, self.batched_params)
         self._padding_columns = [self.layout.columns(index, row) for index, row in self._padding_rows.items()]
         self._pass_losses = [self._ascent_losses, self._descent_losses]
         if compile:  # one compiled function per pass: each keeps its own cache of graphs (and its recompile limit)
@@ -187,44 +217,64 @@ class VectorizedMicroBatchSAM:
         batch = _with_4d_attention_mask(self.module, stacked)
         randomness = RandomState.capture()
 
-        # Ascent: one vmap forward at w for all k, one backward to the broadcast points.
-        points = self._ascent_points(m)
-        with autocast():
-            clean = self._losses(points, batch, ascent=True)
-        grads = torch.autograd.grad((clean.float() * grad_scale).sum(), points, allow_unused=True)
-        grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)]
-        del points
+        clean, grads, rows = self._ascent(batch, m, grad_scale, autocast)
         grads = self.layout.rows(grads)  # G: one copy, then the per-tensor gradients are freed
         self._zero_padding_columns(grads)
         with torch.no_grad():
-            norms, finite = self._perturbations(grads, grad_scale)
+            norms, finite = self._perturbations(grads, grad_scale, rows)
 
         # Descent: one vmap forward at w + e_k (differentiable in w), one ordinary backward into .grad.
         randomness.restore()
         points = self._descent_points(grads)
         del grads
+        ids = batch.get("input_ids")
+        lookup = None if rows is None else self.table.lookup(ids) + rows.perturbation_at(ids)
         hooks = [points[i].register_hook(_zero_rows_hook(row)) for i, row in self._padding_rows.items()]
         with autocast():
-            perturbed = self._losses(points, batch, ascent=False)
+            perturbed = self._losses(points, batch, ascent=False, lookup=lookup)
         backward((perturbed.float() * weights).sum())
         for hook in hooks:
             hook.remove()
         return VectorizedResult(clean.detach().float(), perturbed.detach().float(), norms / grad_scale, ~finite)
 
     # --------------------------------------------------------------------------------------------------
+    def _ascent(
+        self,
+        batch: Mapping[str, Any],
+        m: int,
+        grad_scale: float = 1.0,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], TableGradient | None]:
+        """One vmap forward at ``w`` for all ``k`` and one backward (to the broadcast points and the table's lookup):
+        ``[L_k(w)]``, the gradients ``[m, *shape]`` of the batched parameters, and the table's rows (or None)."""
+        points = self._ascent_points(m)
+        ids = batch.get("input_ids") if self.table is not None else None
+        lookup = None if ids is None else self.table.lookup(ids).detach().requires_grad_(True)
+        with autocast():
+            clean = self._losses(points, batch, ascent=True, lookup=lookup)
+        inputs = points if lookup is None else [*points, lookup]
+        grads = torch.autograd.grad((clean.float() * grad_scale).sum(), inputs, allow_unused=True)
+        rows = None if lookup is None else self.table.coalesce(ids, grads[-1])
+        return clean, [torch.zeros_like(x) if g is None else g for g, x in zip(grads, points)], rows
+
     def _ascent_points(self, m: int) -> list[torch.Tensor]:
         """``W_i = [w_i, ..., w_i]``, the ``[m, *shape]`` leaves of the ascent pass: views of ``w_i`` (stride 0 along
         ``m``, no copy); their gradients are ordinary ``[m, *shape]`` tensors."""
-        return [p.detach().unsqueeze(0).expand(m, *p.shape).requires_grad_(True) for p in self.params]
+        return [p.detach().unsqueeze(0).expand(m, *p.shape).requires_grad_(True) for p in self.batched_params]
 
     def _descent_points(self, perturbations: list[torch.Tensor]) -> list[torch.Tensor]:
         """``w_i + e_k`` per tensor (``[m, *shape]``, differentiable in the parameters) from the rows of ``e``."""
-        return [p.unsqueeze(0) + e for p, e in zip(self.params, self.layout.unflatten(perturbations))]
+        return [p.unsqueeze(0) + e for p, e in zip(self.batched_params, self.layout.unflatten(perturbations))]
 
-    def _losses(self, points: list[torch.Tensor], batch: Mapping[str, Any], ascent: bool) -> torch.Tensor:
-        """``[L_k]`` of the model at the per-micro-batch parameters ``points[i][k]``, one vmap forward."""
+    def _losses(
+        self, points: list[torch.Tensor], batch: Mapping[str, Any], ascent: bool, lookup: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[L_k]`` of the model at the per-micro-batch parameters ``points[i][k]``, one vmap forward; ``lookup``
+        (``[m, b, L, d]``) stands for the output of the table treated by rows."""
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         constants = {k: v for k, v in batch.items() if k not in tensors}
+        if lookup is not None:
+            tensors[LOOKUP_KEY] = lookup
         return self._pass_losses[0 if ascent else 1](list(points), tensors, constants)
 
     def _ascent_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
@@ -239,24 +289,35 @@ class VectorizedMicroBatchSAM:
         """``vmap`` of ``functional_call`` over the leading dimension of ``points`` and ``tensors`` (compiled or not)."""
         aliases = self._aliases
 
+        table = self.table
+
         def loss_of_one(params_k, tensors_k):
             named = {name: p_k for names, p_k in zip(aliases, params_k) for name in names}
-            outputs = functional_call(self.module, named, args=(), kwargs={**constants, **tensors_k}, tie_weights=False)
+            kwargs = {**constants, **tensors_k}
+            lookup = kwargs.pop(LOOKUP_KEY, None)
+            substituted = None if table is None else table.substituted(None if lookup is None else kwargs.get("input_ids"), lookup)
+            with substituted or contextlib.nullcontext():
+                outputs = functional_call(self.module, named, args=(), kwargs=kwargs, tie_weights=False)
             return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused kernels' batching rules: see the module docstring
             return vmap(loss_of_one, randomness="different")(points, tensors)
 
-    def _perturbations(self, grads: list[torch.Tensor], grad_scale: float):
-        """``G -> e`` in place (rows ``[m, n]`` per bucket), with ``||g_k||`` and its finiteness, all on the device."""
+    def _perturbations(self, grads: list[torch.Tensor], grad_scale: float, rows: TableGradient | None = None):
+        """``G -> e`` in place (rows ``[m, n]`` per bucket, and the table's rows), with ``||g_k||`` and its finiteness,
+        all on the device."""
         if self.adaptive:
-            scales = [r.abs_().add_(self.adaptive_eta) for r in self.layout.rows([p.detach().unsqueeze(0) for p in self.params])]
+            weights = [p.detach().unsqueeze(0) for p in self.batched_params]
+            scales = [r.abs_().add_(self.adaptive_eta) for r in self.layout.rows(weights)]
             for g, t in zip(grads, scales):  # T = |w| + eta, [1, n]
                 g.mul_(t)  # T g_k
-        norms = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]),
-            dim=0,
-        )
+            if rows is not None:
+                table_scale = self.table.weight.detach()[rows.table_rows].abs_().add_(self.adaptive_eta)
+                rows.values.mul_(table_scale)
+        pieces = [torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]
+        if rows is not None:
+            pieces.append(rows.norms())
+        norms = torch.linalg.vector_norm(torch.stack(pieces), dim=0)
         finite = torch.isfinite(norms)
         factor = torch.where(finite, self.rho / (norms + EPS * grad_scale), torch.zeros_like(norms)).unsqueeze(1)
         for i, g in enumerate(grads):
@@ -264,11 +325,132 @@ class VectorizedMicroBatchSAM:
                 g.mul_(scales[i])  # T^2 g_k
             g.mul_(factor.to(g.dtype))
             g.masked_fill_(~finite.unsqueeze(1), 0.0)  # inf * 0 is nan: clear skipped rows explicitly
+        if rows is not None:
+            if self.adaptive:
+                rows.values.mul_(table_scale)
+            rows.values.mul_(factor[rows.micro_batches].to(rows.values.dtype))
+            rows.values.masked_fill_(~finite[rows.micro_batches].unsqueeze(1), 0.0)
         return norms, finite
 
     def _zero_padding_columns(self, grads: list[torch.Tensor]) -> None:
         for bucket, columns in self._padding_columns:
             grads[bucket][:, columns] = 0
+
+
+LOOKUP_KEY = "__hf_msam_table_lookup__"
+"""The key under which the table's lookup ``[m, b, L, d]`` travels into the vmapped function with the batch."""
+
+
+@dataclass
+class TableGradient:
+    """The ascent gradients (then the perturbations) of the input table for ``m`` micro-batches, by rows.
+
+    Slot ``s`` of ``N = m * b * L`` holds row ``table_rows[s]`` of micro-batch ``micro_batches[s]``: the sum of the
+    lookup's gradient over that micro-batch's positions with that id. Slots past the number of distinct
+    ``(k, id)`` pairs (and the ``padding_idx`` row) hold zeros, so they add nothing to a norm or a perturbation.
+
+    Attributes:
+        values: ``[N, d]`` the rows.
+        micro_batches: ``[N]`` their micro-batch ``k``.
+        table_rows: ``[N]`` their row of the table.
+        slots: ``[m, b, L]`` the slot of every looked-up position.
+    """
+
+    values: torch.Tensor
+    micro_batches: torch.Tensor
+    table_rows: torch.Tensor
+    slots: torch.Tensor
+
+    def norms(self) -> torch.Tensor:
+        """``||g_k||`` over the table, ``[m]`` (float32 or wider)."""
+        m = self.slots.shape[0]
+        dtype = torch.promote_types(self.values.dtype, torch.float32)
+        squares = self.values.to(dtype).square().sum(dim=1)
+        return torch.zeros(m, dtype=dtype, device=squares.device).index_add_(0, self.micro_batches, squares).sqrt().float()
+
+    def perturbation_at(self, ids: torch.Tensor) -> torch.Tensor:
+        """``e_k[ids_k]`` for every position, ``[m, b, L, d]`` (``ids`` are those the rows were coalesced from)."""
+        return self.values[self.slots.reshape(-1)].view(*ids.shape, self.values.shape[1])
+
+
+class InputTableRows:
+    """A model's input embedding table treated by the rows a group of micro-batches looks up (module docstring).
+
+    Args:
+        embedding: the table's module; its forward is replaced by the given lookup inside :meth:`substituted`.
+    """
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        self.embedding = embedding
+        self.weight = embedding.weight
+
+    @classmethod
+    def of(cls, module: nn.Module, names_of: Mapping[int, Sequence[str]]) -> InputTableRows | None:
+        """The input table of ``module`` if it can be treated by rows (module docstring), else None."""
+        try:
+            table = module.get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # not a transformers model, or one without an input table
+            return None
+        config = getattr(module, "config", None)
+        if (
+            not isinstance(table, nn.Embedding)
+            or not table.weight.requires_grad
+            or len(names_of.get(id(table.weight), ())) != 1  # tied: also an LM head
+            or table.max_norm is not None
+            or table.scale_grad_by_freq
+            or table.sparse
+            or getattr(config, "is_encoder_decoder", False)
+        ):
+            return None
+        return cls(table)
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """``W[ids]``, the stock lookup (its backward leaves the ``padding_idx`` row out)."""
+        return torch.nn.functional.embedding(ids, self.weight, padding_idx=self.embedding.padding_idx)
+
+    def coalesce(self, ids: torch.Tensor, lookup_grad: torch.Tensor | None) -> TableGradient:
+        """The rows of ``g_k`` from the gradient of the lookup ``[m, b, L, d]``, per micro-batch, on the device."""
+        m, d = ids.shape[0], self.weight.shape[1]
+        if lookup_grad is None:  # the forward did not use the lookup (checked: it was called)
+            lookup_grad = torch.zeros(*ids.shape, d, dtype=self.weight.dtype, device=ids.device)
+        if self.embedding.padding_idx is not None:
+            lookup_grad = lookup_grad.masked_fill((ids == self.embedding.padding_idx).unsqueeze(-1), 0.0)
+        vocabulary = self.weight.shape[0]
+        keys = (torch.arange(m, device=ids.device).view(m, *[1] * (ids.dim() - 1)) * vocabulary + ids).reshape(-1)
+        sorted_keys, order = keys.sort()
+        first = torch.ones_like(sorted_keys, dtype=torch.bool)
+        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        slots = torch.empty_like(keys).scatter_(0, order, first.cumsum(0) - 1)
+        values = lookup_grad.new_zeros(keys.numel(), d).index_add_(0, slots, lookup_grad.reshape(-1, d))
+        slot_keys = torch.zeros_like(keys).scatter_(0, slots, keys)
+        return TableGradient(values, slot_keys // vocabulary, slot_keys % vocabulary, slots.view(ids.shape))
+
+    @contextlib.contextmanager
+    def substituted(self, ids: torch.Tensor | None, lookup: torch.Tensor | None):
+        """Inside (one forward of one micro-batch, under vmap), the table's forward returns ``lookup`` (a forward hook),
+        and must be called exactly once, with the batch's ``input_ids`` ``ids`` (the same object); with no ``ids``,
+        not at all. Everything it touches is local, so that a compiled pass carries no state out of its graph."""
+        calls = []
+
+        def replace_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if ids is None or not args or args[0] is not ids:
+                raise ValueError(_NOT_BY_ROWS)
+            calls.append(None)
+            return lookup
+
+        handle = self.embedding.register_forward_hook(replace_output)
+        try:
+            yield
+        finally:
+            handle.remove()
+        if len(calls) != (0 if ids is None else 1):
+            raise ValueError(_NOT_BY_ROWS)
+
+
+_NOT_BY_ROWS = (
+    "the input embedding was not looked up exactly once per forward with the batch's input_ids, so the vmap path "
+    "cannot treat it by rows: set sam_sparse_embeddings=False"
+)
 
 
 def _zero_rows_hook(row: int):

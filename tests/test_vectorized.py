@@ -23,6 +23,7 @@ from trainer_utils import (
 from transformers import TrainingArguments
 
 import hf_msam.trainer as trainer_module
+import hf_msam.vectorized as hf_msam_vectorized
 from hf_msam.vectorized import FlatLayout, VectorizedMicroBatchSAM, stack_micro_batches
 
 # --- tiny models and data --------------------------------------------------------------------------------
@@ -206,12 +207,131 @@ def test_dropout_masks_shared_between_the_passes(tmp_path):
     assert difference / update < 1e-5
 
 
+# --- the input embedding table by rows (table_rows, sam_sparse_embeddings) -------------------------------------
+TABLE_CASES = {  # a padded BERT (padding_idx 0 looked up inside the attended part) and an untied causal LM
+    "bert": (lambda: tiny_bert(seed=16), lambda: tensor_batch(padded_dataset(8, seed=16), 0, 8)),
+    "llama": (lambda: tiny_llama(seed=16), lambda: tensor_batch(lm_dataset(8, seed=16), 0, 8)),
+}
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
+@pytest.mark.parametrize("case", list(TABLE_CASES))
+def test_table_by_rows_equals_the_batched_table(case, adaptive):
+    """The same step with the word embedding treated by rows as with it batched like every other tensor: losses,
+    ||g_k|| and .grad (the padding row's included) to 1e-6."""
+    make_model, make_batch = TABLE_CASES[case]
+    stacked = stack_micro_batches([{k: v[i : i + 2] for k, v in make_batch().items()} for i in range(0, 8, 2)])
+    results = {}
+    for rows in (True, False):
+        model = make_model()
+        sam = VectorizedMicroBatchSAM(model, rho=0.3, adaptive=adaptive, adaptive_eta=0.05, table_rows=rows)
+        table = model.get_input_embeddings().weight
+        assert (sam.table is not None) == rows and any(p is table for p in sam.batched_params) != rows
+        results[rows] = (sam.step(stacked, torch.full((4,), 0.25)), [p.grad.clone() for p in model.parameters()])
+    (by_rows, rows_grads), (batched, batched_grads) = results[True], results[False]
+    for field in ("clean_losses", "perturbed_losses", "grad_norms"):
+        torch.testing.assert_close(getattr(by_rows, field), getattr(batched, field), rtol=0, atol=1e-6)
+    assert max((a - b).abs().max().item() for a, b in zip(rows_grads, batched_grads)) < 1e-6
+    assert (by_rows.perturbed_losses - by_rows.clean_losses).abs().max() > 1e-4  # the perturbation moved the losses
+
+
+def test_coalesced_rows_are_each_micro_batchs_table_gradient():
+    """Rows against a dense reference: the lookup gradient summed into a [m, V, d] table per micro-batch
+    (``index_put`` with accumulation), the padding row left out; and each position reads its row back."""
+    g = torch.Generator().manual_seed(17)
+    embedding = torch.nn.Embedding(12, 3, padding_idx=0)
+    table = hf_msam_vectorized.InputTableRows(embedding)
+    ids = torch.randint(0, 6, (4, 2, 5), generator=g)  # few ids: many repeats within and across micro-batches
+    lookup_grad = torch.randn(4, 2, 5, 3, generator=g, dtype=torch.float64)
+    rows = table.coalesce(ids, lookup_grad)
+    k = torch.arange(4).view(4, 1, 1).expand_as(ids)
+    dense = torch.zeros(4, 12, 3, dtype=torch.float64).index_put_((k, ids), lookup_grad, accumulate=True)
+    dense[:, 0] = 0  # padding_idx
+    from_rows = torch.zeros_like(dense).index_put_((rows.micro_batches, rows.table_rows), rows.values, accumulate=True)
+    torch.testing.assert_close(from_rows, dense, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rows.norms(), dense.flatten(1).norm(dim=1).float())
+    torch.testing.assert_close(rows.perturbation_at(ids), dense[k, ids], rtol=0, atol=1e-12)
+
+
+def test_table_rows_enter_the_norm_and_are_skipped_with_their_micro_batch():
+    """||g_k|| runs over the table's rows and the batched rows; a non-finite row of the table skips its micro-batch
+    only, and every other micro-batch's rows become rho * g_k / ||g_k||."""
+    model = tiny_bert(seed=18)
+    sam = VectorizedMicroBatchSAM(model, rho=0.3)
+    g = torch.Generator().manual_seed(18)
+    ids = torch.randint(1, 64, (3, 2, 4), generator=g)
+    rows = sam.table.coalesce(ids, torch.randn(3, 2, 4, 16, generator=g))
+    rows.values[(rows.micro_batches == 1).nonzero()[0]] = float("inf")
+    grads = sam.layout.rows([torch.randn(3, *p.shape, generator=g) for p in sam.batched_params])
+    expected_rows, expected = rows.values.clone(), [r.clone() for r in grads]
+    norms, finite = sam._perturbations(grads, 1.0, rows)
+    assert finite.tolist() == [True, False, True]
+    for k in (0, 2):
+        mine = rows.micro_batches == k
+        norm = torch.sqrt(sum((r[k].double() ** 2).sum() for r in expected) + (expected_rows[mine].double() ** 2).sum())
+        torch.testing.assert_close(norms[k].double(), norm, rtol=1e-6, atol=0)
+        torch.testing.assert_close(rows.values[mine].double(), 0.3 * expected_rows[mine].double() / norm, rtol=1e-5, atol=1e-9)
+    assert torch.equal(rows.values[rows.micro_batches == 1], torch.zeros_like(rows.values[rows.micro_batches == 1]))
+    assert all(torch.equal(r[1], torch.zeros_like(r[1])) for r in grads)
+
+
+class LookupTwice(torch.nn.Module):
+    """A model that looks its input table up with ids other than the batch's (shifted), or twice."""
+
+    def __init__(self, twice: bool):
+        super().__init__()
+        torch.manual_seed(19)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.twice = twice
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, labels):
+        hidden = self.embed(input_ids) + self.embed(input_ids) if self.twice else self.embed((input_ids + 1) % 64)
+        logits = self.head(hidden.mean(1))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("twice", [True, False], ids=["twice", "other_ids"])
+def test_a_table_not_looked_up_once_with_input_ids_is_refused(twice):
+    """The lookup handed to the model stands for embed(input_ids) once; any other use of the table is an error that
+    names the way out (sam_sparse_embeddings=False), which then runs."""
+    g = torch.Generator().manual_seed(19)
+    stacked = {"input_ids": torch.randint(0, 64, (2, 3, 5), generator=g), "labels": torch.randint(0, 2, (2, 3), generator=g)}
+    with pytest.raises(ValueError, match="sam_sparse_embeddings=False"):
+        VectorizedMicroBatchSAM(LookupTwice(twice), rho=0.3).step(stacked, torch.full((2,), 0.5))
+    model = LookupTwice(twice)
+    VectorizedMicroBatchSAM(model, rho=0.3, table_rows=False).step(stacked, torch.full((2,), 0.5))
+    assert model.embed.weight.grad.abs().sum() > 0
+
+
+def test_which_input_tables_are_treated_by_rows():
+    """By rows: a trainable input table used by the lookup alone. Not: tied to the LM head, frozen, max_norm."""
+
+    def table_of(model):
+        return VectorizedMicroBatchSAM(model, rho=0.1).table
+
+    bert = tiny_bert(seed=20)
+    assert table_of(bert).weight is bert.get_input_embeddings().weight
+    assert table_of(tiny_llama(seed=20)) is not None
+    assert table_of(tiny_llama(seed=20, tie_word_embeddings=True)) is None
+    frozen = tiny_bert(seed=20)
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert table_of(frozen) is None
+    renormed = tiny_bert(seed=20)
+    renormed.get_input_embeddings().max_norm = 1.0
+    assert table_of(renormed) is None
+    assert table_of(tiny_bert_lora(seed=20)) is None  # LoRA freezes the base model's table
+
+
 # --- skipped perturbations -------------------------------------------------------------------------------
 def test_non_finite_ascent_gradient_skips_only_its_micro_batch():
     """A non-finite row of G gives e_k = 0 for that micro-batch only, and is reported as skipped."""
     model = tiny_bert(seed=8)
     sam = VectorizedMicroBatchSAM(model, rho=0.3)
-    grads = sam.layout.rows([torch.randn(3, *p.shape) for p in sam.params])
+    grads = sam.layout.rows([torch.randn(3, *p.shape) for p in sam.batched_params])
     grads[0][1, 0] = float("inf")
     expected = [g.clone() for g in grads]
     norms, finite = sam._perturbations(grads, grad_scale=1.0)
@@ -242,7 +362,7 @@ def test_ascent_points_are_broadcast_views_of_the_weights():
     """The ascent pass holds no copy of the weights: each point is w_i broadcast along m, a leaf of its own."""
     sam = VectorizedMicroBatchSAM(tiny_bert(seed=8), rho=0.5)
     points = sam._ascent_points(4)
-    for point, weight in zip(points, sam.params):
+    for point, weight in zip(points, sam.batched_params):
         assert point.shape == (4, *weight.shape) and point.stride(0) == 0 and point.is_leaf and point.requires_grad
         assert point.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
 
@@ -376,9 +496,12 @@ def test_auto_runs_sam_with_the_loop_where_vmap_is_picked(tmp_path, auto_picks_v
 
 
 def test_memory_budget_sets_the_group_size(tmp_path):
-    """A budget of 2.5 groups' worth of parameter copies vectorises 2 micro-batches at a time; same step."""
+    """A budget of 2.5 groups' worth of copies of the batched parameters (all but the word embedding, treated by
+    rows) vectorises 2 micro-batches at a time; same step."""
     data = padded_dataset(8, seed=14)
-    param_mb = sum(p.numel() * 4 for p in tiny_bert(seed=14).parameters()) / 2**20
+    model = tiny_bert(seed=14)
+    word_embedding = model.get_input_embeddings().weight
+    param_mb = sum(p.numel() * 4 for p in model.parameters() if p is not word_embedding) / 2**20
     budget = 2.5 * trainer_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb
     trainer, grouped = _train(tmp_path, lambda: tiny_bert(seed=14), data, "vmap", sam_micro_batch_size=1,
                               sam_vmap_memory_budget_mb=budget)
