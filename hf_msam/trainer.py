@@ -68,12 +68,11 @@ logger = logging.getLogger(__name__)
 AUTO_VMAP_DEVICE_TYPES = ("cuda",)
 """Device types on which ``sam_micro_batch_mode="auto"`` picks the vmap path (when the model is eligible).
 
-CPU, measured (``benchmarks/results/step_cpu_issue8.json``: all-MiniLM-L6-v2, batch 32, length 64, 1 thread on
-a shared 2-core machine): the vmap path took more CPU time than the loop at every m (m = 8: 1.49x SAM against
-1.20x; m = 16: 2.12x against 1.44x) and 4 to 4.5 more parameter copies per micro-batch (it materialises
-every trainable tensor per micro-batch, the word embedding included, and CPU SDPA has no batching rule), so
-"auto" keeps the loop there; with the embedding tables treated by rows (``sam_sparse_embeddings``) the loop went
-down to 1.09x SAM at m = 8 and 1.17x at m = 16 (``benchmarks/results/step_cpu_sparse.json``, 1 thread).
+CPU, measured (``benchmarks/results/step_cpu_vmap_table_rows.json``: all-MiniLM-L6-v2, batch 32, length 64, 2 threads
+on a shared 2-core machine, the input table by rows on both paths): the loop took 1.12x SAM's step at m = 8 and 1.30x
+at m = 16, the vmap path 1.19x and 1.51x with 1.1 to 1.2 more parameter copies per micro-batch, so "auto" keeps the
+loop there; with glibc keeping freed memory (``benchmarks/results/step_cpu_malloc_tuned.json``) the order stayed
+(loop 1.13x and 1.33x, vmap 1.19x and 1.36x).
 CUDA, measured on one H200 (bf16, the same model and batch, torch 2.11): at m = 8 the vmap path took 85.5 ms a
 step against the loop's 387 ms (``benchmarks/results/step_cuda_bf16_vmap.json``), so "auto" picks it there for
 m >= 2; at m = 1 (SAM) the loop is faster (see ``AUTO_VMAP_MIN_MICRO_BATCHES``). "auto" does not compile: with
@@ -96,7 +95,10 @@ lie in rows (``hf_msam.vectorized``), the extra over SAM was 2.1 and 2.3 copies 
 against 3.3 and 3.3 for the code before (``benchmarks/results/step_cpu_vmap_rows.json`` and
 ``step_cpu_vmap_775bf69.json``, one run each, 2 threads); the H200 gave 2.7 before (21.4 copies at m = 8) and
 2.1 and 2.3 after, at m = 8 and 16 (``max_memory_allocated``, ``benchmarks/results/step_cuda_bf16_vmap_43a9bd7.json``).
-The budget is left at 5, for models whose per-micro-batch share differs from this BERT's (only it was measured)."""
+The budget is left at 5, for models whose per-micro-batch share differs from this BERT's (only it was measured).
+Since the input table is treated by rows on the vmap path, the copies are counted of the batched parameters (all
+but that table); on a CPU the extra over SAM was then 1.1 and 1.2 copies of all parameters per micro-batch at m = 8
+and 16, 2.3 and 2.5 copies of the batched ones (``benchmarks/results/step_cpu_vmap_table_rows.json``)."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",

@@ -6,7 +6,7 @@
 # most the device tool brings back.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"vmap compile"}  # also: compile16 probe tests step curvature text vision (each adds minutes)
+STAGES=${STAGES:-"vmap compile"}  # also: compile16 rows probe tests step curvature text vision (each adds minutes)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -55,6 +55,10 @@ stage compile compile.log 150 python3 benchmarks/bench_step.py --device cuda --b
 stage compile16 compile.log 200 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
   --configs vmapc_m16,sam,peer --out "$OUT/step_cuda_bf16_vmap_compiled_m16.json"
 stage probe compile.log 150 python3 benchmarks/probe_compile_vmap.py --device cuda --out "$OUT/compile_vmap_cuda.json"
+# rows: the vmap path with the word embedding treated by rows (the default since b2b7a53) against it batched like
+# every other tensor (vmap_dense_m{m}): step time and extra memory in parameter copies, one round.
+stage rows rows.log 200 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
+  --configs sam,vmap_m8,vmap_dense_m8,vmap_m16,vmap_dense_m16 --out "$OUT/step_cuda_bf16_vmap_rows.json"
 # Issue 7: the GPU variants of the correctness tests; the benchmarks on the GPU; both defaults in bf16.
 stage tests gpu_tests.log 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
 stage step bench.log 120 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8
