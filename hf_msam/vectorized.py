@@ -39,7 +39,7 @@ Traps handled here (transformers 5.x):
 The input embedding table by its rows (``table_rows=True``, :class:`InputTableRows`): a group of ``m`` micro-batches
 of ``b`` sequences of length ``L`` looks up at most ``m * b * L`` rows of the word embedding, half of the parameters
 of a small BERT, so it gets no batched point. Its lookup ``E = W[ids]`` (``[m, b, L, d]``) is taken outside vmap and
-handed to the model in place of the table's output (a forward hook on the ``nn.Embedding``)::
+handed to the model in place of the table's output (a stand-in module takes the table's place during the passes)::
 
     ascent:   E = W[ids] (a leaf)             dE = d (sum_k L_k) / dE           g_k rows = sum of dE_k over equal ids
     descent:  E = W[ids] + e_k[ids]           (differentiable in W: the stock lookup's backward into .grad)
@@ -273,9 +273,14 @@ class VectorizedMicroBatchSAM:
         (``[m, b, L, d]``) stands for the output of the table treated by rows."""
         tensors = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
         constants = {k: v for k, v in batch.items() if k not in tensors}
+        if self.table is None:
+            return self._pass_losses[0 if ascent else 1](list(points), tensors, constants)
         if lookup is not None:
             tensors[LOOKUP_KEY] = lookup
-        return self._pass_losses[0 if ascent else 1](list(points), tensors, constants)
+        with self.table.standing_in():  # outside the compiled function: the model's structure is the same every call
+            losses = self._pass_losses[0 if ascent else 1](list(points), tensors, constants)
+        self.table.check(looked_up=lookup is not None)
+        return losses
 
     def _ascent_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
         """:meth:`_vmapped_losses` at the broadcast points (a function of its own for ``torch.compile``'s cache)."""
@@ -288,16 +293,15 @@ class VectorizedMicroBatchSAM:
     def _vmapped_losses(self, points: list[torch.Tensor], tensors: dict[str, torch.Tensor], constants: dict[str, Any]):
         """``vmap`` of ``functional_call`` over the leading dimension of ``points`` and ``tensors`` (compiled or not)."""
         aliases = self._aliases
-
         table = self.table
 
         def loss_of_one(params_k, tensors_k):
             named = {name: p_k for names, p_k in zip(aliases, params_k) for name in names}
             kwargs = {**constants, **tensors_k}
             lookup = kwargs.pop(LOOKUP_KEY, None)
-            substituted = None if table is None else table.substituted(None if lookup is None else kwargs.get("input_ids"), lookup)
-            with substituted or contextlib.nullcontext():
-                outputs = functional_call(self.module, named, args=(), kwargs=kwargs, tie_weights=False)
+            if lookup is not None:  # the stand-in's buffers: this micro-batch's input_ids and their lookup
+                named.update(table.stand_in_tensors(kwargs["input_ids"], lookup))
+            outputs = functional_call(self.module, named, args=(), kwargs=kwargs, tie_weights=False)
             return outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
 
         with sdpa_kernel(SDPBackend.MATH):  # the fused kernels' batching rules: see the module docstring
@@ -376,13 +380,22 @@ class TableGradient:
 class InputTableRows:
     """A model's input embedding table treated by the rows a group of micro-batches looks up (module docstring).
 
+    During a vectorised pass (:meth:`standing_in`) a :class:`LookupStandIn` takes the table's place in the model, and
+    ``functional_call`` hands it each micro-batch's ``input_ids`` and lookup as its buffers: no hook and no state
+    that a compiled pass would have to carry out of its graph.
+
     Args:
-        embedding: the table's module; its forward is replaced by the given lookup inside :meth:`substituted`.
+        embedding: the table's module.
+        path: its name in the model (``bert.embeddings.word_embeddings``).
     """
 
-    def __init__(self, embedding: nn.Embedding) -> None:
+    def __init__(self, module: nn.Module, embedding: nn.Embedding, path: str) -> None:
         self.embedding = embedding
         self.weight = embedding.weight
+        self.path = path
+        parent_path, _, self._attribute = path.rpartition(".")
+        self._parent = module.get_submodule(parent_path)
+        self.stand_in = LookupStandIn()
 
     @classmethod
     def of(cls, module: nn.Module, names_of: Mapping[int, Sequence[str]]) -> InputTableRows | None:
@@ -392,8 +405,10 @@ class InputTableRows:
         except (AttributeError, NotImplementedError):  # not a transformers model, or one without an input table
             return None
         config = getattr(module, "config", None)
+        paths = [name for name, m in module.named_modules(remove_duplicate=False) if m is table]
         if (
             not isinstance(table, nn.Embedding)
+            or len(paths) != 1  # one place in the model (not shared between an encoder and a decoder)
             or not table.weight.requires_grad
             or len(names_of.get(id(table.weight), ())) != 1  # tied: also an LM head
             or table.max_norm is not None
@@ -402,7 +417,7 @@ class InputTableRows:
             or getattr(config, "is_encoder_decoder", False)
         ):
             return None
-        return cls(table)
+        return cls(module, table, paths[0])
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """``W[ids]``, the stock lookup (its backward leaves the ``padding_idx`` row out)."""
@@ -411,7 +426,7 @@ class InputTableRows:
     def coalesce(self, ids: torch.Tensor, lookup_grad: torch.Tensor | None) -> TableGradient:
         """The rows of ``g_k`` from the gradient of the lookup ``[m, b, L, d]``, per micro-batch, on the device."""
         m, d = ids.shape[0], self.weight.shape[1]
-        if lookup_grad is None:  # the forward did not use the lookup (checked: it was called)
+        if lookup_grad is None:  # the loss does not depend on the lookup
             lookup_grad = torch.zeros(*ids.shape, d, dtype=self.weight.dtype, device=ids.device)
         if self.embedding.padding_idx is not None:
             lookup_grad = lookup_grad.masked_fill((ids == self.embedding.padding_idx).unsqueeze(-1), 0.0)
@@ -426,25 +441,41 @@ class InputTableRows:
         return TableGradient(values, slot_keys // vocabulary, slot_keys % vocabulary, slots.view(ids.shape))
 
     @contextlib.contextmanager
-    def substituted(self, ids: torch.Tensor | None, lookup: torch.Tensor | None):
-        """Inside (one forward of one micro-batch, under vmap), the table's forward returns ``lookup`` (a forward hook),
-        and must be called exactly once, with the batch's ``input_ids`` ``ids`` (the same object); with no ``ids``,
-        not at all. Everything it touches is local, so that a compiled pass carries no state out of its graph."""
-        calls = []
-
-        def replace_output(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if ids is None or not args or args[0] is not ids:
-                raise ValueError(_NOT_BY_ROWS)
-            calls.append(None)
-            return lookup
-
-        handle = self.embedding.register_forward_hook(replace_output)
+    def standing_in(self):
+        """Inside, the stand-in takes the table's place in the model (the table is put back on the way out)."""
+        self.stand_in.calls = 0
+        setattr(self._parent, self._attribute, self.stand_in)
         try:
             yield
         finally:
-            handle.remove()
-        if len(calls) != (0 if ids is None else 1):
+            setattr(self._parent, self._attribute, self.embedding)
+
+    def stand_in_tensors(self, ids: torch.Tensor, lookup: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stand-in's buffers for ``functional_call``: the micro-batch's ``input_ids`` and their lookup."""
+        return {f"{self.path}.ids": ids, f"{self.path}.lookup": lookup}
+
+    def check(self, looked_up: bool) -> None:
+        """Raise unless the forward called the table once with the batch's ``input_ids`` (``looked_up``), or, for a
+        batch without them, not at all."""
+        if self.stand_in.calls != int(looked_up):
             raise ValueError(_NOT_BY_ROWS)
+
+
+class LookupStandIn(nn.Module):
+    """The input table's stand-in during a vectorised pass: returns its buffer ``lookup`` for the ids in its buffer
+    ``ids`` (the same tensor object as the batch's ``input_ids``), and refuses any other call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ids", torch.empty(0), persistent=False)
+        self.register_buffer("lookup", torch.empty(0), persistent=False)
+        self.calls = 0
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if input is not self.ids:
+            raise ValueError(_NOT_BY_ROWS)
+        return self.lookup
 
 
 _NOT_BY_ROWS = (

@@ -239,8 +239,9 @@ def test_coalesced_rows_are_each_micro_batchs_table_gradient():
     """Rows against a dense reference: the lookup gradient summed into a [m, V, d] table per micro-batch
     (``index_put`` with accumulation), the padding row left out; and each position reads its row back."""
     g = torch.Generator().manual_seed(17)
-    embedding = torch.nn.Embedding(12, 3, padding_idx=0)
-    table = hf_msam_vectorized.InputTableRows(embedding)
+    model = torch.nn.Module()
+    model.embed = torch.nn.Embedding(12, 3, padding_idx=0)
+    table = hf_msam_vectorized.InputTableRows(model, model.embed, "embed")
     ids = torch.randint(0, 6, (4, 2, 5), generator=g)  # few ids: many repeats within and across micro-batches
     lookup_grad = torch.randn(4, 2, 5, 3, generator=g, dtype=torch.float64)
     rows = table.coalesce(ids, lookup_grad)
@@ -525,6 +526,12 @@ def _compiled_graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
 COMPILED_CASES = {  # a model with dropout on, and a batch of 8 examples
     "bert_sdpa": (lambda: tiny_bert(seed=15, hidden_dropout_prob=0.2, attention_probs_dropout_prob=0.2, attn_implementation="sdpa"),
                   lambda: tensor_batch(padded_dataset(8, seed=15), 0, 8)),
@@ -541,13 +548,14 @@ def _assert_compiled_passes_equal_eager(case: str, device: str, atol: float) -> 
     stacked = stack_micro_batches([{k: v[i : i + 2] for k, v in batch.items()} for i in range(0, 8, 2)])
     results = {}
     torch._dynamo.reset()
-    graphs_before = _compiled_graphs()
+    graphs_before, breaks_before = _compiled_graphs(), _graph_breaks()
     for compiled in (False, True):
         model = make_model().to(device).train()
         torch.manual_seed(0)
         result = VectorizedMicroBatchSAM(model, rho=0.3, compile=compiled).step(stacked, torch.full((4,), 0.25, device=device))
         results[compiled] = (result, [p.grad for p in model.parameters()], torch.rand(1, device=device))
     assert _compiled_graphs() >= graphs_before + 2  # the ascent and the descent pass
+    assert _graph_breaks() == breaks_before  # whole passes in the graphs (a break leaves the model's forward eager)
     (eager, eager_grads, eager_next), (compiled, compiled_grads, compiled_next) = results[False], results[True]
     torch.testing.assert_close(compiled.clean_losses, eager.clean_losses, rtol=0, atol=atol)
     torch.testing.assert_close(compiled.perturbed_losses, eager.perturbed_losses, rtol=0, atol=atol)
