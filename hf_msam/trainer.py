@@ -69,10 +69,10 @@ AUTO_VMAP_DEVICE_TYPES = ("cuda",)
 """Device types on which ``sam_micro_batch_mode="auto"`` picks the vmap path (when the model is eligible).
 
 CPU, measured (``benchmarks/results/step_cpu_vmap_table_rows.json``: all-MiniLM-L6-v2, batch 32, length 64, 2 threads
-on a shared 2-core machine, the input table by rows on both paths): the loop took 1.12x SAM's step at m = 8 and 1.30x
-at m = 16, the vmap path 1.19x and 1.51x with 1.1 to 1.2 more parameter copies per micro-batch, so "auto" keeps the
-loop there; with glibc keeping freed memory (``benchmarks/results/step_cpu_malloc_tuned.json``) the order stayed
-(loop 1.13x and 1.33x, vmap 1.19x and 1.36x).
+on a shared 2-core machine, the input table by rows on both paths): the loop took 1.18x SAM's step at m = 8 and 1.40x
+at m = 16, the vmap path 1.17x and 1.49x with 1.1 to 1.2 parameter copies more per micro-batch, so "auto" keeps the
+loop there (the same time at m = 8, faster at m = 16, far less memory); with glibc keeping freed memory
+(``benchmarks/results/step_cpu_malloc_tuned.json``) the loop took 1.13x and 1.31x, vmap 1.17x and 1.43x.
 CUDA, measured on one H200 (bf16, the same model and batch, torch 2.11): at m = 8 the vmap path took 85.5 ms a
 step against the loop's 387 ms (``benchmarks/results/step_cuda_bf16_vmap.json``), so "auto" picks it there for
 m >= 2; at m = 1 (SAM) the loop is faster (see ``AUTO_VMAP_MIN_MICRO_BATCHES``). "auto" does not compile: with
@@ -98,7 +98,7 @@ against 3.3 and 3.3 for the code before (``benchmarks/results/step_cpu_vmap_rows
 The budget is left at 5, for models whose per-micro-batch share differs from this BERT's (only it was measured).
 Since the input table is treated by rows on the vmap path, the copies are counted of the batched parameters (all
 but that table); on a CPU the extra over SAM was then 1.1 and 1.2 copies of all parameters per micro-batch at m = 8
-and 16, 2.3 and 2.5 copies of the batched ones (``benchmarks/results/step_cpu_vmap_table_rows.json``)."""
+and 16, 2.3 and 2.4 copies of the batched ones (``benchmarks/results/step_cpu_vmap_table_rows.json``)."""
 
 _UNSUPPORTED = {
     DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",
