@@ -71,7 +71,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .msam import EPS, RandomState
+from .msam import EPS, RandomState, trainable_embeddings
 
 
 COMPILE_OPTIONS = {"fallback_random": True, "max_fusion_size": 1}
@@ -228,7 +228,7 @@ class VectorizedMicroBatchSAM:
         points = self._descent_points(grads)
         del grads
         ids = batch.get("input_ids")
-        lookup = None if rows is None else self.table.lookup(ids) + rows.perturbation_at(ids)
+        lookup = None if rows is None else self.table.lookup(ids) + rows.at_positions()
         hooks = [points[i].register_hook(_zero_rows_hook(row)) for i, row in self._padding_rows.items()]
         with autocast():
             perturbed = self._losses(points, batch, ascent=False, lookup=lookup)
@@ -372,9 +372,9 @@ class TableGradient:
         squares = self.values.to(dtype).square().sum(dim=1)
         return torch.zeros(m, dtype=dtype, device=squares.device).index_add_(0, self.micro_batches, squares).sqrt().float()
 
-    def perturbation_at(self, ids: torch.Tensor) -> torch.Tensor:
-        """``e_k[ids_k]`` for every position, ``[m, b, L, d]`` (``ids`` are those the rows were coalesced from)."""
-        return self.values[self.slots.reshape(-1)].view(*ids.shape, self.values.shape[1])
+    def at_positions(self) -> torch.Tensor:
+        """``e_k[ids_k]`` for every looked-up position, ``[m, b, L, d]``."""
+        return self.values[self.slots.reshape(-1)].view(*self.slots.shape, self.values.shape[1])
 
 
 class InputTableRows:
@@ -407,13 +407,10 @@ class InputTableRows:
         config = getattr(module, "config", None)
         paths = [name for name, m in module.named_modules(remove_duplicate=False) if m is table]
         if (
-            not isinstance(table, nn.Embedding)
+            not any(table is t for t in trainable_embeddings(module))  # trainable, rows-capable, as on the loop path
             or len(paths) != 1  # one place in the model (not shared between an encoder and a decoder)
-            or not table.weight.requires_grad
             or len(names_of.get(id(table.weight), ())) != 1  # tied: also an LM head
             or table.max_norm is not None
-            or table.scale_grad_by_freq
-            or table.sparse
             or getattr(config, "is_encoder_decoder", False)
         ):
             return None

@@ -251,7 +251,7 @@ def test_coalesced_rows_are_each_micro_batchs_table_gradient():
     from_rows = torch.zeros_like(dense).index_put_((rows.micro_batches, rows.table_rows), rows.values, accumulate=True)
     torch.testing.assert_close(from_rows, dense, rtol=0, atol=1e-12)
     torch.testing.assert_close(rows.norms(), dense.flatten(1).norm(dim=1).float())
-    torch.testing.assert_close(rows.perturbation_at(ids), dense[k, ids], rtol=0, atol=1e-12)
+    torch.testing.assert_close(rows.at_positions(), dense[k, ids], rtol=0, atol=1e-12)
 
 
 def test_table_rows_enter_the_norm_and_are_skipped_with_their_micro_batch():
