@@ -129,3 +129,52 @@ def test_report_adam_sharpness_equals_arnoldi_on_the_unsymmetrised_product(archi
                    v0=torch.ones(op.dim, dtype=torch.float64).numpy())[0]
     assert report["adam_preconditioned_lambda_max"] == pytest.approx(float(arnoldi.real[0]), rel=1e-4)
     assert report["examples_used"]["adam"] == "probe[0:8]" and report["errors"] == []
+
+
+class _TwoTensorQuadratic(torch.nn.Module):
+    """L = sum_k h_k w_k^2 / 2 over two parameter tensors (no bias names: one weight-decay group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.first = torch.nn.Parameter(torch.randn(3, 2, generator=g))
+        self.second = torch.nn.Parameter(torch.randn(4, generator=g))
+        self.curvature = [torch.rand(3, 2, generator=g) + 0.5, torch.rand(4, generator=g) + 0.5]
+
+    def gradients(self, scale: float) -> list[torch.Tensor]:
+        return [scale * h * p.detach() for h, p in zip(self.curvature, (self.first, self.second))]
+
+
+def _preconditioner_of_one_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> torch.Tensor:
+    """The per-coordinate P that ``optimizer.step()`` divides by, read off the update itself: with a zero gradient
+    and no weight decay the step is  -lr * m_hat / P  with m_hat = b1 m / (1 - b1^(t+1)), m the first moment."""
+    beta1 = optimizer.param_groups[0]["betas"][0]
+    lr = optimizer.param_groups[0]["lr"]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    t = int(float(optimizer.state[params[0]]["step"]))
+    parts = []
+    for p, w in zip(params, before):
+        m_hat = optimizer.state[p]["exp_avg"].double() / (1 - beta1**t)
+        parts.append((-lr * m_hat / (p.detach().double() - w.double())).reshape(-1))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_preconditioner_is_the_one_the_optimizer_step_divides_by(optimizer_class, amsgrad):
+    # gradients that shrink 100-fold: AMSGrad's max_exp_avg_sq keeps the early, large second moments
+    model = _TwoTensorQuadratic()
+    params = [model.first, model.second]
+    optimizer = optimizer_class(params, lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0, amsgrad=amsgrad)
+    for step in range(30):
+        for p, grad in zip(params, model.gradients(0.85**step)):
+            p.grad = grad
+        optimizer.step()
+    want = _preconditioner_of_one_step(optimizer, params)  # the preconditioner of step 31
+    live = adam_state_from_optimizer(optimizer, params)  # the state after step 31
+    assert torch.allclose(live.preconditioner.double(), want, rtol=1e-4)
+    saved = adam_state_from_state_dict(optimizer.state_dict(), model)
+    assert torch.equal(saved.preconditioner, live.preconditioner) and saved.step == live.step == 31

@@ -7,7 +7,9 @@ is stable iff every eigenvalue a of eta P^-1 H satisfies a < (2 + 2 beta1) / (1 
 (the "edge ratio": about 1 when training sits at the adaptive edge of stability, above 1 unstable).
 
 P^-1 H is similar to the symmetric P^-1/2 H P^-1/2, whose top eigenvalue Lanczos finds from Hessian-vector
-products. v_hat = v / (1 - beta2^t) is Adam's bias-corrected second moment (``exp_avg_sq``, ``step``).
+products. v_hat = v / (1 - beta2^t) is Adam's bias-corrected second moment (``exp_avg_sq``, ``step``); with
+``amsgrad`` v is its running maximum ``max_exp_avg_sq``, as in torch's update. beta2 and eps are taken per
+parameter group.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ class AdamState:
     preconditioner: torch.Tensor  # flat P = sqrt(v_hat) + eps over the trainable parameters, in model order
     beta1: float
     learning_rate: float
-    eps: float
     step: int
 
 
@@ -37,33 +38,45 @@ def adam_stability_threshold(beta1: float, learning_rate: float) -> float:
     return (2 + 2 * beta1) / ((1 - beta1) * learning_rate)
 
 
-def _group_value(groups: Sequence[Mapping[str, Any]], key: str) -> Any:
-    values = {repr(g[key]) for g in groups}
-    if len(values) != 1:
-        raise ValueError(f"optimizer: parameter groups disagree on {key} ({sorted(values)}); one preconditioned "
-                         "sharpness needs one value")
-    return groups[0][key]
+def _one_value(name: str, values: Sequence[Any]) -> Any:
+    """The value every parameter group shares; a clear error when they differ."""
+    if len({repr(v) for v in values}) != 1:
+        raise ValueError(f"optimizer: parameter groups disagree on {name} ({sorted({repr(v) for v in values})}); "
+                         "one preconditioned sharpness threshold needs one value")
+    return values[0]
+
+
+def _second_moment_key(group: Mapping[str, Any]) -> str:
+    """The state entry whose v torch's Adam/AdamW step divides by (``torch/optim/adam.py``: denom =
+    sqrt(v / (1 - beta2^t)) + eps): ``max_exp_avg_sq``, the running maximum of v, with ``amsgrad``, else
+    ``exp_avg_sq``."""
+    return "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
 
 
 def _preconditioner(
-    states: Sequence[Mapping[str, Any] | None], params: Sequence[torch.Tensor], groups: Sequence[Mapping[str, Any]]
+    states: Sequence[Mapping[str, Any] | None],
+    params: Sequence[torch.Tensor],
+    param_groups: Sequence[Mapping[str, Any]],
 ) -> AdamState:
-    beta1, beta2 = _group_value(groups, "betas")
-    eps = float(_group_value(groups, "eps"))
+    """P = sqrt(v / (1 - beta2^t)) + eps per coordinate, ``param_groups[i]`` the group of ``params[i]``."""
+    groups = list({id(g): g for g in param_groups}.values())
+    beta1 = _one_value("beta1", [g["betas"][0] for g in groups])
     learning_rate = float(groups[0].get("initial_lr", groups[0]["lr"]))
     parts, step = [], 0
-    for index, (param, state) in enumerate(zip(params, states)):
-        if not state or "exp_avg_sq" not in state:
+    for index, (param, state, group) in enumerate(zip(params, states, param_groups)):
+        key = _second_moment_key(group)
+        if not state or key not in state:
             raise ValueError(f"optimizer: trainable parameter {index} (shape {tuple(param.shape)}) has no Adam "
-                             "state (exp_avg_sq); report the Adam sharpness after at least one optimizer step")
-        v = state["exp_avg_sq"]
+                             f"state ({key}); report the Adam sharpness after at least one optimizer step")
+        v = state[key]
         if v.shape != param.shape:
             raise ValueError(f"optimizer: the second moments of parameter {index} have shape {tuple(v.shape)}, "
                              f"the model's parameter {tuple(param.shape)}: the optimizer state is not this model's")
+        beta2, eps = float(group["betas"][1]), float(group["eps"])
         step = int(float(state["step"]))
         v_hat = v.detach().double() / (1 - beta2**step)
         parts.append((v_hat.sqrt() + eps).reshape(-1).float())
-    return AdamState(torch.cat(parts), float(beta1), learning_rate, eps, step)
+    return AdamState(torch.cat(parts), float(beta1), learning_rate, step)
 
 
 def adam_state_from_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> AdamState:
@@ -72,7 +85,8 @@ def adam_state_from_optimizer(optimizer: torch.optim.Optimizer, params: Sequence
     groups = [g for g in inner.param_groups if any(p is q for p in g["params"] for q in params)]
     if "betas" not in (groups[0] if groups else {}):
         raise ValueError(f"optimizer: {type(inner).__name__} is not Adam/AdamW (no betas in its parameter groups)")
-    return _preconditioner([inner.state.get(p) for p in params], params, groups)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    return _preconditioner([inner.state.get(p) for p in params], params, [group_of[id(p)] for p in params])
 
 
 def trainer_parameter_order(model: torch.nn.Module) -> list[str]:
@@ -99,8 +113,9 @@ def adam_state_from_state_dict(state_dict: Mapping[str, Any], model: torch.nn.Mo
                          "pass the optimizer.pt saved with this model")
     params = dict(model.named_parameters())
     by_name = dict(zip(order, (state_dict["state"].get(i) for i in indices)))
+    group_of = dict(zip(order, (g for g in groups for _ in g["params"])))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return _preconditioner([by_name[n] for n in names], [params[n] for n in names], groups)
+    return _preconditioner([by_name[n] for n in names], [params[n] for n in names], [group_of[n] for n in names])
 
 
 def preconditioned_lambda_max(
