@@ -104,17 +104,25 @@ def _compute_here(model, dataset, data_collator, options, metric_key_prefix, pro
     return SharpnessResult(report=report, metrics=report.metrics(prefix=prefix))
 
 
-def adam_state_of(optimizer: Any, model: torch.nn.Module) -> AdamState | None:
-    """The Adam/AdamW second moments of the run's optimizer for the report's ``adam`` measure; None for other
-    optimizers, or (with a warning) when the state cannot be read."""
+def adam_state_of(optimizer: Any, model: torch.nn.Module) -> AdamState | str | None:
+    """The Adam/AdamW second moments of the run's optimizer for the report's ``adam`` measure, or why there is
+    no Adam analysis (another optimizer, or a state that cannot be read); None for plain SGD, which the SGD
+    verdict is about, or no optimizer."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    if inner is None or not all("betas" in g for g in getattr(inner, "param_groups", [{}])):
+    if inner is None or (type(inner) is torch.optim.SGD and not any(g["momentum"] for g in inner.param_groups)):
         return None
     try:
         return adam_state_from_optimizer(inner, trainable_parameters(model))
     except ValueError as error:
-        logger.warning("No Adam preconditioned sharpness: %s", error)
-        return None
+        return str(error)
+
+
+def _adam_options(optimizer: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """``adam_state`` or ``adam_unavailable`` for ``sharpness_report`` (``adam_state_of``)."""
+    state = adam_state_of(optimizer, model)
+    if state is None:
+        return {}
+    return {"adam_state": state} if isinstance(state, AdamState) else {"adam_unavailable": state}
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -208,9 +216,7 @@ class SharpnessReportMixin:
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         options = report_options(sharpness_options_of(self.args), self.args, num_train,
                                  training_seconds(self.state.log_history))
-        adam_state = adam_state_of(self.optimizer, self.model)
-        if adam_state is not None:
-            options["adam_state"] = adam_state
+        options.update(_adam_options(self.optimizer, self.model))
         return compute_sharpness(
             self.model,
             dataset,
@@ -282,9 +288,7 @@ class SharpnessCallback(TrainerCallback):
         collator = getattr(train_dataloader, "collate_fn", None)
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history))
-        adam_state = adam_state_of(kwargs.get("optimizer"), model)
-        if adam_state is not None:
-            report_kwargs["adam_state"] = adam_state
+        report_kwargs.update(_adam_options(kwargs.get("optimizer"), model))
         self.result = compute_sharpness(
             model,
             dataset,

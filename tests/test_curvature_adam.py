@@ -12,6 +12,7 @@ from conftest import tiny_bert, token_dataset
 from curvature_models import TinyClassifier, classifier_batches, dense_hessian
 
 from hf_msam.curvature.adam import (
+    NOT_ANALYSED,
     adam_stability_threshold,
     adam_state_from_optimizer,
     adam_state_from_state_dict,
@@ -162,13 +163,16 @@ def _preconditioner_of_one_step(optimizer: torch.optim.Optimizer, params: list[t
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("optimizer_class", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("optimizer_class, kernel", [(torch.optim.Adam, {}), (torch.optim.AdamW, {"foreach": True}),
+                                                    (torch.optim.AdamW, {"fused": True})])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_preconditioner_is_the_one_the_optimizer_step_divides_by(optimizer_class, amsgrad):
-    # gradients that shrink 100-fold: AMSGrad's max_exp_avg_sq keeps the early, large second moments
+def test_preconditioner_is_the_one_the_optimizer_step_divides_by(optimizer_class, kernel, amsgrad):
+    # gradients that shrink 100-fold: AMSGrad's max_exp_avg_sq keeps the early, large second moments. The
+    # foreach and fused kernels (the Trainer's adamw_torch / adamw_torch_fused) must divide by the same P.
     model = _TwoTensorQuadratic()
     params = [model.first, model.second]
-    optimizer = optimizer_class(params, lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0, amsgrad=amsgrad)
+    optimizer = optimizer_class(params, lr=1e-2, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.0, amsgrad=amsgrad,
+                                **kernel)
     for step in range(30):
         for p, grad in zip(params, model.gradients(0.85**step)):
             p.grad = grad
@@ -178,3 +182,99 @@ def test_preconditioner_is_the_one_the_optimizer_step_divides_by(optimizer_class
     assert torch.allclose(live.preconditioner.double(), want, rtol=1e-4)
     saved = adam_state_from_state_dict(optimizer.state_dict(), model)
     assert torch.equal(saved.preconditioner, live.preconditioner) and saved.step == live.step == 31
+
+
+class _AdamSubclass(torch.optim.Adam):
+    pass
+
+
+class AdamW8bit(torch.optim.AdamW):  # stands in for bitsandbytes' class (not installed): judged by its module
+    __module__ = "bitsandbytes.optim.adamw"
+
+
+def _transformers_adafactor(params):
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=1e-2, relative_step=False, scale_parameter=False)
+
+
+OTHER_OPTIMIZERS = {
+    "NAdam": (lambda ps: torch.optim.NAdam(ps, lr=1e-2), "Nesterov"),
+    "RAdam": (lambda ps: torch.optim.RAdam(ps, lr=1e-2), "rectification"),
+    "Adamax": (lambda ps: torch.optim.Adamax(ps, lr=1e-2), "infinity-norm"),
+    "Adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=1e-2), "sum of all past squared"),
+    "RMSprop": (lambda ps: torch.optim.RMSprop(ps, lr=1e-2), "no bias correction"),
+    "SGD momentum": (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), "no preconditioner"),
+    "torch Adafactor": (lambda ps: torch.optim.Adafactor(ps, lr=1e-2), "factors the second moments"),
+    "transformers Adafactor": (_transformers_adafactor, "factors the second moments"),
+    "Adam subclass": (lambda ps: _AdamSubclass(ps, lr=1e-2), "subclasses torch.optim.Adam"),
+    "bitsandbytes 8-bit": (lambda ps: AdamW8bit(ps, lr=1e-2), "quantised"),
+    "Adam maximize": (lambda ps: torch.optim.Adam(ps, lr=1e-2, maximize=True), "maximize=True"),
+    "Adam L2 weight decay": (lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1), "adds an L2 term"),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_OPTIMIZERS))
+def test_other_optimizers_get_no_adam_analysis_and_a_reason(name):
+    from hf_msam.reporting import adam_state_of
+
+    build, reason = OTHER_OPTIMIZERS[name]
+    model = _TwoTensorQuadratic()
+    params = [model.first, model.second]
+    optimizer = build(params)
+    for step in range(2):
+        for p, grad in zip(params, model.gradients(1.0)):
+            p.grad = grad
+        optimizer.step()
+    with pytest.raises(ValueError, match=reason):
+        adam_state_from_optimizer(optimizer, params)
+    said = adam_state_of(optimizer, model)
+    assert isinstance(said, str) and reason in said
+    if name in ("Adam subclass", "bitsandbytes 8-bit"):
+        return  # their saved states carry Adam's keys (the real bitsandbytes one: see the next test)
+    with pytest.raises(ValueError, match="not torch.s Adam|Nesterov|maximize|L2 term"):  # its checkpoint too
+        adam_state_from_state_dict(optimizer.state_dict(), model)
+
+
+def test_plain_sgd_needs_no_adam_reason_and_a_bitsandbytes_state_dict_is_refused():
+    from hf_msam.reporting import adam_state_of
+
+    model = _TwoTensorQuadratic()
+    assert adam_state_of(torch.optim.SGD([model.first, model.second], lr=0.1), model) is None
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False, "params": [0, 1]}]
+    state = {i: {"state1": torch.zeros(3, dtype=torch.uint8), "state2": torch.zeros(3, dtype=torch.uint8)}
+             for i in range(2)}
+    with pytest.raises(ValueError, match="bitsandbytes"):
+        adam_state_from_state_dict({"state": state, "param_groups": groups}, model)
+
+
+def test_a_trainer_run_with_nadam_reports_why_there_is_no_adam_analysis(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_msam import SharpnessCallback
+
+    model = tiny_bert(seed=5)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    callback = SharpnessCallback(num_examples=4, measures=["eigenvalues", "adam"], lanczos_iterations=3, top_k=1,
+                                 batch_size=4)
+    trainer = Trainer(model=model, args=args, train_dataset=token_dataset(8, seed=5), callbacks=[callback],
+                      optimizers=(torch.optim.NAdam(model.parameters(), lr=1e-3), None))
+    trainer.train()
+    report = callback.result.report.to_dict()
+    assert report["lambda_max"] > 0 and report["adam_preconditioned_lambda_max"] is None
+    assert report["adam_edge_ratio"] is None and report["adam_optimizer"] is None
+    assert [e for e in report["errors"] if e.startswith("adam: ")] == [
+        f"adam: optimizer: torch.optim.nadam.NAdam: {NOT_ANALYSED['NAdam']}; no Adam analysis"]
+
+
+def test_report_warns_when_the_default_measures_meet_an_optimizer_without_adam_analysis():
+    from hf_msam import sharpness_report
+
+    model = TinyClassifier(classes=3, seed=4)
+    data = [{"features": f, "labels": y} for b in classifier_batches(n=8, classes=3, chunk=8)
+            for f, y in zip(b["features"], b["labels"])]
+    report = sharpness_report(model, data, num_examples=8, measures=None, lanczos_iterations=3, top_k=1,
+                              trace_probes=2, adam_unavailable="optimizer: RAdam ...").to_dict()
+    assert "adam: optimizer: RAdam ..." in report["warnings"] and report["adam_preconditioned_lambda_max"] is None
+    assert not any(e.startswith("adam") for e in report["errors"])

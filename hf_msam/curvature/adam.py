@@ -31,6 +31,7 @@ class AdamState:
     beta1: float
     learning_rate: float
     step: int
+    optimizer: str  # what was analysed: "AdamW", "Adam", with ", amsgrad" where a group uses it
 
 
 def adam_stability_threshold(beta1: float, learning_rate: float) -> float:
@@ -53,6 +54,25 @@ def _second_moment_key(group: Mapping[str, Any]) -> str:
     return "max_exp_avg_sq" if group.get("amsgrad", False) else "exp_avg_sq"
 
 
+def _check_groups(groups: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse the settings of torch's Adam under which the step is not heavy-ball momentum on P^-1 H."""
+    for group in groups:
+        if group.get("maximize", False):
+            raise ValueError("optimizer: Adam with maximize=True ascends the loss; the edge-of-stability threshold "
+                             "is about descent, so there is no Adam analysis")
+        if not group.get("decoupled_weight_decay", True) and group.get("weight_decay", 0.0):
+            raise ValueError(f"optimizer: Adam with weight_decay={group['weight_decay']} adds an L2 term to the "
+                             "gradient, so its second moments and Hessian are those of another objective; use "
+                             "AdamW (decoupled weight decay) or weight_decay=0 for the Adam analysis")
+
+
+def _describe(groups: Sequence[Mapping[str, Any]]) -> str:
+    """"AdamW" or "Adam" (torch's AdamW is Adam with ``decoupled_weight_decay``; a state saved by a torch that
+    did not record it is taken as the Trainer's AdamW), with ", amsgrad" where a group uses it."""
+    name = "AdamW" if groups[0].get("decoupled_weight_decay", True) else "Adam"
+    return name + (", amsgrad" if any(g.get("amsgrad", False) for g in groups) else "")
+
+
 def _preconditioner(
     states: Sequence[Mapping[str, Any] | None],
     params: Sequence[torch.Tensor],
@@ -60,6 +80,7 @@ def _preconditioner(
 ) -> AdamState:
     """P = sqrt(v / (1 - beta2^t)) + eps per coordinate, ``param_groups[i]`` the group of ``params[i]``."""
     groups = list({id(g): g for g in param_groups}.values())
+    _check_groups(groups)
     beta1 = _one_value("beta1", [g["betas"][0] for g in groups])
     learning_rate = float(groups[0].get("initial_lr", groups[0]["lr"]))
     parts, step = [], 0
@@ -76,15 +97,45 @@ def _preconditioner(
         step = int(float(state["step"]))
         v_hat = v.detach().double() / (1 - beta2**step)
         parts.append((v_hat.sqrt() + eps).reshape(-1).float())
-    return AdamState(torch.cat(parts), float(beta1), learning_rate, step)
+    return AdamState(torch.cat(parts), float(beta1), learning_rate, step, _describe(groups))
+
+
+NOT_ANALYSED = {
+    "NAdam": "NAdam takes a Nesterov step with a momentum schedule (momentum_decay), not Adam's heavy-ball step",
+    "RAdam": "RAdam rescales each step by its variance rectification r_t and takes unpreconditioned momentum "
+             "steps while r_t is undefined",
+    "Adamax": "Adamax divides by an infinity-norm running maximum without bias correction, not sqrt(v_hat) + eps",
+    "Adagrad": "Adagrad has no momentum and divides by the root of the sum of all past squared gradients",
+    "RMSprop": "RMSprop has no bias correction and its own momentum (a different stability threshold)",
+    "Adafactor": "Adafactor factors the second moments into row and column statistics and clips the update",
+    "SGD": "SGD has no preconditioner (the SGD verdict covers plain SGD; with momentum it is indicative only)",
+}
+
+
+def _refusal(optimizer: Any) -> str | None:
+    """Why ``optimizer`` gets no Adam analysis; None for torch's Adam and AdamW (their foreach and fused kernels
+    compute the same update, so the Trainer's ``adamw_torch`` and ``adamw_torch_fused`` are both analysed)."""
+    kind = type(optimizer)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if kind in (torch.optim.Adam, torch.optim.AdamW):
+        return None
+    if kind.__module__.split(".")[0] == "bitsandbytes":
+        return (f"{name} keeps its moments quantised (8-bit state1/state2 with block-wise scales), not "
+                "exp_avg_sq; no Adam analysis")
+    if isinstance(optimizer, torch.optim.Adam):
+        return f"{name} subclasses torch.optim.Adam and may change its update; only Adam and AdamW are analysed"
+    reason = NOT_ANALYSED.get(kind.__name__, "only torch.optim.Adam and AdamW are analysed")
+    return f"{name}: {reason}; no Adam analysis"
 
 
 def adam_state_from_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> AdamState:
-    """The preconditioner of a live Adam/AdamW optimizer (an accelerate wrapper is unwrapped) for ``params``."""
+    """The preconditioner of a live ``torch.optim.Adam``/``AdamW`` optimizer (an accelerate wrapper is unwrapped)
+    for ``params``; ``ValueError`` naming the reason for any other optimizer (``NOT_ANALYSED``)."""
     inner = getattr(optimizer, "optimizer", optimizer)
+    reason = _refusal(inner)
+    if reason is not None:
+        raise ValueError(f"optimizer: {reason}")
     groups = [g for g in inner.param_groups if any(p is q for p in g["params"] for q in params)]
-    if "betas" not in (groups[0] if groups else {}):
-        raise ValueError(f"optimizer: {type(inner).__name__} is not Adam/AdamW (no betas in its parameter groups)")
     group_of = {id(p): g for g in groups for p in g["params"]}
     return _preconditioner([inner.state.get(p) for p in params], params, [group_of[id(p)] for p in params])
 
@@ -99,13 +150,28 @@ def trainer_parameter_order(model: torch.nn.Module) -> list[str]:
     return [n for n, _ in named if n in decay] + [n for n, _ in named if n not in decay]
 
 
+def state_dict_refusal(state_dict: Mapping[str, Any]) -> str | None:
+    """Why a saved optimizer state is not torch's Adam/AdamW, told by its keys: Adam's parameter groups alone
+    hold both ``betas`` and ``amsgrad`` (NAdam adds ``momentum_decay``; RAdam and Adamax lack ``amsgrad``), and
+    its per-parameter state holds ``exp_avg_sq`` (bitsandbytes keeps quantised ``state1``/``state2``)."""
+    groups = state_dict.get("param_groups") or [{}]
+    if "momentum_decay" in groups[0]:
+        return f"NAdam's parameter groups (momentum_decay): {NOT_ANALYSED['NAdam']}"
+    if "betas" not in groups[0] or "amsgrad" not in groups[0]:
+        return f"not torch's Adam/AdamW (parameter group keys {sorted(k for k in groups[0] if k != 'params')})"
+    states = [s for s in state_dict.get("state", {}).values() if s]
+    if any("state2" in s for s in states):
+        return "bitsandbytes' quantised moments (state1/state2), not exp_avg_sq"
+    return None
+
+
 def adam_state_from_state_dict(state_dict: Mapping[str, Any], model: torch.nn.Module) -> AdamState:
     """The preconditioner from an ``optimizer.state_dict()`` saved by the Trainer (``checkpoint-*/optimizer.pt``),
     its parameters matched to ``model`` in the Trainer's order (``trainer_parameter_order``)."""
     groups = state_dict.get("param_groups")
-    if not groups or "betas" not in groups[0]:
-        raise ValueError("optimizer state: no Adam/AdamW parameter groups (betas) in it; pass the optimizer.pt of "
-                         "a checkpoint trained with Adam or AdamW")
+    reason = state_dict_refusal(state_dict)
+    if reason is not None:
+        raise ValueError(f"optimizer state: {reason}; pass the optimizer.pt of a checkpoint trained with Adam or AdamW")
     indices = [i for g in groups for i in g["params"]]
     order = trainer_parameter_order(model)
     if len(indices) != len(order):

@@ -115,9 +115,7 @@ def run(args: argparse.Namespace):
     for name in ("learning_rate", "train_batch_size", "num_train_examples", "optimizer"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
-    adam_state = _load_adam_state(args, model)
-    if adam_state is not None:
-        kwargs["adam_state"] = adam_state
+    kwargs.update(_load_adam_state(args, model))
     try:
         report = sharpness_report(model, dataset, data_collator=collator, progress=not args.quiet,
                                   device=args.device, **kwargs)
@@ -172,29 +170,31 @@ def _load_model(args: argparse.Namespace):
     return model, processor, is_image
 
 
-def _load_adam_state(args: argparse.Namespace, model):
-    """The Adam second moments of ``--optimizer_state`` (or of MODEL_DIR/optimizer.pt when it is an Adam state);
-    None when there is none."""
+def _load_adam_state(args: argparse.Namespace, model) -> dict[str, Any]:
+    """``adam_state`` from ``--optimizer_state`` (an error when it is not Adam/AdamW), or from MODEL_DIR/optimizer.pt
+    when present (``adam_unavailable`` with the reason when it is another optimizer's); empty when there is none."""
     import torch
 
-    from .adam import adam_state_from_state_dict
+    from .adam import adam_state_from_state_dict, state_dict_refusal
 
     explicit = args.optimizer_state is not None
     path = Path(args.optimizer_state) if explicit else Path(args.model_dir) / "optimizer.pt"
     if not path.is_file():
         if explicit:
             raise CliError(f"--optimizer_state {path}: no such file; pass a checkpoint's optimizer.pt")
-        return None
+        return {}
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # weights_only unpickling refuses anything but tensors and plain containers
         raise CliError(f"--optimizer_state {path}: not a readable optimizer state ({type(error).__name__}: "
                        f"{error})") from error
-    groups = state.get("param_groups") if isinstance(state, dict) else None
-    if not explicit and not (groups and "betas" in groups[0]):
-        return None  # another optimizer's state: nothing to report
+    if not isinstance(state, dict):
+        raise CliError(f"--optimizer_state {path}: not an optimizer state_dict (a {type(state).__name__})")
+    reason = state_dict_refusal(state)
+    if reason is not None and not explicit:
+        return {"adam_unavailable": f"{path}: {reason}"}
     try:
-        return adam_state_from_state_dict(state, model)
+        return {"adam_state": adam_state_from_state_dict(state, model)}
     except ValueError as error:
         raise CliError(f"--optimizer_state {path}: {error}") from error
 

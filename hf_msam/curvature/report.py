@@ -110,6 +110,7 @@ class SharpnessReport:
     adam_stability_threshold: float | None = None
     adam_edge_ratio: float | None = None
     adam_beta1: float | None = None
+    adam_optimizer: str | None = None  # the optimizer analysed ("AdamW", "Adam, amsgrad", ...)
     probe_growth_rate: float | None = None
     probe_steps: int | None = None
     probe_sampling: str | None = None
@@ -271,6 +272,7 @@ def sharpness_report(
     coherence_sketch: str | int = "auto",
     optimizer: str | None = None,
     adam_state: AdamState | None = None,
+    adam_unavailable: str | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
     max_seconds: float | None = None,
@@ -295,7 +297,9 @@ def sharpness_report(
     before the work starts, what was cut is in ``budget_cuts``). The verdict needs the SGD ``learning_rate``,
     ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``). ``adam_state``
     (``adam.adam_state_from_optimizer`` / ``adam_state_from_state_dict``) adds the Adam/AdamW preconditioned
-    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's.
+    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's. ``adam_unavailable`` says
+    why the run's optimizer has no Adam analysis (``adam.adam_state_from_optimizer``'s refusal): a warning, or
+    the ``adam`` measure's error when ``measures`` asks for it.
 
     Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
     without a loss, integer labels on a regression head, unknown measures); anything else that fails is
@@ -352,8 +356,10 @@ def sharpness_report(
     )
     if optimizer is not None and "sgd" not in optimizer.lower():
         report.warnings.append(f"optimizer {optimizer!r} is not plain SGD: see optimizer_note")
-    if "adam" in (measures or ()) and adam_state is None:
+    if "adam" in (measures or ()) and adam_state is None and adam_unavailable is None:
         raise ValueError("measures: 'adam' needs adam_state, the Adam/AdamW optimizer's second moments")
+    if adam_unavailable is not None:
+        (report.errors if "adam" in (measures or ()) else report.warnings).append(f"adam: {adam_unavailable}")
     if max_seconds is None:
         device_type = torch.device(device).type if device is not None else model_device(model).type
         max_seconds = default_max_seconds(device_type, training_seconds)
@@ -666,7 +672,7 @@ def _fill(report: SharpnessReport, model: torch.nn.Module, probe_set: _ProbeSet,
         report.adam_preconditioned_lambda_max = result.eigenvalues[0]
         report.adam_stability_threshold = adam_stability_threshold(state.beta1, eta)
         report.adam_edge_ratio = result.eigenvalues[0] / report.adam_stability_threshold
-        report.adam_beta1 = state.beta1
+        report.adam_beta1, report.adam_optimizer = state.beta1, state.optimizer
 
     steps = {"eigenvalues": eigenvalues, "trace": trace, "m_sharpness": sharpness, "coherence": coherence,
              "probe": probe, "adam": adam}
