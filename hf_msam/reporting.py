@@ -125,6 +125,19 @@ def _adam_options(optimizer: Any, model: torch.nn.Module) -> dict[str, Any]:
     return {"adam_state": state} if isinstance(state, AdamState) else {"adam_unavailable": state}
 
 
+class StepRates(TrainerCallback):
+    """The learning rates of the parameter groups at the last optimizer step: ``on_optimizer_step`` runs after
+    ``optimizer.step()`` and before the scheduler's step, so ``lr`` is then the rate that step took (the rate
+    the Trainer logs). After the last step the scheduler's rate is the next step's: 0 at the end of a linear
+    decay, where no step takes it."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        self.rates = [float(group["lr"]) for group in optimizer.param_groups]
+
+
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
@@ -175,6 +188,11 @@ class SharpnessReportMixin:
     sharpness_result: SharpnessResult | None = None
     _sharpness_pending: dict[str, Any] | None = None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._step_rates = StepRates()  # the learning rate in force, for the verdicts
+        self.add_callback(self._step_rates)
+
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``, then (``sharpness_report``) save the model and report on it."""
         output = super().train(*args, **kwargs)
@@ -215,7 +233,7 @@ class SharpnessReportMixin:
         dataset = self.train_dataset
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         options = report_options(sharpness_options_of(self.args), self.args, num_train,
-                                 training_seconds(self.state.log_history))
+                                 training_seconds(self.state.log_history), self._step_rates.rates)
         options.update(_adam_options(self.optimizer, self.model))
         return compute_sharpness(
             self.model,
@@ -246,7 +264,7 @@ class SharpnessReportMixin:
             self.log(dict(result.metrics))
 
 
-class SharpnessCallback(TrainerCallback):
+class SharpnessCallback(StepRates):
     """The curvature report of the final model for a stock ``transformers.Trainer``.
 
     ``Trainer(..., callbacks=[SharpnessCallback(num_examples=64)])``. At ``on_train_end`` it saves the model
@@ -265,6 +283,7 @@ class SharpnessCallback(TrainerCallback):
         if overrides:  # validate the overrides now, not after training
             replace(options or SharpnessArguments(), **self.overrides)
         self.result: SharpnessResult | None = None
+        super().__init__()
 
     def on_train_end(
         self,
@@ -287,7 +306,7 @@ class SharpnessCallback(TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
-        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history))
+        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history), self.rates)
         report_kwargs.update(_adam_options(kwargs.get("optimizer"), model))
         self.result = compute_sharpness(
             model,

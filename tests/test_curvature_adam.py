@@ -1,9 +1,12 @@
 """Adam/AdamW preconditioned sharpness: against a dense P^-1/2 H P^-1/2 of a tiny model (second moments
 recomputed in the test from the recorded gradients), the checkpoint's optimizer.pt against the live
-optimizer, and the threshold against an exact simulation of Adam with a frozen preconditioner."""
+optimizer, the threshold against an exact simulation of Adam with a frozen preconditioner, the preconditioner
+against the one a real Adam/AdamW step divides by (amsgrad, foreach, fused), the refusal of every other optimizer,
+and the learning rate the verdicts judge (the last step's, from the schedule's formula)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -278,3 +281,93 @@ def test_report_warns_when_the_default_measures_meet_an_optimizer_without_adam_a
                               trace_probes=2, adam_unavailable="optimizer: RAdam ...").to_dict()
     assert "adam: optimizer: RAdam ..." in report["warnings"] and report["adam_preconditioned_lambda_max"] is None
     assert not any(e.startswith("adam") for e in report["errors"])
+
+
+# The learning rate in force: transformers' linear schedule with warm-up gives step s (0-based) the rate
+# peak * s / warmup while s < warmup, then peak * (steps - s) / (steps - warmup).
+PEAK, STEPS, WARMUP = 1e-3, 4, 1
+
+
+def _linear_schedule_rate(s: int) -> float:
+    return PEAK * s / WARMUP if s < WARMUP else PEAK * (STEPS - s) / (STEPS - WARMUP)
+
+
+@pytest.mark.parametrize("entry", ["mixin", "callback"])
+def test_a_trainer_report_judges_the_learning_rate_of_the_last_step(tmp_path, entry):
+    from transformers import Trainer, TrainingArguments
+    from trainer_utils import sam_args
+
+    from hf_msam import SAMTrainer, SharpnessCallback
+
+    schedule = dict(max_steps=STEPS, learning_rate=PEAK, lr_scheduler_type="linear", warmup_steps=WARMUP)
+    options = dict(num_examples=4, measures=["eigenvalues", "adam"], lanczos_iterations=3, top_k=1, batch_size=4)
+    train, model = token_dataset(8, seed=8), tiny_bert(seed=8)
+    if entry == "mixin":
+        args = sam_args(tmp_path, optim="adamw_torch", per_device_train_batch_size=4, sam_rho=0.05,
+                        sharpness_report=True, **{f"sharpness_{k}": v for k, v in options.items()}, **schedule)
+        trainer = SAMTrainer(model=model, args=args, train_dataset=train)
+        trainer.train()
+        report = trainer.sharpness_result.report.to_dict()
+    else:
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                                 save_strategy="no", disable_tqdm=True, **schedule)
+        callback = SharpnessCallback(**options)
+        trainer = Trainer(model=model, args=args, train_dataset=train, callbacks=[callback])
+        trainer.train()
+        report = callback.result.report.to_dict()
+    final = _linear_schedule_rate(STEPS - 1)  # a third of the peak
+    assert report["learning_rate"] == pytest.approx(final) and report["learning_rate_final"] == pytest.approx(final)
+    assert report["learning_rate_peak"] == pytest.approx(PEAK) and "last optimizer step" in report["learning_rate_source"]
+    assert report["adam_stability_threshold"] == pytest.approx(adam_stability_threshold(0.9, final))
+    assert report["adam_edge_ratio"] == pytest.approx(report["adam_preconditioned_lambda_max"] * (1 - 0.9) * final / 3.8)
+
+
+def test_cli_takes_the_learning_rate_in_force_from_the_checkpoint(tmp_path, capsys):
+    from test_report_cli import _save_text_model, _write_csv
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from hf_msam.curvature.cli import main
+
+    model, tokenizer = _save_text_model(tmp_path / "base")
+    data = tmp_path / "reviews.csv"
+    _write_csv(data, ["0", "1"])
+    encoded = tokenizer(["good film"] * 4 + ["bad plot"] * 4)
+    train = [{"input_ids": ids, "labels": i % 2} for i, ids in enumerate(encoded["input_ids"])]
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, save_strategy="steps",
+                             save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, max_steps=STEPS,
+                             learning_rate=PEAK, lr_scheduler_type="linear", warmup_steps=WARMUP)
+    Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer)).train()
+    flags = ["--data", str(data), "--text_column", "review", "--label_column", "sentiment", "--train_batch_size", "4",
+             "--num_examples", "6", "--measures", "eigenvalues", "adam", "--lanczos_iterations", "3", "--top_k", "1",
+             "--quiet"]
+    output = tmp_path / "report.json"
+    assert main([str(tmp_path / "run" / "checkpoint-2"), "--output", str(output), *flags]) == 0
+    report = json.loads(output.read_text())
+    # the checkpoint was saved after two steps: its optimizer holds the rate of the next step, s = 2
+    assert report["learning_rate"] == pytest.approx(_linear_schedule_rate(2)) and report["errors"] == []
+    assert report["learning_rate_peak"] == pytest.approx(PEAK) and "optimizer.pt" in report["learning_rate_source"]
+    assert report["adam_stability_threshold"] == pytest.approx(adam_stability_threshold(0.9, _linear_schedule_rate(2)))
+    capsys.readouterr()
+    # the last checkpoint of a schedule that decays to zero holds rate 0: no threshold, say what to pass
+    assert main([str(tmp_path / "run" / "checkpoint-4"), "--output", str(output), *flags]) == 2
+    assert "--learning_rate" in capsys.readouterr().err
+    assert main([str(tmp_path / "run" / "checkpoint-4"), "--output", str(output), "--learning_rate", "3e-4",
+                 *flags]) == 0
+    report = json.loads(output.read_text())
+    assert report["learning_rate"] == 3e-4 and report["learning_rate_source"] == "--learning_rate"
+    assert report["learning_rate_final"] == 0.0 and report["learning_rate_peak"] == pytest.approx(PEAK)
+
+
+def test_report_options_judge_the_rate_of_the_last_step_and_refuse_to_pick_among_groups():
+    from transformers import TrainingArguments
+
+    from hf_msam.curvature.arguments import SharpnessArguments, report_options
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none", learning_rate=0.1)
+    options = report_options(SharpnessArguments(), args, 10, last_step_rates=[0.02, 0.02])
+    assert (options["learning_rate"], options["learning_rate_final"], options["learning_rate_peak"]) == (0.02, 0.02, 0.1)
+    before = report_options(SharpnessArguments(), args, 10)  # no step taken yet: the peak stands in, and says so
+    assert before["learning_rate"] == 0.1 and "no optimizer step" in before["learning_rate_source"]
+    mixed = report_options(SharpnessArguments(), args, 10, last_step_rates=[0.02, 0.01])
+    assert "learning_rate" not in mixed and "different rates [0.01, 0.02]" in mixed["learning_rate_source"]

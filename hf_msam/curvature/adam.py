@@ -29,13 +29,17 @@ class AdamState:
 
     preconditioner: torch.Tensor  # flat P = sqrt(v_hat) + eps over the trainable parameters, in model order
     beta1: float
-    learning_rate: float
+    learning_rate: float | None  # the groups' lr: the rate of the next step (None when the groups differ)
+    learning_rate_peak: float | None  # the groups' initial_lr, set by an LR scheduler (None without one)
     step: int
     optimizer: str  # what was analysed: "AdamW", "Adam", with ", amsgrad" where a group uses it
 
 
 def adam_stability_threshold(beta1: float, learning_rate: float) -> float:
     """(2 + 2 beta1) / ((1 - beta1) eta), Cohen et al. 2022 (38 / eta for beta1 = 0.9)."""
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate: the Adam threshold needs a rate > 0 (got {learning_rate}: the end of a "
+                         "schedule that decays to zero?); pass the rate of the last optimizer step")
     return (2 + 2 * beta1) / ((1 - beta1) * learning_rate)
 
 
@@ -82,7 +86,8 @@ def _preconditioner(
     groups = list({id(g): g for g in param_groups}.values())
     _check_groups(groups)
     beta1 = _one_value("beta1", [g["betas"][0] for g in groups])
-    learning_rate = float(groups[0].get("initial_lr", groups[0]["lr"]))
+    rates = {float(g["lr"]) for g in groups}
+    peaks = {float(g["initial_lr"]) for g in groups if "initial_lr" in g}
     parts, step = [], 0
     for index, (param, state, group) in enumerate(zip(params, states, param_groups)):
         key = _second_moment_key(group)
@@ -97,7 +102,8 @@ def _preconditioner(
         step = int(float(state["step"]))
         v_hat = v.detach().double() / (1 - beta2**step)
         parts.append((v_hat.sqrt() + eps).reshape(-1).float())
-    return AdamState(torch.cat(parts), float(beta1), learning_rate, step, _describe(groups))
+    return AdamState(torch.cat(parts), float(beta1), rates.pop() if len(rates) == 1 else None,
+                     peaks.pop() if len(peaks) == 1 else None, step, _describe(groups))
 
 
 NOT_ANALYSED = {

@@ -10,6 +10,7 @@ size) are not options: :func:`report_options` takes them from the run itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -156,6 +157,7 @@ def report_options(
     training_args: Any | None = None,
     num_train_examples: int | None = None,
     training_seconds: float | None = None,
+    last_step_rates: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``sharpness_report`` for a run.
 
@@ -165,6 +167,12 @@ def report_options(
     with ``num_train_examples`` the training-set size, and its optimizer's name (the report notes that the
     theory is about plain SGD). ``training_seconds`` (the run's ``train_runtime``) sets the default time
     budget on a CPU. Options left at None are omitted.
+
+    The learning rate the verdicts judge (``learning_rate``) is the one in force: ``last_step_rates``, the rates
+    the parameter groups took at the last optimizer step (``reporting.StepRates``), not the schedule's peak
+    ``TrainingArguments.learning_rate`` (``learning_rate_peak``); with a schedule that decays to zero, the
+    scheduler's next rate would be 0 after the last step. Before any step the peak stands in; when the groups
+    took different rates there is no single one (``learning_rate`` omitted). ``learning_rate_source`` says which.
     """
     kwargs = {name: getattr(options, PREFIX + name) for name in option_names()}
     if training_args is not None:
@@ -173,12 +181,25 @@ def report_options(
             kwargs["rho"] = float(sam_rho)
         if kwargs["m"] is None and hasattr(training_args, "sam_micro_batch_size"):
             kwargs["m"] = _run_micro_batch_size(training_args)
-        kwargs["learning_rate"] = float(training_args.learning_rate)
+        kwargs.update(_learning_rates(float(training_args.learning_rate), last_step_rates))
         kwargs["train_batch_size"] = total_train_batch_size(training_args)
         kwargs["num_train_examples"] = num_train_examples
         kwargs["optimizer"] = str(getattr(training_args.optim, "value", training_args.optim))
     kwargs["training_seconds"] = training_seconds
     return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def _learning_rates(peak: float, last_step_rates: Sequence[float] | None) -> dict[str, Any]:
+    """``learning_rate`` (the rate in force), ``learning_rate_final``, ``learning_rate_peak``, ``learning_rate_source``."""
+    rates = sorted(set(last_step_rates or ()))
+    if not rates:
+        return {"learning_rate": peak, "learning_rate_peak": peak,
+                "learning_rate_source": "TrainingArguments.learning_rate (no optimizer step taken yet)"}
+    if len(rates) > 1:
+        return {"learning_rate_peak": peak, "learning_rate_source": f"none: the parameter groups took different "
+                f"rates {rates} at the last optimizer step, and the verdicts need one"}
+    return {"learning_rate": rates[0], "learning_rate_final": rates[0], "learning_rate_peak": peak,
+            "learning_rate_source": "the rate of the last optimizer step"}
 
 
 def total_train_batch_size(training_args: Any) -> int:

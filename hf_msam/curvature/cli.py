@@ -6,7 +6,8 @@ A local file (or a folder without a ``train/`` sub-folder) is used whole; a Hub 
 split. Labels are matched to the model's own ``label2id`` when they are class names. The model is loaded
 from safetensors only, in float32, with eager attention; remote code only with ``--trust_remote_code``.
 A checkpoint's Adam/AdamW ``optimizer.pt`` (``--optimizer_state``, or found in the model folder) adds the
-preconditioned sharpness; it is read with ``torch.load(weights_only=True)``, which loads tensors only.
+preconditioned sharpness; it is read with ``torch.load(weights_only=True)``, which loads tensors only. Without
+``--learning_rate`` the verdicts judge the rate in force in that state (its parameter groups' ``lr``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label_column", default=None, help="label column (guessed: label, labels, target, score)")
     parser.add_argument("--image_column", default=None, help="image column; makes the data images")
     parser.add_argument("--max_length", type=int, default=128, help="maximum tokens per text example")
-    parser.add_argument("--learning_rate", type=float, default=None, help="SGD learning rate eta of the verdict")
+    parser.add_argument("--learning_rate", type=float, default=None, help="learning rate eta of the verdicts "
+                        "(default: the rate in force in the optimizer state, when one is read)")
     parser.add_argument("--train_batch_size", type=int, default=None, help="SGD batch size B of the verdict")
     parser.add_argument("--num_train_examples", type=int, default=None,
                         help="training-set size n of the verdict (default: the examples in --data)")
@@ -112,10 +114,11 @@ def run(args: argparse.Namespace):
     except DataError as error:
         raise CliError(str(error)) from error
     kwargs = report_options(options)
-    for name in ("learning_rate", "train_batch_size", "num_train_examples", "optimizer"):
+    for name in ("train_batch_size", "num_train_examples", "optimizer"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(_load_adam_state(args, model))
+    kwargs.update(_learning_rates(args, kwargs.get("adam_state")))
     try:
         report = sharpness_report(model, dataset, data_collator=collator, progress=not args.quiet,
                                   device=args.device, **kwargs)
@@ -178,7 +181,7 @@ def _load_adam_state(args: argparse.Namespace, model) -> dict[str, Any]:
     from .adam import adam_state_from_state_dict, state_dict_refusal
 
     explicit = args.optimizer_state is not None
-    path = Path(args.optimizer_state) if explicit else Path(args.model_dir) / "optimizer.pt"
+    path = _optimizer_state_path(args)
     if not path.is_file():
         if explicit:
             raise CliError(f"--optimizer_state {path}: no such file; pass a checkpoint's optimizer.pt")
@@ -197,6 +200,31 @@ def _load_adam_state(args: argparse.Namespace, model) -> dict[str, Any]:
         return {"adam_state": adam_state_from_state_dict(state, model)}
     except ValueError as error:
         raise CliError(f"--optimizer_state {path}: {error}") from error
+
+
+def _optimizer_state_path(args: argparse.Namespace) -> Path:
+    return Path(args.optimizer_state) if args.optimizer_state is not None else Path(args.model_dir) / "optimizer.pt"
+
+
+def _learning_rates(args: argparse.Namespace, adam_state) -> dict[str, Any]:
+    """The rate the verdicts judge: ``--learning_rate``, else the lr of the optimizer state's parameter groups,
+    the rate of the checkpoint's next step (a Trainer checkpoint is saved after the scheduler's step); with the
+    state's peak (``initial_lr``) and rate recorded beside it."""
+    known = {}
+    if adam_state is not None:
+        known = {"learning_rate_peak": adam_state.learning_rate_peak, "learning_rate_final": adam_state.learning_rate}
+    if args.learning_rate is not None:
+        return {**known, "learning_rate": args.learning_rate, "learning_rate_source": "--learning_rate"}
+    if adam_state is None:
+        return known
+    path, rate = _optimizer_state_path(args), adam_state.learning_rate
+    if rate is None or not rate > 0:
+        why = "its parameter groups have different rates" if rate is None else (
+            f"its rate is {rate} (the end of a schedule that decays to zero)")
+        raise CliError(f"{path}: no learning rate to judge: {why}; pass --learning_rate (e.g. the rate of the last "
+                       "step, the last learning_rate in the checkpoint's trainer_state.json)")
+    return {**known, "learning_rate": rate,
+            "learning_rate_source": f"{path}: its parameter groups' lr, the rate of the checkpoint's next step"}
 
 
 def _load_data(args: argparse.Namespace, model, processor, is_image: bool):

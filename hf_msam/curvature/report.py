@@ -92,7 +92,10 @@ class SharpnessReport:
     coherence_train_confidence: float | None = None
     lambda_max_ggn: float | None = None
     max_example_lambda_max_ggn: float | None = None
-    learning_rate: float | None = None
+    learning_rate: float | None = None  # the rate both verdicts judge: the one in force (learning_rate_source)
+    learning_rate_peak: float | None = None  # the schedule's peak (TrainingArguments.learning_rate)
+    learning_rate_final: float | None = None  # the rate in force at the end of the run (its last optimizer step)
+    learning_rate_source: str | None = None
     train_batch_size: int | None = None
     num_train_examples: int | None = None
     eta_critical_theorem1: float | None = None
@@ -263,6 +266,9 @@ def sharpness_report(
     m: int = 16,
     batch_size: int = 32,
     learning_rate: float | None = None,
+    learning_rate_peak: float | None = None,
+    learning_rate_final: float | None = None,
+    learning_rate_source: str | None = None,
     train_batch_size: int | None = None,
     num_train_examples: int | None = None,
     probe_steps: int = 30,
@@ -295,9 +301,12 @@ def sharpness_report(
     estimate exceeds the budget the probe-set size, Lanczos iterations, trace probes, coherence examples
     and probe steps are scaled down together (``budget.plan_report``; the plan and its estimate are printed
     before the work starts, what was cut is in ``budget_cuts``). The verdict needs the SGD ``learning_rate``,
-    ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``). ``adam_state``
+    ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``); ``learning_rate`` is the rate
+    both verdicts judge, which in training is the one in force (``arguments.report_options``), and
+    ``learning_rate_peak``, ``learning_rate_final`` and ``learning_rate_source`` are recorded beside it. ``adam_state``
     (``adam.adam_state_from_optimizer`` / ``adam_state_from_state_dict``) adds the Adam/AdamW preconditioned
-    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's. ``adam_unavailable`` says
+    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's current rate (its parameter
+    groups' ``lr``). ``adam_unavailable`` says
     why the run's optimizer has no Adam analysis (``adam.adam_state_from_optimizer``'s refusal): a warning, or
     the ``adam`` measure's error when ``measures`` asks for it.
 
@@ -351,6 +360,10 @@ def sharpness_report(
         num_parameters=sum(p.numel() for p in trainable_parameters(model)),
         problem_type=problem_type,
         learning_rate=learning_rate,
+        learning_rate_peak=learning_rate_peak,
+        learning_rate_final=learning_rate_final,
+        learning_rate_source=learning_rate_source if learning_rate_source is not None or learning_rate is None
+        else "given",
         train_batch_size=train_batch_size,
         num_train_examples=n_train,
     )
@@ -669,6 +682,9 @@ def _fill(report: SharpnessReport, model: torch.nn.Module, probe_set: _ProbeSet,
         result = preconditioned_lambda_max(counted, state.preconditioner.to(device), max_iterations=sizes.adam_iterations,
                                            tol=o.lanczos_tol, seed=o.seed + 3)
         eta = report.learning_rate if report.learning_rate is not None else state.learning_rate
+        if eta is None:
+            raise ValueError("no learning rate: the optimizer's parameter groups have different rates; pass "
+                             "learning_rate")
         report.adam_preconditioned_lambda_max = result.eigenvalues[0]
         report.adam_stability_threshold = adam_stability_threshold(state.beta1, eta)
         report.adam_edge_ratio = result.eigenvalues[0] / report.adam_stability_threshold
