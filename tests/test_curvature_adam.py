@@ -349,7 +349,7 @@ def test_cli_takes_the_learning_rate_in_force_from_the_checkpoint(tmp_path, caps
     assert report["learning_rate"] == pytest.approx(_linear_schedule_rate(2)) and report["errors"] == []
     assert report["learning_rate_peak"] == pytest.approx(PEAK) and "optimizer.pt" in report["learning_rate_source"]
     assert report["adam_stability_threshold"] == pytest.approx(adam_stability_threshold(0.9, _linear_schedule_rate(2)))
-    capsys.readouterr()
+    assert f"eta: {report['learning_rate_source']} (schedule peak 0.001)" in capsys.readouterr().out
     # the last checkpoint of a schedule that decays to zero holds rate 0: no threshold, say what to pass
     assert main([str(tmp_path / "run" / "checkpoint-4"), "--output", str(output), *flags]) == 2
     assert "--learning_rate" in capsys.readouterr().err

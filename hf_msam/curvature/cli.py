@@ -342,6 +342,8 @@ def format_table(report: dict[str, Any]) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     lines = ["Curvature report", "=" * (width + 20)] + [f"{name:<{width}}  {value}" for name, value in rows]
+    if report.get("learning_rate_source"):
+        lines.append(f"eta: {report['learning_rate_source']} (schedule peak {_number(report.get('learning_rate_peak'))})")
     if report.get("stability_reason"):
         lines.append(f"verdict: {report['stability_reason']}")
     lines += [f"warning: {w}" for w in report.get("warnings") or []]
