@@ -214,7 +214,6 @@ OTHER_OPTIMIZERS = {
     "Adam subclass": (lambda ps: _AdamSubclass(ps, lr=1e-2), "subclasses torch.optim.Adam"),
     "bitsandbytes 8-bit": (lambda ps: AdamW8bit(ps, lr=1e-2), "quantised"),
     "Adam maximize": (lambda ps: torch.optim.Adam(ps, lr=1e-2, maximize=True), "maximize=True"),
-    "Adam L2 weight decay": (lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1), "adds an L2 term"),
 }
 
 
@@ -236,7 +235,7 @@ def test_other_optimizers_get_no_adam_analysis_and_a_reason(name):
     assert isinstance(said, str) and reason in said
     if name in ("Adam subclass", "bitsandbytes 8-bit"):
         return  # their saved states carry Adam's keys (the real bitsandbytes one: see the next test)
-    with pytest.raises(ValueError, match="not torch.s Adam|Nesterov|maximize|L2 term"):  # its checkpoint too
+    with pytest.raises(ValueError, match="not torch.s Adam|Nesterov|maximize"):  # its checkpoint too
         adam_state_from_state_dict(optimizer.state_dict(), model)
 
 
@@ -372,3 +371,32 @@ def test_report_options_judge_the_rate_of_the_last_step_and_refuse_to_pick_among
     assert before["learning_rate"] == 0.1 and "no optimizer step" in before["learning_rate_source"]
     mixed = report_options(SharpnessArguments(), args, 10, last_step_rates=[0.02, 0.01])
     assert "learning_rate" not in mixed and "different rates [0.01, 0.02]" in mixed["learning_rate_source"]
+
+
+def test_adam_with_coupled_weight_decay_is_judged_on_the_objective_it_descends():
+    # torch.optim.Adam(weight_decay=wd) adds wd * w to the gradient: it descends L + wd ||w||^2 / 2, whose Hessian
+    # is H + wd I. Two parameter groups (wd on the weights only, as the Trainer splits them) and a dense reference.
+    from hf_msam import sharpness_report
+
+    model = TinyClassifier(classes=3, seed=2)
+    batches = classifier_batches(n=10, classes=3, chunk=10)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    wd = 0.5
+    optimizer = torch.optim.Adam([{"params": weights, "weight_decay": wd}, {"params": biases, "weight_decay": 0.0}],
+                                 lr=0.05, betas=(0.9, 0.99))
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(**batches[0]).loss.backward()
+        optimizer.step()
+    state = adam_state_from_optimizer(optimizer, trainable_parameters(model))
+    assert state.optimizer == "Adam"
+    decay = torch.cat([torch.full((p.numel(),), wd if n.endswith("weight") else 0.0, dtype=torch.float64)
+                       for n, p in model.named_parameters()])
+    h = dense_hessian(model, batches).double() + torch.diag(decay)
+    scale = state.preconditioner.double().rsqrt()
+    want = float(torch.linalg.eigvalsh(scale[:, None] * h * scale[None, :])[-1])
+    data = [{"features": f, "labels": y} for f, y in zip(batches[0]["features"], batches[0]["labels"])]
+    report = sharpness_report(model, data, num_examples=10, measures=["adam"], adam_state=state, learning_rate=0.05,
+                              lanczos_iterations=60, lanczos_tol=1e-6, batch_size=10).to_dict()
+    assert report["adam_preconditioned_lambda_max"] == pytest.approx(want, rel=1e-4) and report["errors"] == []

@@ -33,6 +33,7 @@ class AdamState:
     learning_rate_peak: float | None  # the groups' initial_lr, set by an LR scheduler (None without one)
     step: int
     optimizer: str  # what was analysed: "AdamW", "Adam", with ", amsgrad" where a group uses it
+    l2: torch.Tensor | None = None  # flat coupled weight decay (Adam's L2 term), added to H; None without one
 
 
 def adam_stability_threshold(beta1: float, learning_rate: float) -> float:
@@ -59,21 +60,27 @@ def _second_moment_key(group: Mapping[str, Any]) -> str:
 
 
 def _check_groups(groups: Sequence[Mapping[str, Any]]) -> None:
-    """Refuse the settings of torch's Adam under which the step is not heavy-ball momentum on P^-1 H."""
+    """Refuse the setting of torch's Adam under which the step is not heavy-ball momentum on P^-1 H."""
     for group in groups:
         if group.get("maximize", False):
             raise ValueError("optimizer: Adam with maximize=True ascends the loss; the edge-of-stability threshold "
                              "is about descent, so there is no Adam analysis")
-        if not group.get("decoupled_weight_decay", True) and group.get("weight_decay", 0.0):
-            raise ValueError(f"optimizer: Adam with weight_decay={group['weight_decay']} adds an L2 term to the "
-                             "gradient, so its second moments and Hessian are those of another objective; use "
-                             "AdamW (decoupled weight decay) or weight_decay=0 for the Adam analysis")
+
+
+def _decoupled(group: Mapping[str, Any]) -> bool:
+    return bool(group.get("decoupled_weight_decay", True))
+
+
+def _l2(group: Mapping[str, Any]) -> float:
+    """The coupled weight decay of a group: Adam (not AdamW) adds weight_decay * w to the gradient, so it
+    descends L + weight_decay ||w||^2 / 2, whose Hessian is H + weight_decay I."""
+    return 0.0 if _decoupled(group) else float(group.get("weight_decay", 0.0))
 
 
 def _describe(groups: Sequence[Mapping[str, Any]]) -> str:
     """"AdamW" or "Adam" (torch's AdamW is Adam with ``decoupled_weight_decay``; a state saved by a torch that
     did not record it is taken as the Trainer's AdamW), with ", amsgrad" where a group uses it."""
-    name = "AdamW" if groups[0].get("decoupled_weight_decay", True) else "Adam"
+    name = "/".join(sorted({"AdamW" if _decoupled(g) else "Adam" for g in groups}, reverse=True))
     return name + (", amsgrad" if any(g.get("amsgrad", False) for g in groups) else "")
 
 
@@ -88,7 +95,7 @@ def _preconditioner(
     beta1 = _one_value("beta1", [g["betas"][0] for g in groups])
     rates = {float(g["lr"]) for g in groups}
     peaks = {float(g["initial_lr"]) for g in groups if "initial_lr" in g}
-    parts, step = [], 0
+    parts, l2, step = [], [], 0
     for index, (param, state, group) in enumerate(zip(params, states, param_groups)):
         key = _second_moment_key(group)
         if not state or key not in state:
@@ -102,8 +109,10 @@ def _preconditioner(
         step = int(float(state["step"]))
         v_hat = v.detach().double() / (1 - beta2**step)
         parts.append((v_hat.sqrt() + eps).reshape(-1).float())
+        l2.append(torch.full((param.numel(),), _l2(group)))
     return AdamState(torch.cat(parts), float(beta1), rates.pop() if len(rates) == 1 else None,
-                     peaks.pop() if len(peaks) == 1 else None, step, _describe(groups))
+                     peaks.pop() if len(peaks) == 1 else None, step, _describe(groups),
+                     torch.cat(l2) if any(_l2(g) for g in groups) else None)
 
 
 NOT_ANALYSED = {
@@ -194,11 +203,14 @@ def preconditioned_lambda_max(
     matvec: Callable[[torch.Tensor], torch.Tensor],
     preconditioner: torch.Tensor,
     *,
+    l2: torch.Tensor | None = None,
     max_iterations: int = 30,
     tol: float = 1e-3,
     seed: int = 0,
 ) -> LanczosResult:
-    """Top eigenvalue of P^-1 H by Lanczos on P^-1/2 H P^-1/2 (``matvec`` is v -> H v, one product each)."""
+    """Top eigenvalue of P^-1 (H + diag(l2)) by Lanczos on P^-1/2 (H + diag(l2)) P^-1/2 (``matvec`` is v -> H v,
+    one product each; ``l2`` Adam's coupled weight decay, ``AdamState.l2``)."""
     scale = preconditioner.rsqrt()
-    return lanczos(lambda v: scale * matvec(scale * v), preconditioner.numel(), top_k=1,
+    hessian = matvec if l2 is None else (lambda v: matvec(v) + l2 * v)
+    return lanczos(lambda v: scale * hessian(scale * v), preconditioner.numel(), top_k=1,
                    max_iterations=max_iterations, tol=tol, seed=seed, device=preconditioner.device)

@@ -679,8 +679,9 @@ def _fill(report: SharpnessReport, model: torch.nn.Module, probe_set: _ProbeSet,
         if state.preconditioner.numel() != op.dim:
             raise ValueError(f"adam_state has {state.preconditioner.numel()} second moments, the model "
                              f"{op.dim} trainable parameters: pass the optimizer state of this model")
-        result = preconditioned_lambda_max(counted, state.preconditioner.to(device), max_iterations=sizes.adam_iterations,
-                                           tol=o.lanczos_tol, seed=o.seed + 3)
+        l2 = None if state.l2 is None else state.l2.to(device)
+        result = preconditioned_lambda_max(counted, state.preconditioner.to(device), l2=l2,
+                                           max_iterations=sizes.adam_iterations, tol=o.lanczos_tol, seed=o.seed + 3)
         eta = report.learning_rate if report.learning_rate is not None else state.learning_rate
         if eta is None:
             raise ValueError("no learning rate: the optimizer's parameter groups have different rates; pass "
