@@ -400,3 +400,26 @@ def test_adam_with_coupled_weight_decay_is_judged_on_the_objective_it_descends()
     report = sharpness_report(model, data, num_examples=10, measures=["adam"], adam_state=state, learning_rate=0.05,
                               lanczos_iterations=60, lanczos_tol=1e-6, batch_size=10).to_dict()
     assert report["adam_preconditioned_lambda_max"] == pytest.approx(want, rel=1e-4) and report["errors"] == []
+
+
+def test_a_report_at_an_evaluation_judges_the_step_just_taken(tmp_path):
+    from trainer_utils import sam_args
+
+    from hf_msam import SAMTrainer
+
+    options = dict(num_examples=4, measures=["eigenvalues", "adam"], lanczos_iterations=3, top_k=1, batch_size=4)
+    args = sam_args(tmp_path, optim="adamw_torch", per_device_train_batch_size=4, sam_rho=0.05, max_steps=STEPS,
+                    learning_rate=PEAK, lr_scheduler_type="linear", warmup_steps=WARMUP, eval_strategy="steps",
+                    eval_steps=3, sharpness_at_eval=True, **{f"sharpness_{k}": v for k, v in options.items()})
+    train = token_dataset(8, seed=9)
+    trainer = SAMTrainer(model=tiny_bert(seed=9), args=args, train_dataset=train, eval_dataset=train)
+    trainer.train()
+    entries = {e["step"]: e for e in trainer.state.log_history if "eval_sharpness_learning_rate" in e}
+    logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e}
+    assert sorted(entries) == [3, 4]  # eval_steps, and the Trainer's evaluation at the last step
+    for step, entry in entries.items():
+        # the evaluation after step k judges the rate of that step (s = k - 1, 0-based), the one the Trainer logs
+        rate = _linear_schedule_rate(step - 1)
+        assert entry["eval_sharpness_learning_rate"] == pytest.approx(rate) and logged[step] == pytest.approx(rate)
+        assert entry["eval_sharpness_adam_stability_threshold"] == pytest.approx(adam_stability_threshold(0.9, rate))
+        assert entry["eval_sharpness_learning_rate_peak"] == PEAK
