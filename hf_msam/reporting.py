@@ -274,6 +274,7 @@ class SharpnessCallback(StepRates):
     :class:`SharpnessArguments`, else the run's own ``sharpness_*`` arguments when it has them, plus keyword
     overrides without the prefix (``num_examples``, ``measures``, ...). The result is kept in ``self.result``.
 
+    The verdicts judge the learning rate of the last optimizer step, which it records (:class:`StepRates`).
     Do not combine it with ``SAMTrainer``'s own ``sharpness_report`` (the report would run twice).
     """
 

@@ -9,7 +9,10 @@ is stable iff every eigenvalue a of eta P^-1 H satisfies a < (2 + 2 beta1) / (1 
 P^-1 H is similar to the symmetric P^-1/2 H P^-1/2, whose top eigenvalue Lanczos finds from Hessian-vector
 products. v_hat = v / (1 - beta2^t) is Adam's bias-corrected second moment (``exp_avg_sq``, ``step``); with
 ``amsgrad`` v is its running maximum ``max_exp_avg_sq``, as in torch's update. beta2 and eps are taken per
-parameter group.
+parameter group. Adam's coupled weight decay wd (not AdamW's decoupled one) puts wd w into the gradient, so
+H becomes H + diag(wd). Only ``torch.optim.Adam`` and ``AdamW`` are analysed (any kernel: for-loop, foreach,
+fused); every other optimizer is refused with its reason (``NOT_ANALYSED``), since the threshold is derived
+for Adam's heavy-ball step.
 """
 
 from __future__ import annotations

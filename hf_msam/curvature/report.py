@@ -306,9 +306,9 @@ def sharpness_report(
     ``learning_rate_peak``, ``learning_rate_final`` and ``learning_rate_source`` are recorded beside it. ``adam_state``
     (``adam.adam_state_from_optimizer`` / ``adam_state_from_state_dict``) adds the Adam/AdamW preconditioned
     sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's current rate (its parameter
-    groups' ``lr``). ``adam_unavailable`` says
-    why the run's optimizer has no Adam analysis (``adam.adam_state_from_optimizer``'s refusal): a warning, or
-    the ``adam`` measure's error when ``measures`` asks for it.
+    groups' ``lr``). ``adam_unavailable`` says why the run's optimizer has no Adam analysis
+    (``adam.adam_state_from_optimizer``'s refusal): a warning, or the ``adam`` measure's error when ``measures``
+    asks for it.
 
     Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
     without a loss, integer labels on a regression head, unknown measures); anything else that fails is
@@ -362,8 +362,7 @@ def sharpness_report(
         learning_rate=learning_rate,
         learning_rate_peak=learning_rate_peak,
         learning_rate_final=learning_rate_final,
-        learning_rate_source=learning_rate_source if learning_rate_source is not None or learning_rate is None
-        else "given",
+        learning_rate_source=learning_rate_source or ("given" if learning_rate is not None else None),
         train_batch_size=train_batch_size,
         num_train_examples=n_train,
     )
