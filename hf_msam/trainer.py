@@ -47,9 +47,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from .arguments import SAMTrainingArguments
+from .arguments import SAMArguments, sam_options_of, validate_sam_arguments
 from .modelcard import MODEL_TAGS
 from .msam import (
     MicroBatchSAM,
@@ -109,8 +109,9 @@ _UNSUPPORTED = {
 class SAMTrainer(SharpnessReportMixin, Trainer):
     """A ``transformers.Trainer`` that trains with micro-batch sharpness-aware minimization (mSAM).
 
-    Takes the same arguments as ``Trainer``; ``args`` should be :class:`SAMTrainingArguments` (plain
-    ``TrainingArguments`` are converted with the mSAM defaults). With ``sam_rho=0`` every step is the stock
+    Takes the same arguments as ``Trainer``. ``args`` is kept as passed (``trainer.args is args``): a
+    :class:`SAMTrainingArguments`, or any ``TrainingArguments`` (a user's subclass included), whose missing ``sam_*``
+    fields take the defaults of :class:`~hf_msam.arguments.SAMArguments` (``sam_options``). With ``sam_rho=0`` every step is the stock
     ``Trainer.training_step``, bit for bit.
 
     Logged with the Trainer's logs (``loss`` is the unperturbed training loss):
@@ -118,10 +119,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     ``sam_skipped`` (perturbations skipped since the last log for a non-finite ascent gradient).
     """
 
-    args: SAMTrainingArguments
-
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
-        args = _as_sam_arguments(args)
+        if args is not None:  # SAMTrainingArguments checked themselves when built; a plain TrainingArguments did not
+            validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
         if self.accelerator.distributed_type in _UNSUPPORTED:
             raise ValueError(
@@ -149,7 +149,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
         self._sam_stats = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         self._sam_last_logged_step = 0  # where the window of _sam_stats starts; reset when training (re)starts
-        self.add_callback(_SAMLogWindow(self))
+
+    @property
+    def sam_options(self) -> SAMArguments:
+        """The mSAM settings, read from ``self.args`` at each use (:func:`~hf_msam.arguments.sam_options_of`): the
+        ``sam_*`` fields it has, the defaults of the others. ``self.args`` is the object the user passed, so a change
+        to it after the trainer is built counts, as it does for every other field."""
+        return sam_options_of(self.args)
 
     # ------------------------------------------------------------------------------------------------
     # The step
@@ -157,7 +163,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """Also count the supervised items of the whole optimizer step on all processes (``|D|``)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.args.sam_rho > 0:
+        if self.sam_options.sam_rho > 0:
             local = sum(self._count_items(batch) for batch in batch_samples)
             if self.accelerator.num_processes > 1:
                 total = self.accelerator.reduce(torch.tensor(float(local), device=device), reduction="sum")
@@ -173,7 +179,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """One per-device chunk of an mSAM step; returns the unperturbed loss, scaled like the stock step's."""
-        if self.args.sam_rho == 0:
+        if self.sam_options.sam_rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
 
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
@@ -186,6 +192,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     def _msam_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
+        options = self.sam_options
         sam = self._get_sam(model)
         ascent_model = self._unwrapped(model)  # bypasses the DDP reducer; keeps autocast
         world = self.accelerator.num_processes
@@ -195,7 +202,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if items_step is None:  # called outside the Trainer loop: this chunk is the whole local step
             items_step = float(self._count_items(inputs) * self.current_gradient_accumulation_steps * world)
 
-        split = [mb for mb, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)]
+        split = [mb for mb, _ in split_micro_batches(inputs, None if options.sam_global else options.sam_micro_batch_size)]
         counts = self._item_counts(split)
         if self._vmap_chosen(model, split, counts):
             vmap_loss = self._vmap_step(model, split, counts, items_step, grad_scale)
@@ -204,7 +211,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         clean_loss = torch.zeros((), device=args.device)
         if not micro_batches:  # nothing supervised here: still take part in every collective of the step
-            if args.sam_global and world > 1:
+            if options.sam_global and world > 1:
                 _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
             self._zero_loss_backward(model, inputs)
             return clean_loss
@@ -216,7 +223,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
-            if args.sam_global and world > 1:
+            if options.sam_global and world > 1:
                 _all_reduce_mean_(grads, weight / world)
             perturbation = sam.perturb_with(grads, grad_scale=grad_scale)
             del grads
@@ -260,18 +267,16 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         """The perturbation state for the trainable parameters of ``model`` (built once per model)."""
         module = self._unwrapped(model)
         if self._sam is None or self._sam_module is not module:
+            options = self.sam_options
             self._sam = MicroBatchSAM(
-                module.parameters(),
-                rho=self.args.sam_rho,
-                adaptive=self.args.sam_adaptive,
-                adaptive_eta=self.args.sam_adaptive_eta,
+                module.parameters(), rho=options.sam_rho, adaptive=options.sam_adaptive, adaptive_eta=options.sam_adaptive_eta
             )
             self._sam_module = module
             self._batchnorms = [
                 m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             ]
             # sam_global all-reduces the ascent gradients as dense tensors.
-            sparse = self.args.sam_sparse_embeddings and not self.args.sam_global
+            sparse = options.sam_sparse_embeddings and not options.sam_global
             self._embeddings = trainable_embeddings(module) if sparse else []
         return self._sam
 
@@ -281,7 +286,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def _vmap_chosen(self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int]) -> bool:
         """Whether this chunk runs on the vmap path; logs the reason of a fallback once (``"auto"``, or an
         uneven chunk), raises with it for ``"vmap"`` when the model itself cannot take the path."""
-        mode = self.args.sam_micro_batch_mode
+        mode = self.sam_options.sam_micro_batch_mode
         if mode == "loop":
             return False
         if mode == "auto" and self.args.device.type not in AUTO_VMAP_DEVICE_TYPES:
@@ -325,16 +330,16 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             reason = "a compute_loss_func computes the loss outside the model"
         elif type(self).compute_loss is not Trainer.compute_loss:
             reason = f"{type(self).__name__} overrides compute_loss, which the vmap path cannot call"
-        elif self.args.sam_global:
+        elif self.sam_options.sam_global:
             reason = "sam_global=True all-reduces the ascent gradient between the two passes"
         else:
             self._vmap = VectorizedMicroBatchSAM(
                 module,
-                rho=self.args.sam_rho,
-                adaptive=self.args.sam_adaptive,
-                adaptive_eta=self.args.sam_adaptive_eta,
-                compile=self.args.sam_vmap_compile,
-                table_rows=self.args.sam_sparse_embeddings,
+                rho=self.sam_options.sam_rho,
+                adaptive=self.sam_options.sam_adaptive,
+                adaptive_eta=self.sam_options.sam_adaptive_eta,
+                compile=self.sam_options.sam_vmap_compile,
+                table_rows=self.sam_options.sam_sparse_embeddings,
             )
             self._vmap_group_size = None
             return
@@ -359,7 +364,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                     stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
                 )
             except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
-                if self._vmap_verified or self.args.sam_micro_batch_mode == "vmap":
+                if self._vmap_verified or self.sam_options.sam_micro_batch_mode == "vmap":
                     raise
                 randomness.restore()
                 self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
@@ -378,7 +383,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         rows, whose rows take what one activation takes); default budget: half the free device memory. Activations
         need no budget: a group of g micro-batches of size b holds those of one g*b batch, at most the per-device
         batch that the stock step holds."""
-        budget_mb = self.args.sam_vmap_memory_budget_mb
+        budget_mb = self.sam_options.sam_vmap_memory_budget_mb
         if budget_mb is None:
             budget_mb = _free_memory_mb(self.args.device) / 2
         param_mb = sum(p.numel() * p.element_size() for p in self._vmap.batched_params) / 2**20
@@ -433,9 +438,19 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         stats[2] += torch.where(result.skipped, 0.0, result.grad_norms).sum().to(stats.dtype)
         stats[3] += (perturbed_loss_weights * result.perturbed_losses).sum().to(stats.dtype)
 
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """The Trainer's set-up of ``self.state`` (restored from the checkpoint on a resume); the window of the mSAM
+        log counters then starts at ``state.global_step``, so that the first ``sam_perturbed_loss`` after a resume is a
+        mean over the steps since then. Runs where training starts, like ``on_train_begin``, without a callback that
+        would show in ``callback_handler.callbacks``."""
+        started = super()._init_training_state(*args, **kwargs)
+        self._sam_stats.zero_()
+        self._sam_last_logged_step = self.state.global_step
+        return started
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mSAM counters (summed over processes since the last training log) to training logs."""
-        if "loss" in logs and self.args.sam_rho > 0:
+        if "loss" in logs and self.sam_options.sam_rho > 0:
             stats = self._sam_stats
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
@@ -456,29 +471,6 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         from .modelcard import create_model_card
 
         create_model_card(self, **kwargs)
-
-
-class _SAMLogWindow(TrainerCallback):
-    """Starts the window of the mSAM log counters where training starts, at ``state.global_step`` as restored from
-    a checkpoint, so that the first ``sam_perturbed_loss`` after a resume is a mean over the steps since then."""
-
-    def __init__(self, trainer: SAMTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.trainer._sam_stats.zero_()
-        self.trainer._sam_last_logged_step = state.global_step
-
-
-def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:
-    """Pass ``SAMTrainingArguments`` through; convert plain ``TrainingArguments`` (or None) with mSAM defaults."""
-    if isinstance(args, SAMTrainingArguments):
-        return args
-    if args is None:
-        return SAMTrainingArguments(output_dir="trainer_output")
-    values = {k: v for k, v in args.to_dict().items() if k in SAMTrainingArguments.__dataclass_fields__}
-    values["hub_token"] = args.hub_token  # to_dict() masks it
-    return SAMTrainingArguments(**values)
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
