@@ -141,6 +141,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._batchnorms: list[nn.Module] = []
         self._embeddings: list[nn.Embedding] = []  # tables treated by rows on the loop path (sam_sparse_embeddings)
         self._sam_items_in_step: float | None = None
+        self._in_micro_batch_pass = False  # compute_loss is running for a micro-batch of an mSAM step
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
         self._vmap_verified = False  # a vmap step has run once (later failures are real errors)
@@ -220,7 +221,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
             randomness = RandomState.capture()  # the descent pass replays the ascent pass's dropout masks
             with self.compute_loss_context_manager(), sparse_embedding_gradients(self._embeddings):
-                loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
+                loss_at_w = self._micro_batch_loss(ascent_model, micro_batch, items)
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
             if options.sam_global and world > 1:
@@ -236,12 +237,53 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager(), descent_tables:
-                        loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
+                        loss_at_w_plus_e = self._micro_batch_loss(model, micro_batch, items)
                     self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
                 sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
         return clean_loss
+
+    def _micro_batch_loss(self, model: nn.Module, micro_batch: dict[str, Any], items: int) -> torch.Tensor:
+        """``L_k``, the mean loss of one micro-batch over its ``items`` supervised items: ``compute_loss`` with
+        ``num_items_in_batch=items``, so that a loss normalised by it (by the model, a ``compute_loss_func``, the label
+        smoother or an override) is that mean, as a model's plain mean loss is (``docs/design.md`` section 2.3)."""
+        self._in_micro_batch_pass = True
+        try:  # a copy of the batch: a label smoother or compute_loss_func pops its labels
+            items_tensor = torch.tensor(items, device=self.args.device)
+            return self.compute_loss(model, dict(micro_batch), num_items_in_batch=items_tensor)
+        finally:
+            self._in_micro_batch_pass = False
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """``Trainer.compute_loss``; inside an mSAM pass without its factor for the processes.
+
+        Outside an mSAM pass this is the stock method. ``Trainer.compute_loss`` multiplies a loss normalised by
+        ``num_items_in_batch`` by the number of processes (``average_tokens_across_devices``: the stock count is the
+        step's over all processes, and DDP averages the gradients). An mSAM pass gives the micro-batch's own count
+        and weights the micro-batch itself (``world * items_k / items_step``), so the factor is divided out again, for
+        a model that uses the count as for one that ignores it (a plain mean loss, transformers#47688).
+        """
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # The condition and the factor of Trainer.compute_loss (transformers 5.25); SAMTrainer refuses n_gpu > 1.
+        multiplied = (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        )
+        factor = self.accelerator.num_processes // self.get_tp_size()
+        if not (self._in_micro_batch_pass and multiplied and factor != 1):
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss / factor, outputs
+        return result / factor
 
     def _zero_loss_backward(self, model: nn.Module, inputs: dict[str, Any]) -> None:
         """A synced backward of zero through the (DDP-wrapped) model, as the stock step back-propagates a zero loss
@@ -328,7 +370,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             reason = "a label smoother (label_smoothing_factor > 0) computes the loss outside the model"
         elif self.compute_loss_func is not None:
             reason = "a compute_loss_func computes the loss outside the model"
-        elif type(self).compute_loss is not Trainer.compute_loss:
+        elif type(self).compute_loss is not SAMTrainer.compute_loss:
             reason = f"{type(self).__name__} overrides compute_loss, which the vmap path cannot call"
         elif self.sam_options.sam_global:
             reason = "sam_global=True all-reduces the ascent gradient between the two passes"

@@ -8,7 +8,19 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from conftest import tiny_bert, token_dataset
-from trainer_utils import SequentialSAMTrainer, SequentialTrainer, max_abs_diff, sam_args, snapshot
+from msam_reference import reference_msam_gradient, reference_sgd_step
+from trainer_utils import (
+    SequentialSAMTrainer,
+    SequentialTrainer,
+    lm_dataset,
+    max_abs_diff,
+    sam_args,
+    snapshot,
+    summed_token_loss,
+    tensor_batch,
+    tiny_llama,
+    token_loss_func,
+)
 from transformers import TrainingArguments
 
 from hf_msam import SAMTrainer
@@ -84,3 +96,50 @@ def test_callbacks_are_the_stock_trainers(tmp_path, rho):
     sam = SAMTrainer(model=tiny_bert(), args=sam_args(tmp_path / "sam", sam_rho=rho), train_dataset=token_dataset(8))
     stock = SequentialTrainer(model=tiny_bert(), args=_plain_args(tmp_path / "stock"), train_dataset=token_dataset(8))
     assert [type(c) for c in sam.callback_handler.callbacks] == [type(c) for c in stock.callback_handler.callbacks]
+
+
+# --- custom losses get each micro-batch's count -----------------------------------------------------------
+def _token_reference(seed, data, steps, batch, micro):
+    """The plain-loop mSAM steps of a causal LM, each micro-batch weighted by its share of the step's shifted tokens."""
+    reference = tiny_llama(seed=seed)
+    for step in range(steps):
+        rows = tensor_batch(data, batch * step, batch * step + batch)
+        items = [int(rows["labels"][k : k + micro, 1:].ne(-100).sum()) for k in range(0, batch, micro)]
+        assert len(set(items)) > 1  # unequal counts: a wrong count changes the update
+        weights = [i / sum(items) for i in items]
+        reference_sgd_step(reference, reference_msam_gradient(reference, rows, micro, 0.1, weights=weights), lr=0.5)
+    return snapshot(reference)
+
+
+class _CountDividingTrainer(SequentialSAMTrainer):
+    """A ``compute_loss`` override that divides a summed loss by the ``num_items_in_batch`` it is given."""
+
+    seen_counts: list[int]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.seen_counts.append(int(num_items_in_batch))
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = summed_token_loss(outputs.logits, labels) / num_items_in_batch
+        return (loss, outputs) if return_outputs else loss
+
+
+@pytest.mark.parametrize("how", ["compute_loss_func", "override"])
+def test_custom_loss_normalised_by_num_items_matches_reference(tmp_path, how):
+    """A loss summed over tokens and divided by ``num_items_in_batch`` gives the update of the model's own loss: the
+    plain-loop reference with token weights (micro-batches of 4, gradient accumulation 2, -100 holes)."""
+    data = lm_dataset(32, seed=33)
+    model = tiny_llama(seed=33)
+    args = sam_args(tmp_path, sam_rho=0.1, sam_micro_batch_size=4, per_device_train_batch_size=8,
+                    gradient_accumulation_steps=2, max_steps=2)
+    if how == "compute_loss_func":
+        trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data, compute_loss_func=token_loss_func)
+    else:
+        trainer = _CountDividingTrainer(model=model, args=args, train_dataset=data)
+        trainer.seen_counts = []
+    trainer.train()
+    assert max_abs_diff(snapshot(model), _token_reference(33, data, steps=2, batch=16, micro=4)) < 1e-6
+    if how == "override":  # two passes per micro-batch, each with the micro-batch's shifted token count
+        labels = torch.tensor(data["labels"])[:, 1:]
+        expected = [int(labels[k : k + 4].ne(-100).sum()) for k in range(0, 32, 4)]
+        assert trainer.seen_counts == [c for c in expected for _ in range(2)]
