@@ -47,7 +47,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import GenerationMixin, Trainer, TrainingArguments
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.trainer_utils import unwrap_peft_model
 
 from .arguments import SAMArguments, sam_options_of, validate_sam_arguments
 from .modelcard import MODEL_TAGS
@@ -142,6 +144,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._embeddings: list[nn.Embedding] = []  # tables treated by rows on the loop path (sam_sparse_embeddings)
         self._sam_items_in_step: float | None = None
         self._in_micro_batch_pass = False  # compute_loss is running for a micro-batch of an mSAM step
+        # Items of a batch: labels[..., 1:] for every causal LM, also those the Trainer misses (GPT-2: no loss_type).
+        self._sam_loss_shifts_labels = self._loss_shifts_labels or _causal_lm_loss(unwrap_peft_model(self.model))
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
         self._vmap_verified = False  # a vmap step has run once (later failures are real errors)
@@ -455,7 +459,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         labels = batch.get("shift_labels")
         if labels is None:
             labels = batch.get("labels")
-            if isinstance(labels, torch.Tensor) and getattr(self, "_loss_shifts_labels", False):
+            if isinstance(labels, torch.Tensor) and self._sam_loss_shifts_labels:
                 labels = labels[..., 1:]
         if isinstance(labels, torch.Tensor) and labels.dim() > 0:
             return labels.ne(-100).sum()
@@ -513,6 +517,20 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         from .modelcard import create_model_card
 
         create_model_card(self, **kwargs)
+
+
+def _causal_lm_loss(model: nn.Module) -> bool:
+    """Whether the model's loss scores label ``i + 1`` at position ``i`` (``ForCausalLMLoss``), so that the first label
+    of each row is never used and a batch's items are ``labels[..., 1:] != -100``.
+
+    Decided from the loss function the model's forward calls, ``PreTrainedModel.loss_function``, which falls back to
+    ``ForCausalLMLoss`` when ``loss_type`` is unset (GPT-2's ``GPT2LMHeadModel``, which the Trainer's own check by
+    ``loss_type`` misses), for a model that generates (``GenerationMixin``) and is not an encoder-decoder (whose labels
+    are aligned with the decoder's outputs).
+    """
+    if not isinstance(model, GenerationMixin) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
