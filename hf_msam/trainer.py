@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import GenerationMixin, Trainer, TrainingArguments
+from transformers import DataCollatorWithFlattening, GenerationMixin, Trainer, TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import unwrap_peft_model
 
@@ -135,6 +135,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 f"SAMTrainer does not support torch.nn.DataParallel over {self.args.n_gpu} GPUs in one process: "
                 "launch one process per GPU with `accelerate launch --multi_gpu` (or torchrun)."
             )
+        micro_batch_size = self.sam_options.sam_micro_batch_size
+        if micro_batch_size is not None and isinstance(self.data_collator, DataCollatorWithFlattening):
+            raise ValueError(_packed_batch_error(micro_batch_size))
         if hasattr(self.model, "add_model_tags"):  # as TRL's trainers do: any push of this model carries the tags
             self.model.add_model_tags(MODEL_TAGS)
         self._sam: MicroBatchSAM | None = None
@@ -207,7 +210,10 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if items_step is None:  # called outside the Trainer loop: this chunk is the whole local step
             items_step = float(self._count_items(inputs) * self.current_gradient_accumulation_steps * world)
 
-        split = [mb for mb, _ in split_micro_batches(inputs, None if options.sam_global else options.sam_micro_batch_size)]
+        size = None if options.sam_global else options.sam_micro_batch_size
+        if size is not None and _is_packed(inputs):
+            raise ValueError(_packed_batch_error(size))
+        split = [mb for mb, _ in split_micro_batches(inputs, size)]
         counts = self._item_counts(split)
         if self._vmap_chosen(model, split, counts):
             vmap_loss = self._vmap_step(model, split, counts, items_step, grad_scale)
@@ -517,6 +523,27 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         from .modelcard import create_model_card
 
         create_model_card(self, **kwargs)
+
+
+def _is_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether a batch is padding-free: several sequences concatenated in one row of shape ``[1, T]``, told apart by
+    ``position_ids`` that restart at 0 or by flash-attention ``cu_seq_lens_q`` (``DataCollatorWithFlattening``)."""
+    if batch_size_of(batch) != 1:
+        return False
+    if "cu_seq_lens_q" in batch:
+        return True
+    positions = batch.get("position_ids")
+    return isinstance(positions, torch.Tensor) and bool((positions[..., 1:] == 0).any())
+
+
+def _packed_batch_error(micro_batch_size: int) -> str:
+    return (
+        f"sam_micro_batch_size={micro_batch_size} cannot split padding-free (packed) batches: the collator "
+        "(DataCollatorWithFlattening or one like it) concatenates the sequences of a batch into one row of shape [1, T] "
+        "with position_ids / cu_seq_lens, so every batch would be a single micro-batch. Use a padding collator "
+        "(DataCollatorWithPadding, DataCollatorForLanguageModeling) for micro-batches, or unset sam_micro_batch_size "
+        "(one perturbation per per-device batch, which packed batches can take)."
+    )
 
 
 def _causal_lm_loss(model: nn.Module) -> bool:

@@ -186,3 +186,25 @@ def test_gpt2_micro_batches_are_weighted_by_shifted_tokens(tmp_path):
         weights = [s / sum(shifted) for s in shifted]
         reference_sgd_step(reference, reference_msam_gradient(reference, rows, 4, 0.1, weights=weights), lr=0.5)
     assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+# --- packed (padding-free) batches ----------------------------------------------------------------------
+def _packed_data():
+    import datasets
+
+    g = torch.Generator().manual_seed(35)
+    rows = [torch.randint(1, 64, (int(n),), generator=g).tolist() for n in torch.randint(3, 9, (8,), generator=g)]
+    return datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def test_micro_batches_of_packed_batches_are_refused(tmp_path):
+    from transformers import DataCollatorWithFlattening
+
+    args = sam_args(tmp_path, sam_rho=0.1, sam_micro_batch_size=2, per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match="sam_micro_batch_size=2 cannot split padding-free.*DataCollatorWithFlattening"):
+        SAMTrainer(model=tiny_llama(), args=args, train_dataset=_packed_data(), data_collator=DataCollatorWithFlattening())
+    packing = DataCollatorWithFlattening()  # the same batches from a collator of the user's, found at the first step
+    trainer = SAMTrainer(model=tiny_llama(), args=args, train_dataset=_packed_data(), data_collator=lambda f: packing(f))
+    with pytest.raises(ValueError, match="sam_micro_batch_size=2 cannot split padding-free"):
+        trainer.train()
+
