@@ -61,8 +61,9 @@ class SAMArguments:
             path, the model's input table (``get_input_embeddings()``): its lookup is taken outside vmap and
             perturbed by rows, so the table gets no copy per micro-batch (``hf_msam.vectorized.InputTableRows``;
             a model that looks it up other than once with ``input_ids`` gets an error that names this flag). A
-            table used elsewhere too (tied to an LM head) and ``sam_global`` keep the dense treatment. False: every
-            trainable tensor is treated whole.
+            table used elsewhere too (tied to an LM head) and ``sam_global`` keep the dense treatment, and so does the
+            loop path with ``torch_compile=True`` (inductor cannot compile a sparse gradient; logged once). False:
+            every trainable tensor is treated whole.
     """
 
     sam_rho: float = field(

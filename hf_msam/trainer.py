@@ -327,8 +327,15 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             self._batchnorms = [
                 m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             ]
-            # sam_global all-reduces the ascent gradients as dense tensors.
-            sparse = options.sam_sparse_embeddings and not options.sam_global
+            # sam_global all-reduces the ascent gradients as dense tensors; inductor cannot compile a backward that
+            # returns a sparse gradient ("Cannot access storage of SparseTensorImpl").
+            sparse = options.sam_sparse_embeddings and not options.sam_global and not self.args.torch_compile
+            if options.sam_sparse_embeddings and self.args.torch_compile:
+                self._log_fallback_once(
+                    "sam_sparse_embeddings: embedding tables are treated whole with torch_compile=True (the compiled "
+                    "backward cannot return sparse row gradients); the update is the same.",
+                    level=logging.INFO,
+                )
             self._embeddings = trainable_embeddings(module) if sparse else []
         return self._sam
 
