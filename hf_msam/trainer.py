@@ -112,9 +112,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     """A ``transformers.Trainer`` that trains with micro-batch sharpness-aware minimization (mSAM).
 
     Takes the same arguments as ``Trainer``. ``args`` is kept as passed (``trainer.args is args``): a
-    :class:`SAMTrainingArguments`, or any ``TrainingArguments`` (a user's subclass included), whose missing ``sam_*``
-    fields take the defaults of :class:`~hf_msam.arguments.SAMArguments` (``sam_options``). With ``sam_rho=0`` every step is the stock
-    ``Trainer.training_step``, bit for bit.
+    :class:`SAMTrainingArguments`, or any ``TrainingArguments`` (a user's subclass included), whose missing
+    ``sam_*`` fields take the defaults of :class:`~hf_msam.arguments.SAMArguments` (``sam_options``). With
+    ``sam_rho=0`` every step is the stock ``Trainer.training_step``, bit for bit.
 
     Logged with the Trainer's logs (``loss`` is the unperturbed training loss):
     ``sam_perturbed_loss`` (mean loss at the perturbed points), ``sam_ascent_grad_norm`` (mean ``||g_k||``),
@@ -280,7 +280,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         and weights the micro-batch itself (``world * items_k / items_step``), so the factor is divided out again, for
         a model that uses the count as for one that ignores it (a plain mean loss, transformers#47688).
         """
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # The condition and the factor of Trainer.compute_loss (transformers 5.25); SAMTrainer refuses n_gpu > 1.
         multiplied = (
             self.args.average_tokens_across_devices
@@ -321,7 +321,10 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if self._sam is None or self._sam_module is not module:
             options = self.sam_options
             self._sam = MicroBatchSAM(
-                module.parameters(), rho=options.sam_rho, adaptive=options.sam_adaptive, adaptive_eta=options.sam_adaptive_eta
+                module.parameters(),
+                rho=options.sam_rho,
+                adaptive=options.sam_adaptive,
+                adaptive_eta=options.sam_adaptive_eta,
             )
             self._sam_module = module
             self._batchnorms = [
@@ -544,6 +547,7 @@ def _is_packed(batch: Mapping[str, Any]) -> bool:
 
 
 def _packed_batch_error(micro_batch_size: int) -> str:
+    """Why ``sam_micro_batch_size`` cannot take packed batches, and the two ways out."""
     return (
         f"sam_micro_batch_size={micro_batch_size} cannot split padding-free (packed) batches: the collator "
         "(DataCollatorWithFlattening or one like it) concatenates the sequences of a batch into one row of shape [1, T] "
