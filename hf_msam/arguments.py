@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -14,17 +15,9 @@ from .curvature.arguments import SharpnessArguments
 
 
 @dataclass
-class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
-    """``TrainingArguments`` plus micro-batch sharpness-aware minimization (``docs/design.md`` section 2) and the
-    curvature report (the ``sharpness_*`` fields of :class:`~hf_msam.SharpnessArguments`).
-
-    Each optimizer step's effective mini-batch D (all processes, all gradient-accumulation chunks) is cut into
-    micro-batches D_k of ``sam_micro_batch_size`` examples; each gets its own perturbation
-    ``e_k = rho * g_k / ||g_k||``, ``g_k = grad L_k(w)``, and the descent gradients ``grad L_k(w + e_k)`` are averaged
-    with weights ``|D_k| / |D|`` before the base optimizer (``optim``) steps (Foret et al., 2021, section 4.1;
-    Behdin et al., 2023). ``m = |D| / sam_micro_batch_size``; m = 1 is SAM and ``sam_rho = 0`` is the plain base
-    optimizer. Every field is also a command-line flag (``HfArgumentParser``) and is saved with the other
-    arguments (``training_args.bin``, the model card).
+class SAMArguments:
+    """The mSAM settings (``docs/design.md`` section 2), as dataclass fields: part of :class:`SAMTrainingArguments`;
+    :func:`sam_options_of` reads them from any ``TrainingArguments`` (the defaults where it lacks them).
 
     Parameters:
         sam_rho (`float`, *optional*, defaults to 0.05):
@@ -68,8 +61,9 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
             path, the model's input table (``get_input_embeddings()``): its lookup is taken outside vmap and
             perturbed by rows, so the table gets no copy per micro-batch (``hf_msam.vectorized.InputTableRows``;
             a model that looks it up other than once with ``input_ids`` gets an error that names this flag). A
-            table used elsewhere too (tied to an LM head) and ``sam_global`` keep the dense treatment. False: every
-            trainable tensor is treated whole.
+            table used elsewhere too (tied to an LM head) and ``sam_global`` keep the dense treatment, and so does the
+            loop path with ``torch_compile=True`` (inductor cannot compile a sparse gradient; logged once). False:
+            every trainable tensor is treated whole.
     """
 
     sam_rho: float = field(
@@ -135,78 +129,111 @@ class SAMTrainingArguments(SharpnessArguments, TrainingArguments):
         },
     )
 
+
+@dataclass
+class SAMTrainingArguments(SAMArguments, SharpnessArguments, TrainingArguments):
+    """``TrainingArguments`` plus micro-batch sharpness-aware minimization (``docs/design.md`` section 2) and the
+    curvature report (the ``sharpness_*`` fields of :class:`~hf_msam.SharpnessArguments`).
+
+    Each optimizer step's effective mini-batch D (all processes, all gradient-accumulation chunks) is cut into
+    micro-batches D_k of ``sam_micro_batch_size`` examples; each gets its own perturbation
+    ``e_k = rho * g_k / ||g_k||``, ``g_k = grad L_k(w)``, and the descent gradients ``grad L_k(w + e_k)`` are averaged
+    with weights ``|D_k| / |D|`` before the base optimizer (``optim``) steps (Foret et al., 2021, section 4.1;
+    Behdin et al., 2023). ``m = |D| / sam_micro_batch_size``; m = 1 is SAM and ``sam_rho = 0`` is the plain base
+    optimizer. Every field is also a command-line flag (``HfArgumentParser``) and is saved with the other
+    arguments (``training_args.bin``, the model card).
+
+    The mSAM fields are those of :class:`SAMArguments`; ``SAMTrainer`` also takes a plain (or the user's own)
+    ``TrainingArguments``, with the defaults of the fields it lacks.
+    """
+
     def __post_init__(self) -> None:
-        self._validate_sam()
+        validate_sam_arguments(self, self)
         super().__post_init__()
 
     @property
     def sam_num_micro_batches(self) -> int:
         """m: micro-batches per per-device batch (1 for SAM)."""
-        if self.sam_micro_batch_size is None:
-            return 1
-        return math.ceil(self.per_device_train_batch_size / self.sam_micro_batch_size)
+        return micro_batches_per_device(self, self.per_device_train_batch_size)
 
-    def _validate_sam(self) -> None:
-        """Refuse settings that mSAM cannot honour, naming the field and the fix, before any work starts."""
-        rho = self.sam_rho
-        if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-            raise ValueError(f"sam_rho must be a finite number >= 0 (0 disables SAM), got {rho!r}.")
-        if not isinstance(self.sam_adaptive_eta, (int, float)) or not math.isfinite(self.sam_adaptive_eta) or (
-            self.sam_adaptive_eta < 0
-        ):
-            raise ValueError(f"sam_adaptive_eta must be a finite number >= 0, got {self.sam_adaptive_eta!r}.")
-        if self.sam_micro_batch_mode not in ("loop", "vmap", "auto"):
+
+def sam_options_of(args: Any) -> SAMArguments:
+    """The mSAM settings of a run (a plain copy, read now): the ``sam_*`` fields of ``args`` where it has them (a
+    :class:`SAMTrainingArguments`, or a user's ``TrainingArguments`` subclass with some of them), the defaults
+    of :class:`SAMArguments` otherwise."""
+    defaults = SAMArguments()
+    return SAMArguments(**{f.name: getattr(args, f.name, getattr(defaults, f.name)) for f in fields(SAMArguments)})
+
+
+def micro_batches_per_device(sam: SAMArguments, per_device_train_batch_size: int) -> int:
+    """m per per-device batch: ``ceil(per_device_train_batch_size / sam_micro_batch_size)`` (1 for SAM)."""
+    if sam.sam_micro_batch_size is None:
+        return 1
+    return math.ceil(per_device_train_batch_size / sam.sam_micro_batch_size)
+
+
+def validate_sam_arguments(sam: SAMArguments, args: TrainingArguments) -> None:
+    """Refuse settings that mSAM cannot honour, naming the field and the fix, before any work starts: the
+    ``sam_*`` fields of ``sam`` together with the batch, accumulation and parallelism fields of ``args``."""
+    rho = sam.sam_rho
+    if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"sam_rho must be a finite number >= 0 (0 disables SAM), got {rho!r}.")
+    if not isinstance(sam.sam_adaptive_eta, (int, float)) or not math.isfinite(sam.sam_adaptive_eta) or (
+        sam.sam_adaptive_eta < 0
+    ):
+        raise ValueError(f"sam_adaptive_eta must be a finite number >= 0, got {sam.sam_adaptive_eta!r}.")
+    if sam.sam_micro_batch_mode not in ("loop", "vmap", "auto"):
+        raise ValueError(
+            f"sam_micro_batch_mode must be 'loop', 'vmap' or 'auto', got {sam.sam_micro_batch_mode!r}."
+        )
+    budget = sam.sam_vmap_memory_budget_mb
+    if budget is not None and (not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"sam_vmap_memory_budget_mb must be a number > 0 (MiB) or None, got {budget!r}.")
+    if sam.sam_vmap_compile and sam.sam_micro_batch_mode == "loop":
+        raise ValueError(
+            "sam_vmap_compile=True compiles the vmap path, which sam_micro_batch_mode='loop' never runs: use "
+            "sam_micro_batch_mode='vmap' or 'auto', or drop sam_vmap_compile."
+        )
+    size = sam.sam_micro_batch_size
+    if sam.sam_micro_batch_mode == "vmap" and sam.sam_global:
+        raise ValueError(
+            "sam_micro_batch_mode='vmap' cannot run sam_global=True (its ascent gradient is all-reduced between "
+            "the two passes): use sam_micro_batch_mode='loop' or 'auto'."
+        )
+    if sam.sam_micro_batch_mode == "vmap" and size is not None and args.per_device_train_batch_size % size:
+        raise ValueError(
+            f"sam_micro_batch_mode='vmap' needs micro-batches of equal size, but sam_micro_batch_size={size} does "
+            f"not divide per_device_train_batch_size={args.per_device_train_batch_size}: choose a divisor, or "
+            "use sam_micro_batch_mode='auto' (which runs uneven batches with the loop)."
+        )
+    if size is not None:
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"sam_micro_batch_size must be an integer >= 1 (or None), got {size!r}.")
+        if size > args.per_device_train_batch_size:
             raise ValueError(
-                f"sam_micro_batch_mode must be 'loop', 'vmap' or 'auto', got {self.sam_micro_batch_mode!r}."
+                f"sam_micro_batch_size={size} is larger than per_device_train_batch_size="
+                f"{args.per_device_train_batch_size}: lower sam_micro_batch_size to at most the per-device "
+                "batch, or raise per_device_train_batch_size."
             )
-        budget = self.sam_vmap_memory_budget_mb
-        if budget is not None and (not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0):
-            raise ValueError(f"sam_vmap_memory_budget_mb must be a number > 0 (MiB) or None, got {budget!r}.")
-        if self.sam_vmap_compile and self.sam_micro_batch_mode == "loop":
+        if sam.sam_global:
             raise ValueError(
-                "sam_vmap_compile=True compiles the vmap path, which sam_micro_batch_mode='loop' never runs: use "
-                "sam_micro_batch_mode='vmap' or 'auto', or drop sam_vmap_compile."
+                "sam_global=True (one perturbation for the whole mini-batch) cannot be combined with "
+                f"sam_micro_batch_size={size}: unset one of them."
             )
-        size = self.sam_micro_batch_size
-        if self.sam_micro_batch_mode == "vmap" and self.sam_global:
-            raise ValueError(
-                "sam_micro_batch_mode='vmap' cannot run sam_global=True (its ascent gradient is all-reduced between "
-                "the two passes): use sam_micro_batch_mode='loop' or 'auto'."
-            )
-        if self.sam_micro_batch_mode == "vmap" and size is not None and self.per_device_train_batch_size % size:
-            raise ValueError(
-                f"sam_micro_batch_mode='vmap' needs micro-batches of equal size, but sam_micro_batch_size={size} does "
-                f"not divide per_device_train_batch_size={self.per_device_train_batch_size}: choose a divisor, or "
-                "use sam_micro_batch_mode='auto' (which runs uneven batches with the loop)."
-            )
-        if size is not None:
-            if not isinstance(size, int) or size < 1:
-                raise ValueError(f"sam_micro_batch_size must be an integer >= 1 (or None), got {size!r}.")
-            if size > self.per_device_train_batch_size:
-                raise ValueError(
-                    f"sam_micro_batch_size={size} is larger than per_device_train_batch_size="
-                    f"{self.per_device_train_batch_size}: lower sam_micro_batch_size to at most the per-device "
-                    "batch, or raise per_device_train_batch_size."
-                )
-            if self.sam_global:
-                raise ValueError(
-                    "sam_global=True (one perturbation for the whole mini-batch) cannot be combined with "
-                    f"sam_micro_batch_size={size}: unset one of them."
-                )
-        if self.sam_global and self.gradient_accumulation_steps > 1:
-            raise ValueError(
-                "sam_global=True needs the whole mini-batch in one pass: set gradient_accumulation_steps=1, "
-                "or drop sam_global to use per-micro-batch perturbations (mSAM)."
-            )
-        uses_deepspeed = bool(self.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        if uses_deepspeed:
-            raise ValueError(
-                "deepspeed: SAMTrainingArguments does not support DeepSpeed yet (its engine steps inside backward, "
-                "which breaks the two passes of SAM). Remove --deepspeed, or train with DDP via accelerate launch."
-            )
-        uses_fsdp = bool(self.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        if uses_fsdp:
-            raise ValueError(
-                "fsdp: SAMTrainingArguments does not support FSDP yet (gradient norms would need reducing across "
-                "shards). Remove --fsdp, or train with DDP via accelerate launch."
-            )
+    if sam.sam_global and args.gradient_accumulation_steps > 1:
+        raise ValueError(
+            "sam_global=True needs the whole mini-batch in one pass: set gradient_accumulation_steps=1, "
+            "or drop sam_global to use per-micro-batch perturbations (mSAM)."
+        )
+    uses_deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if uses_deepspeed:
+        raise ValueError(
+            "deepspeed: SAMTrainer does not support DeepSpeed yet (its engine steps inside backward, "
+            "which breaks the two passes of SAM). Remove --deepspeed, or train with DDP via accelerate launch."
+        )
+    uses_fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if uses_fsdp:
+        raise ValueError(
+            "fsdp: SAMTrainer does not support FSDP yet (gradient norms would need reducing across "
+            "shards). Remove --fsdp, or train with DDP via accelerate launch."
+        )

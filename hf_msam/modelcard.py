@@ -30,6 +30,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_fr
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .arguments import micro_batches_per_device, sam_options_of
+
 __all__ = ["CARD_DATA_NAME", "MODEL_TAGS", "TEMPLATE_PATH", "base_model_license", "card_data_from_trainer",
            "create_model_card", "curvature_summary", "load_card_data", "render_model_card", "write_model_card"]
 
@@ -126,20 +128,22 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
     optimizer = str(getattr(args.optim, "value", args.optim))
     world = max(args.world_size, 1)
     ga = args.gradient_accumulation_steps
-    micro = args.sam_micro_batch_size
+    sam = sam_options_of(args)  # a plain TrainingArguments: the mSAM defaults, as SAMTrainer trained with
+    micro = sam.sam_micro_batch_size
     per_device = args.per_device_train_batch_size
+    m = 1 if sam.sam_global else micro_batches_per_device(sam, per_device) * world * ga
     msam = {
-        "rho": args.sam_rho,
+        "rho": sam.sam_rho,
         "micro-batch size": micro if micro else f"{per_device} (the per-device batch)",
-        "m (micro-batches per optimizer step)": 1 if args.sam_global else args.sam_num_micro_batches * world * ga,
-        "adaptive (ASAM)": args.sam_adaptive,
-        "global SAM": args.sam_global,
+        "m (micro-batches per optimizer step)": m,
+        "adaptive (ASAM)": sam.sam_adaptive,
+        "global SAM": sam.sam_global,
         "base optimizer": optimizer,
         "learning rate": args.learning_rate,
         "mini-batch size (all processes, all accumulation steps)": per_device * world * ga,
     }
-    if args.sam_adaptive:
-        msam["ASAM eta"] = args.sam_adaptive_eta
+    if sam.sam_adaptive:
+        msam["ASAM eta"] = sam.sam_adaptive_eta
 
     hyper = _hyperparameters(trainer)
     _, training_results, _ = parse_log_history(trainer.state.log_history)

@@ -47,9 +47,11 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithFlattening, GenerationMixin, Trainer, TrainingArguments
+from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.trainer_utils import unwrap_peft_model
 
-from .arguments import SAMTrainingArguments
+from .arguments import SAMArguments, sam_options_of, validate_sam_arguments
 from .modelcard import MODEL_TAGS
 from .msam import (
     MicroBatchSAM,
@@ -109,19 +111,19 @@ _UNSUPPORTED = {
 class SAMTrainer(SharpnessReportMixin, Trainer):
     """A ``transformers.Trainer`` that trains with micro-batch sharpness-aware minimization (mSAM).
 
-    Takes the same arguments as ``Trainer``; ``args`` should be :class:`SAMTrainingArguments` (plain
-    ``TrainingArguments`` are converted with the mSAM defaults). With ``sam_rho=0`` every step is the stock
-    ``Trainer.training_step``, bit for bit.
+    Takes the same arguments as ``Trainer``. ``args`` is kept as passed (``trainer.args is args``): a
+    :class:`SAMTrainingArguments`, or any ``TrainingArguments`` (a user's subclass included), whose missing
+    ``sam_*`` fields take the defaults of :class:`~hf_msam.arguments.SAMArguments` (``sam_options``). With
+    ``sam_rho=0`` every step is the stock ``Trainer.training_step``, bit for bit.
 
     Logged with the Trainer's logs (``loss`` is the unperturbed training loss):
     ``sam_perturbed_loss`` (mean loss at the perturbed points), ``sam_ascent_grad_norm`` (mean ``||g_k||``),
     ``sam_skipped`` (perturbations skipped since the last log for a non-finite ascent gradient).
     """
 
-    args: SAMTrainingArguments
-
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
-        args = _as_sam_arguments(args)
+        if args is not None:  # SAMTrainingArguments checked themselves when built; a plain TrainingArguments did not
+            validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
         if self.accelerator.distributed_type in _UNSUPPORTED:
             raise ValueError(
@@ -133,6 +135,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 f"SAMTrainer does not support torch.nn.DataParallel over {self.args.n_gpu} GPUs in one process: "
                 "launch one process per GPU with `accelerate launch --multi_gpu` (or torchrun)."
             )
+        micro_batch_size = self.sam_options.sam_micro_batch_size
+        if micro_batch_size is not None and isinstance(self.data_collator, DataCollatorWithFlattening):
+            raise ValueError(_packed_batch_error(micro_batch_size))
         if hasattr(self.model, "add_model_tags"):  # as TRL's trainers do: any push of this model carries the tags
             self.model.add_model_tags(MODEL_TAGS)
         self._sam: MicroBatchSAM | None = None
@@ -141,6 +146,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._batchnorms: list[nn.Module] = []
         self._embeddings: list[nn.Embedding] = []  # tables treated by rows on the loop path (sam_sparse_embeddings)
         self._sam_items_in_step: float | None = None
+        self._in_micro_batch_pass = False  # compute_loss is running for a micro-batch of an mSAM step
+        # Items of a batch: labels[..., 1:] for every causal LM, also those the Trainer misses (GPT-2: no loss_type).
+        self._sam_loss_shifts_labels = self._loss_shifts_labels or _causal_lm_loss(unwrap_peft_model(self.model))
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
         self._vmap_verified = False  # a vmap step has run once (later failures are real errors)
@@ -149,7 +157,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
         self._sam_stats = torch.zeros(4, dtype=torch.float64, device=self.args.device)
         self._sam_last_logged_step = 0  # where the window of _sam_stats starts; reset when training (re)starts
-        self.add_callback(_SAMLogWindow(self))
+
+    @property
+    def sam_options(self) -> SAMArguments:
+        """The mSAM settings, read from ``self.args`` at each use (:func:`~hf_msam.arguments.sam_options_of`): the
+        ``sam_*`` fields it has, the defaults of the others. ``self.args`` is the object the user passed, so a change
+        to it after the trainer is built counts, as it does for every other field."""
+        return sam_options_of(self.args)
 
     # ------------------------------------------------------------------------------------------------
     # The step
@@ -157,7 +171,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         """Also count the supervised items of the whole optimizer step on all processes (``|D|``)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self.args.sam_rho > 0:
+        if self.sam_options.sam_rho > 0:
             local = sum(self._count_items(batch) for batch in batch_samples)
             if self.accelerator.num_processes > 1:
                 total = self.accelerator.reduce(torch.tensor(float(local), device=device), reduction="sum")
@@ -173,7 +187,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """One per-device chunk of an mSAM step; returns the unperturbed loss, scaled like the stock step's."""
-        if self.args.sam_rho == 0:
+        if self.sam_options.sam_rho == 0:
             return super().training_step(model, inputs, num_items_in_batch)
 
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
@@ -186,6 +200,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     def _msam_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
         args = self.args
+        options = self.sam_options
         sam = self._get_sam(model)
         ascent_model = self._unwrapped(model)  # bypasses the DDP reducer; keeps autocast
         world = self.accelerator.num_processes
@@ -195,7 +210,10 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if items_step is None:  # called outside the Trainer loop: this chunk is the whole local step
             items_step = float(self._count_items(inputs) * self.current_gradient_accumulation_steps * world)
 
-        split = [mb for mb, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)]
+        size = None if options.sam_global else options.sam_micro_batch_size
+        if size is not None and _is_packed(inputs):
+            raise ValueError(_packed_batch_error(size))
+        split = [mb for mb, _ in split_micro_batches(inputs, size)]
         counts = self._item_counts(split)
         if self._vmap_chosen(model, split, counts):
             vmap_loss = self._vmap_step(model, split, counts, items_step, grad_scale)
@@ -204,7 +222,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         clean_loss = torch.zeros((), device=args.device)
         if not micro_batches:  # nothing supervised here: still take part in every collective of the step
-            if args.sam_global and world > 1:
+            if options.sam_global and world > 1:
                 _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
             self._zero_loss_backward(model, inputs)
             return clean_loss
@@ -213,10 +231,10 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
             randomness = RandomState.capture()  # the descent pass replays the ascent pass's dropout masks
             with self.compute_loss_context_manager(), sparse_embedding_gradients(self._embeddings):
-                loss_at_w = self.compute_loss(ascent_model, dict(micro_batch))  # a label smoother pops labels
+                loss_at_w = self._micro_batch_loss(ascent_model, micro_batch, items)
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
-            if args.sam_global and world > 1:
+            if options.sam_global and world > 1:
                 _all_reduce_mean_(grads, weight / world)
             perturbation = sam.perturb_with(grads, grad_scale=grad_scale)
             del grads
@@ -229,12 +247,53 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager(), descent_tables:
-                        loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
+                        loss_at_w_plus_e = self._micro_batch_loss(model, micro_batch, items)
                     self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
                 sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
         return clean_loss
+
+    def _micro_batch_loss(self, model: nn.Module, micro_batch: dict[str, Any], items: int) -> torch.Tensor:
+        """``L_k``, the mean loss of one micro-batch over its ``items`` supervised items: ``compute_loss`` with
+        ``num_items_in_batch=items``, so that a loss normalised by it (by the model, a ``compute_loss_func``, the label
+        smoother or an override) is that mean, as a model's plain mean loss is (``docs/design.md`` section 2.3)."""
+        self._in_micro_batch_pass = True
+        try:  # a copy of the batch: a label smoother or compute_loss_func pops its labels
+            items_tensor = torch.tensor(items, device=self.args.device)
+            return self.compute_loss(model, dict(micro_batch), num_items_in_batch=items_tensor)
+        finally:
+            self._in_micro_batch_pass = False
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """``Trainer.compute_loss``; inside an mSAM pass without its factor for the processes.
+
+        Outside an mSAM pass this is the stock method. ``Trainer.compute_loss`` multiplies a loss normalised by
+        ``num_items_in_batch`` by the number of processes (``average_tokens_across_devices``: the stock count is the
+        step's over all processes, and DDP averages the gradients). An mSAM pass gives the micro-batch's own count
+        and weights the micro-batch itself (``world * items_k / items_step``), so the factor is divided out again, for
+        a model that uses the count as for one that ignores it (a plain mean loss, transformers#47688).
+        """
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # The condition and the factor of Trainer.compute_loss (transformers 5.25); SAMTrainer refuses n_gpu > 1.
+        multiplied = (
+            self.args.average_tokens_across_devices
+            and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+            and num_items_in_batch is not None
+        )
+        factor = self.accelerator.num_processes // self.get_tp_size()
+        if not (self._in_micro_batch_pass and multiplied and factor != 1):
+            return result
+        if return_outputs:
+            loss, outputs = result
+            return loss / factor, outputs
+        return result / factor
 
     def _zero_loss_backward(self, model: nn.Module, inputs: dict[str, Any]) -> None:
         """A synced backward of zero through the (DDP-wrapped) model, as the stock step back-propagates a zero loss
@@ -260,18 +319,26 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         """The perturbation state for the trainable parameters of ``model`` (built once per model)."""
         module = self._unwrapped(model)
         if self._sam is None or self._sam_module is not module:
+            options = self.sam_options
             self._sam = MicroBatchSAM(
                 module.parameters(),
-                rho=self.args.sam_rho,
-                adaptive=self.args.sam_adaptive,
-                adaptive_eta=self.args.sam_adaptive_eta,
+                rho=options.sam_rho,
+                adaptive=options.sam_adaptive,
+                adaptive_eta=options.sam_adaptive_eta,
             )
             self._sam_module = module
             self._batchnorms = [
                 m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
             ]
-            # sam_global all-reduces the ascent gradients as dense tensors.
-            sparse = self.args.sam_sparse_embeddings and not self.args.sam_global
+            # sam_global all-reduces the ascent gradients as dense tensors; inductor cannot compile a backward that
+            # returns a sparse gradient ("Cannot access storage of SparseTensorImpl").
+            sparse = options.sam_sparse_embeddings and not options.sam_global and not self.args.torch_compile
+            if options.sam_sparse_embeddings and self.args.torch_compile:
+                self._log_fallback_once(
+                    "sam_sparse_embeddings: embedding tables are treated whole with torch_compile=True (the compiled "
+                    "backward cannot return sparse row gradients); the update is the same.",
+                    level=logging.INFO,
+                )
             self._embeddings = trainable_embeddings(module) if sparse else []
         return self._sam
 
@@ -281,7 +348,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def _vmap_chosen(self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int]) -> bool:
         """Whether this chunk runs on the vmap path; logs the reason of a fallback once (``"auto"``, or an
         uneven chunk), raises with it for ``"vmap"`` when the model itself cannot take the path."""
-        mode = self.args.sam_micro_batch_mode
+        mode = self.sam_options.sam_micro_batch_mode
         if mode == "loop":
             return False
         if mode == "auto" and self.args.device.type not in AUTO_VMAP_DEVICE_TYPES:
@@ -323,18 +390,18 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             reason = "a label smoother (label_smoothing_factor > 0) computes the loss outside the model"
         elif self.compute_loss_func is not None:
             reason = "a compute_loss_func computes the loss outside the model"
-        elif type(self).compute_loss is not Trainer.compute_loss:
+        elif type(self).compute_loss is not SAMTrainer.compute_loss:
             reason = f"{type(self).__name__} overrides compute_loss, which the vmap path cannot call"
-        elif self.args.sam_global:
+        elif self.sam_options.sam_global:
             reason = "sam_global=True all-reduces the ascent gradient between the two passes"
         else:
             self._vmap = VectorizedMicroBatchSAM(
                 module,
-                rho=self.args.sam_rho,
-                adaptive=self.args.sam_adaptive,
-                adaptive_eta=self.args.sam_adaptive_eta,
-                compile=self.args.sam_vmap_compile,
-                table_rows=self.args.sam_sparse_embeddings,
+                rho=self.sam_options.sam_rho,
+                adaptive=self.sam_options.sam_adaptive,
+                adaptive_eta=self.sam_options.sam_adaptive_eta,
+                compile=self.sam_options.sam_vmap_compile,
+                table_rows=self.sam_options.sam_sparse_embeddings,
             )
             self._vmap_group_size = None
             return
@@ -359,7 +426,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                     stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
                 )
             except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
-                if self._vmap_verified or self.args.sam_micro_batch_mode == "vmap":
+                if self._vmap_verified or self.sam_options.sam_micro_batch_mode == "vmap":
                     raise
                 randomness.restore()
                 self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
@@ -378,7 +445,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         rows, whose rows take what one activation takes); default budget: half the free device memory. Activations
         need no budget: a group of g micro-batches of size b holds those of one g*b batch, at most the per-device
         batch that the stock step holds."""
-        budget_mb = self.args.sam_vmap_memory_budget_mb
+        budget_mb = self.sam_options.sam_vmap_memory_budget_mb
         if budget_mb is None:
             budget_mb = _free_memory_mb(self.args.device) / 2
         param_mb = sum(p.numel() * p.element_size() for p in self._vmap.batched_params) / 2**20
@@ -408,7 +475,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         labels = batch.get("shift_labels")
         if labels is None:
             labels = batch.get("labels")
-            if isinstance(labels, torch.Tensor) and getattr(self, "_loss_shifts_labels", False):
+            if isinstance(labels, torch.Tensor) and self._sam_loss_shifts_labels:
                 labels = labels[..., 1:]
         if isinstance(labels, torch.Tensor) and labels.dim() > 0:
             return labels.ne(-100).sum()
@@ -433,9 +500,19 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         stats[2] += torch.where(result.skipped, 0.0, result.grad_norms).sum().to(stats.dtype)
         stats[3] += (perturbed_loss_weights * result.perturbed_losses).sum().to(stats.dtype)
 
+    def _init_training_state(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        """The Trainer's set-up of ``self.state`` (restored from the checkpoint on a resume); the window of the mSAM
+        log counters then starts at ``state.global_step``, so that the first ``sam_perturbed_loss`` after a resume is a
+        mean over the steps since then. Runs where training starts, like ``on_train_begin``, without a callback that
+        would show in ``callback_handler.callbacks``."""
+        started = super()._init_training_state(*args, **kwargs)
+        self._sam_stats.zero_()
+        self._sam_last_logged_step = self.state.global_step
+        return started
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mSAM counters (summed over processes since the last training log) to training logs."""
-        if "loss" in logs and self.args.sam_rho > 0:
+        if "loss" in logs and self.sam_options.sam_rho > 0:
             stats = self._sam_stats
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
@@ -458,27 +535,40 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         create_model_card(self, **kwargs)
 
 
-class _SAMLogWindow(TrainerCallback):
-    """Starts the window of the mSAM log counters where training starts, at ``state.global_step`` as restored from
-    a checkpoint, so that the first ``sam_perturbed_loss`` after a resume is a mean over the steps since then."""
+def _is_packed(batch: Mapping[str, Any]) -> bool:
+    """Whether a batch is padding-free: several sequences concatenated in one row of shape ``[1, T]``, told apart by
+    ``position_ids`` that restart at 0 or by flash-attention ``cu_seq_lens_q`` (``DataCollatorWithFlattening``)."""
+    if batch_size_of(batch) != 1:
+        return False
+    if "cu_seq_lens_q" in batch:
+        return True
+    positions = batch.get("position_ids")
+    return isinstance(positions, torch.Tensor) and bool((positions[..., 1:] == 0).any())
 
-    def __init__(self, trainer: SAMTrainer) -> None:
-        self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
-        self.trainer._sam_stats.zero_()
-        self.trainer._sam_last_logged_step = state.global_step
+def _packed_batch_error(micro_batch_size: int) -> str:
+    """Why ``sam_micro_batch_size`` cannot take packed batches, and the two ways out."""
+    return (
+        f"sam_micro_batch_size={micro_batch_size} cannot split padding-free (packed) batches: the collator "
+        "(DataCollatorWithFlattening or one like it) concatenates the sequences of a batch into one row of shape [1, T] "
+        "with position_ids / cu_seq_lens, so every batch would be a single micro-batch. Use a padding collator "
+        "(DataCollatorWithPadding, DataCollatorForLanguageModeling) for micro-batches, or unset sam_micro_batch_size "
+        "(one perturbation per per-device batch, which packed batches can take)."
+    )
 
 
-def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:
-    """Pass ``SAMTrainingArguments`` through; convert plain ``TrainingArguments`` (or None) with mSAM defaults."""
-    if isinstance(args, SAMTrainingArguments):
-        return args
-    if args is None:
-        return SAMTrainingArguments(output_dir="trainer_output")
-    values = {k: v for k, v in args.to_dict().items() if k in SAMTrainingArguments.__dataclass_fields__}
-    values["hub_token"] = args.hub_token  # to_dict() masks it
-    return SAMTrainingArguments(**values)
+def _causal_lm_loss(model: nn.Module) -> bool:
+    """Whether the model's loss scores label ``i + 1`` at position ``i`` (``ForCausalLMLoss``), so that the first label
+    of each row is never used and a batch's items are ``labels[..., 1:] != -100``.
+
+    Decided from the loss function the model's forward calls, ``PreTrainedModel.loss_function``, which falls back to
+    ``ForCausalLMLoss`` when ``loss_type`` is unset (GPT-2's ``GPT2LMHeadModel``, which the Trainer's own check by
+    ``loss_type`` misses), for a model that generates (``GenerationMixin``) and is not an encoder-decoder (whose labels
+    are aligned with the decoder's outputs).
+    """
+    if not isinstance(model, GenerationMixin) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
 def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:

@@ -79,6 +79,7 @@ def lm_ddp_weights(tmp_path_factory):
     "setting, unsupervised, single_process",
     [
         ("holes_micro4", (), dict(sam_micro_batch_size=4)),  # token counts differ between the processes
+        ("func_micro4", (), dict(sam_micro_batch_size=4)),  # a compute_loss_func normalised by num_items_in_batch
         ("empty_micro4", (8, 16), dict(sam_micro_batch_size=4)),  # step 1: the second process has no label at all
         ("empty_per_device", (8, 16), dict(sam_micro_batch_size=8)),
         ("empty_global", (8, 16), dict(sam_micro_batch_size=None)),

@@ -254,13 +254,12 @@ def test_arguments_are_flags_and_are_saved(tmp_path):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--sam_micro_batch_size", "32"])
 
 
-def test_plain_training_arguments_are_converted(tmp_path):
+def test_plain_training_arguments_are_kept_with_mSAM_defaults(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, hub_token="secret", use_cpu=True,
                              report_to="none")
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8))
-    assert isinstance(trainer.args, SAMTrainingArguments)
-    assert trainer.args.sam_rho == 0.05 and trainer.args.per_device_train_batch_size == 4
-    assert trainer.args.hub_token == "secret"
+    assert trainer.args is args and trainer.args.hub_token == "secret"
+    assert trainer.sam_options.sam_rho == 0.05 and trainer.sam_options.sam_micro_batch_size is None
 
 
 # --- j. a batch smaller than the micro-batch size trains --------------------------------------------

@@ -94,3 +94,15 @@ def lm_dataset_without_labels_in(start: int | None = None, stop: int | None = No
         return data
     return data.map(lambda row, index: {"labels": [-100] * len(row["labels"]) if start <= index < stop else row["labels"]},
                     with_indices=True)
+
+
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the shifted supervised tokens (a user's loss, to be divided by a count)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def token_loss_func(outputs, labels, num_items_in_batch):
+    """A ``compute_loss_func`` normalised by the count the Trainer passes."""
+    return summed_token_loss(outputs.logits, labels) / num_items_in_batch

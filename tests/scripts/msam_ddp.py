@@ -7,7 +7,8 @@ to OUT/<setting>.skipped, for comparison with one process and the doubled batch.
 Suites:
   bert: a tiny BERT with micro-batches of 4, with one micro-batch per process, and with ``sam_global``.
   lm: a tiny causal LM with -100 holes, so the processes hold different numbers of supervised tokens; in the
-      ``empty_*`` settings every label of the second process's chunk is -100 in the first step.
+      ``empty_*`` settings every label of the second process's chunk is -100 in the first step; ``func_micro4``
+      computes the loss with a ``compute_loss_func`` normalised by ``num_items_in_batch``.
   vmap: the vmap path (micro-batches of 4) for a padded tiny BERT and a tiny Llama with -100 holes.
 """
 
@@ -20,10 +21,18 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import tiny_bert, token_dataset  # noqa: E402
 from test_vectorized import padded_dataset  # noqa: E402
-from trainer_utils import SequentialSAMTrainer, lm_dataset, lm_dataset_without_labels_in, sam_args, tiny_llama  # noqa: E402
+from trainer_utils import (  # noqa: E402
+    SequentialSAMTrainer,
+    lm_dataset,
+    lm_dataset_without_labels_in,
+    sam_args,
+    tiny_llama,
+    token_loss_func,
+)
 
 VMAP = dict(sam_micro_batch_size=4, sam_micro_batch_mode="vmap")
-# suite -> setting -> (model, training data, SAMTrainingArguments overrides); 8 examples per process and step
+# suite -> setting -> (model, training data, SAMTrainingArguments overrides and compute_loss_func); 8 examples per
+# process and step
 SUITES = {
     "bert": {
         "micro4": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12), dict(sam_micro_batch_size=4)),
@@ -32,6 +41,9 @@ SUITES = {
     },
     "lm": {
         "holes_micro4": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(), dict(sam_micro_batch_size=4)),
+        # a compute_loss_func that divides by num_items_in_batch: the same update as the model's own loss
+        "func_micro4": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(),
+                        dict(sam_micro_batch_size=4, compute_loss_func=token_loss_func)),
         "empty_micro4": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_micro_batch_size=4)),
         "empty_per_device": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict()),
         "empty_global": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_global=True)),
@@ -44,11 +56,13 @@ SUITES = {
 
 
 def main(suite: str, out_dir: str) -> None:
-    for name, (make_model, make_data, overrides) in SUITES[suite].items():
+    for name, (make_model, make_data, settings) in SUITES[suite].items():
         model = make_model()
+        overrides = dict(settings)
+        loss_func = overrides.pop("compute_loss_func", None)
         args = sam_args(os.path.join(out_dir, f"{name}_run"), per_device_train_batch_size=8, max_steps=2, sam_rho=0.2,
                         **overrides)
-        trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=make_data())
+        trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=make_data(), compute_loss_func=loss_func)
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
         trainer.train()
         assert args.sam_micro_batch_mode != "vmap" or trainer._vmap_verified  # the vmap path ran, not the loop
