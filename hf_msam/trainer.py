@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -61,7 +61,7 @@ from .msam import (
     trainable_embeddings,
 )
 from .reporting import SharpnessReportMixin
-from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._sam_items_in_step: float | None = None
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
-        self._vmap_verified = False  # a vmap step has run once (later failures are real errors)
+        self._vmap_verified = False  # a vmap group has run
         self._vmap_group_size: int | None = None
         self._logged_fallbacks: set[str] = set()
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
@@ -197,12 +197,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
         split = [mb for mb, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)]
         counts = self._item_counts(split)
-        if self._vmap_chosen(model, split, counts):
-            vmap_loss = self._vmap_step(model, split, counts, items_step, grad_scale)
-            if vmap_loss is not None:
-                return vmap_loss
-        micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         clean_loss = torch.zeros((), device=args.device)
+        if self._vmap_chosen(model, split, counts):
+            done = self._vmap_step(model, split, counts, items_step, grad_scale, clean_loss)
+            if done == len(split):
+                return clean_loss
+            split, counts = split[done:], counts[done:]  # "auto" met an error vmap cannot run: the loop does the rest
+        micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         if not micro_batches:  # nothing supervised here: still take part in every collective of the step
             if args.sam_global and world > 1:
                 _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
@@ -327,6 +328,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             reason = f"{type(self).__name__} overrides compute_loss, which the vmap path cannot call"
         elif self.args.sam_global:
             reason = "sam_global=True all-reduces the ascent gradient between the two passes"
+        elif unsupported_reason(module) is not None:
+            reason = unsupported_reason(module)
         else:
             self._vmap = VectorizedMicroBatchSAM(
                 module,
@@ -341,36 +344,51 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._vmap_ineligible = reason
 
     def _vmap_step(
-        self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int], items_step: float, grad_scale: float
-    ) -> torch.Tensor | None:
-        """All micro-batches of the chunk in groups of vectorised passes; ``None`` when the first try of
-        ``"auto"`` met an operation that vmap rejects (the chunk then runs with the loop, nothing changed)."""
+        self,
+        model: nn.Module,
+        micro_batches: list[dict[str, Any]],
+        counts: list[int],
+        items_step: float,
+        grad_scale: float,
+        clean_loss: torch.Tensor,
+    ) -> int:
+        """The micro-batches of the chunk in groups of vectorised passes, their weighted clean losses added into
+        ``clean_loss``; returns how many ran. Under ``"auto"``, a group that raises before its backward began
+        (an operation vmap rejects, a mask the path cannot hand in) is undone (the random state; ``.grad`` was not
+        touched) and it and the rest of the chunk, and every later chunk, run with the loop, logged once."""
         world = self.accelerator.num_processes
         device = self.args.device
         weights = torch.tensor([world * c / items_step for c in counts], device=device, dtype=torch.float32)
         group = self._vmap_group_size or self._group_size_for_budget(len(micro_batches))
-        clean_loss = torch.zeros((), device=device)
+        if isinstance(model, nn.parallel.DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
+            model._sync_buffers()  # what the wrapper's forward, which this path never calls, does (broadcast_buffers)
         for start in range(0, len(micro_batches), group):
             stacked = stack_micro_batches(micro_batches[start : start + group])
             group_weights = weights[start : start + group]
-            randomness = None if self._vmap_verified else RandomState.capture()  # to undo a failed first try
+            randomness = RandomState.capture()  # to undo a failed group
+            backward = _RecordingBackward(self.accelerator.backward)
             try:
                 result = self._vmap.step(
-                    stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
+                    stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=backward
                 )
-            except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
-                if self._vmap_verified or self.args.sam_micro_batch_mode == "vmap":
+            except Exception as error:  # noqa: BLE001 - "auto": any error before .grad is written is undone
+                if self.args.sam_micro_batch_mode == "vmap" or backward.called:
                     raise
+                if world > 1:  # one process alone on the loop would wait in other collectives than the rest
+                    raise RuntimeError(
+                        f"sam_micro_batch_mode='auto' cannot leave the vmap path on one process of {world}: the vmap "
+                        f"step failed ({type(error).__name__}: {error}). Set sam_micro_batch_mode='loop'."
+                    ) from error
                 randomness.restore()
                 self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
                 self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
-                return None
+                return start
             self._vmap_verified = True
             clean_loss += (group_weights * result.clean_losses).sum()
             self._record_vectorized(result, group_weights / world)
         if world > 1 and self.accelerator.sync_gradients:
-            _all_reduce_gradients_mean_([p for p in self._vmap.params if p.grad is not None], world)
-        return clean_loss
+            _all_reduce_gradients_mean_(self._vmap.params, world)
+        return len(micro_batches)
 
     def _group_size_for_budget(self, num_micro_batches: int) -> int:
         """Micro-batches per vectorised group: as many as ``sam_vmap_memory_budget_mb`` holds copies of the
@@ -481,6 +499,18 @@ def _as_sam_arguments(args: TrainingArguments | None) -> SAMTrainingArguments:
     return SAMTrainingArguments(**values)
 
 
+class _RecordingBackward:
+    """``backward`` that records whether it was called: from then on a failed vmap group has written ``.grad``."""
+
+    def __init__(self, backward: Callable[[torch.Tensor], None]) -> None:
+        self.backward = backward
+        self.called = False
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.called = True
+        self.backward(loss)
+
+
 def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
     """Global SAM: replace each process's ascent gradient ``g_r`` by ``sum_r weight_r * g_r`` over processes, in one
     all-reduce (with ``weight_r = items_r / items_step`` that is the gradient of the whole mini-batch's mean loss)."""
@@ -490,9 +520,14 @@ def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
         tensor.copy_(reduced)
 
 
-def _all_reduce_gradients_mean_(params: list[torch.Tensor], world: int) -> None:
+def _all_reduce_gradients_mean_(params: Sequence[torch.Tensor], world: int) -> None:
     """What the DDP reducer does at the synced backward, for the vmap path (which runs on the unwrapped module):
-    ``.grad`` becomes its mean over processes, in one all-reduce."""
+    ``.grad`` of every trainable parameter becomes its mean over processes, in one all-reduce. A parameter without a
+    gradient here (unused by this process's batches) gets a zero one first, as the reducer gives it, so that every
+    process reduces the same buffer."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch._utils._flatten_dense_tensors(grads).div_(world)
     torch.distributed.all_reduce(flat)
