@@ -11,7 +11,8 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
 * ``.grad`` holds the descent gradients of earlier chunks: ascent gradients come from
   ``torch.autograd.grad`` and never touch it.
 * DDP: the ascent pass runs on the unwrapped module, so it never reaches the reducer (no all-reduce,
-  per-device perturbations), and every descent backward but the last of a chunk runs under ``no_sync``.
+  per-device perturbations), and every descent backward but the last of a chunk runs under ``no_sync``. While the
+  vmap path is in use, every chunk reduces by hand instead, also those that run with the loop (``docs/design.md`` 2.4).
 * Loss scale: each micro-batch's loss is the model's own mean over its supervised items (labels that are
   not -100); it is weighted by ``world_size * items_k / items_step``, with ``items_step`` counted over the
   whole optimizer step on all processes. That is ``sum_k |D_k| / |D| d_k`` for every head, including the
@@ -144,6 +145,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
         self._vmap_verified = False  # a vmap group has run
+        self._vmap_failed: str | None = None  # why a group failed on this process, until the others know (DDP)
         self._vmap_group_size: int | None = None
         self._logged_fallbacks: set[str] = set()
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
@@ -198,13 +200,15 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         split = [mb for mb, _ in split_micro_batches(inputs, None if args.sam_global else args.sam_micro_batch_size)]
         counts = self._item_counts(split)
         clean_loss = torch.zeros((), device=args.device)
-        if self._vmap_chosen(model, split, counts):
+        vmap = self._vmap_chosen(model, split, counts)
+        by_hand = world > 1 and self._vmap_reduces_by_hand(model)  # the vmap path's all-reduce, whichever path runs
+        if by_hand:  # no pass runs the wrapper's forward, which broadcasts the buffers (broadcast_buffers)
+            _sync_buffers(model)
+        if vmap:
             done = self._vmap_step(model, split, counts, items_step, grad_scale, clean_loss)
-            if done == len(split):
-                return clean_loss
             split, counts = split[done:], counts[done:]  # "auto" met an error vmap cannot run: the loop does the rest
         micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
-        if not micro_batches:  # nothing supervised here: still take part in every collective of the step
+        if not micro_batches and not vmap and not by_hand:  # nothing supervised: still take part in every collective
             if args.sam_global and world > 1:
                 _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
             self._zero_loss_backward(model, inputs)
@@ -223,18 +227,20 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             del grads
 
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if last or by_hand else self.accelerator.no_sync(model)
             randomness.restore()
             # Rows added into .grad in place; not under DDP, whose reducer expects the dense gradients it was built for.
             descent_tables = sparse_embedding_gradients(self._embeddings if world == 1 else [], accumulating=True)
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager(), descent_tables:
-                        loss_at_w_plus_e = self.compute_loss(model, dict(micro_batch))
+                        loss_at_w_plus_e = self.compute_loss(ascent_model if by_hand else model, dict(micro_batch))
                     self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
                 sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
+        if by_hand and self.accelerator.sync_gradients:
+            self._vmap_all_reduce()
         return clean_loss
 
     def _zero_loss_backward(self, model: nn.Module, inputs: dict[str, Any]) -> None:
@@ -297,6 +303,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         module = self._unwrapped(model)
         if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
             self._vmap_model_check(model)
+        if self._vmap_failed is not None:  # this process left the path; the others learn it at the next all-reduce
+            return False
         reason = self._vmap_ineligible
         if reason is not None:
             if mode == "vmap":
@@ -360,8 +368,6 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         device = self.args.device
         weights = torch.tensor([world * c / items_step for c in counts], device=device, dtype=torch.float32)
         group = self._vmap_group_size or self._group_size_for_budget(len(micro_batches))
-        if isinstance(model, nn.parallel.DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
-            model._sync_buffers()  # what the wrapper's forward, which this path never calls, does (broadcast_buffers)
         for start in range(0, len(micro_batches), group):
             stacked = stack_micro_batches(micro_batches[start : start + group])
             group_weights = weights[start : start + group]
@@ -374,21 +380,35 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             except Exception as error:  # noqa: BLE001 - "auto": any error before .grad is written is undone
                 if self.args.sam_micro_batch_mode == "vmap" or backward.called:
                     raise
-                if world > 1:  # one process alone on the loop would wait in other collectives than the rest
-                    raise RuntimeError(
-                        f"sam_micro_batch_mode='auto' cannot leave the vmap path on one process of {world}: the vmap "
-                        f"step failed ({type(error).__name__}: {error}). Set sam_micro_batch_mode='loop'."
-                    ) from error
                 randomness.restore()
-                self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
-                self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
+                reason = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
+                self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {reason}.")
+                if world > 1:  # every process leaves the path together, after the step's all-reduce
+                    self._vmap_failed = reason
+                else:
+                    self._vmap_ineligible = reason
                 return start
             self._vmap_verified = True
             clean_loss += (group_weights * result.clean_losses).sum()
             self._record_vectorized(result, group_weights / world)
-        if world > 1 and self.accelerator.sync_gradients:
-            _all_reduce_gradients_mean_(self._vmap.params, world)
         return len(micro_batches)
+
+    def _vmap_reduces_by_hand(self, model: nn.Module) -> bool:
+        """Whether this run's gradients are all-reduced by :meth:`_vmap_all_reduce` instead of the DDP reducer: the
+        vmap path is built for the model and no process has left it. Chunks that run with the loop then reduce by
+        hand too, so that every process takes part in the same all-reduce whichever path its chunk took (an uneven
+        or unsupervised micro-batch, a failed group)."""
+        return self._vmap is not None and self._vmap.module is self._unwrapped(model) and self._vmap_ineligible is None
+
+    def _vmap_all_reduce(self) -> None:
+        """The step's all-reduce of the gradients by hand (:func:`_all_reduce_gradients_mean_`), which also tells every
+        process whether one of them left the vmap path (a failed group under ``"auto"``): then all run the loop from
+        the next step on."""
+        failed = _all_reduce_gradients_mean_(self._vmap.params, self.accelerator.num_processes, self._vmap_failed is not None)
+        if failed:
+            self._vmap_ineligible = self._vmap_failed or "the vmap step failed on another process"
+            self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
+        self._vmap_failed = None
 
     def _group_size_for_budget(self, num_micro_batches: int) -> int:
         """Micro-batches per vectorised group: as many as ``sam_vmap_memory_budget_mb`` holds copies of the
@@ -520,19 +540,29 @@ def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
         tensor.copy_(reduced)
 
 
-def _all_reduce_gradients_mean_(params: Sequence[torch.Tensor], world: int) -> None:
+def _all_reduce_gradients_mean_(params: Sequence[torch.Tensor], world: int, flag: bool = False) -> bool:
     """What the DDP reducer does at the synced backward, for the vmap path (which runs on the unwrapped module):
     ``.grad`` of every trainable parameter becomes its mean over processes, in one all-reduce. A parameter without a
     gradient here (unused by this process's batches) gets a zero one first, as the reducer gives it, so that every
-    process reduces the same buffer."""
+    process reduces the same buffer. One more number in the buffer carries ``flag``; returns whether any process
+    raised it (one host read)."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads).div_(world)
+    flags = torch.full((1,), float(flag) * world, dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch._utils._flatten_dense_tensors([*grads, flags]).div_(world)
     torch.distributed.all_reduce(flat)
-    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(reduced)
+    reduced = torch._utils._unflatten_dense_tensors(flat, [*grads, flags])
+    for grad, mean in zip(grads, reduced):
+        grad.copy_(mean)
+    return bool(reduced[-1].item() > 0.5)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """What the DDP wrapper's forward does first: broadcast process 0's buffers (when ``broadcast_buffers``)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
+        model._sync_buffers()
 
 
 def _free_memory_mb(device: torch.device) -> float:

@@ -14,6 +14,7 @@ from conftest import tiny_bert as one_layer_bert
 from msam_reference import reference_msam_gradient, reference_sgd_step
 from trainer_utils import (
     SequentialSAMTrainer,
+    lm_dataset_without_labels_in,
     SequentialTrainer,
     lm_dataset,
     max_abs_diff,
@@ -619,20 +620,20 @@ def test_auto_falls_back_when_vmap_rejects_the_forward(tmp_path, caplog, auto_pi
 
 class FailsUnderVmapOnce(torch.nn.Module):
     """A classifier whose forward raises the ``fail_at``-th time it runs under vmap (what an operation vmap rejects
-    on some batch gives), after it ran there before."""
+    on some batch gives), on the process of rank ``rank`` only if given."""
 
-    def __init__(self, fail_at: int):
+    def __init__(self, fail_at: int, rank: int | None = None):
         super().__init__()
         torch.manual_seed(24)
         self.embed = torch.nn.Embedding(64, 8)
         self.hidden = torch.nn.Linear(8, 8)
         self.head = torch.nn.Linear(8, 2)
-        self.fail_at, self.vmapped_calls = fail_at, 0
+        self.fail_at, self.rank, self.vmapped_calls = fail_at, rank, 0
 
     def forward(self, input_ids, labels):
         if torch._C._functorch.is_batchedtensor(input_ids):
             self.vmapped_calls += 1
-            if self.vmapped_calls == self.fail_at:
+            if self.vmapped_calls == self.fail_at and (self.rank is None or self.rank == torch.distributed.get_rank()):
                 raise RuntimeError("vmap: an operation without a batching rule")
         logits = self.head(torch.tanh(self.hidden(self.embed(input_ids).mean(1))))
         return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
@@ -857,6 +858,20 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     # Process 1 sets its buffer to 3 before the second step: DDP broadcasts process 0's, as the wrapper's forward does.
     buffers = load_file(os.path.join(tmp_path, "buffer_changed.safetensors"))
     assert max((buffers[k] - v).abs().max().item() for k, v in unused.items()) < 1e-7
+    # Step 1: process 1 has nothing supervised (the loop) while process 0 vmaps; both reduce by hand.
+    _, empty = _train(tmp_path / "empty", lambda: tiny_llama(seed=19), lm_dataset_without_labels_in(8, 16),
+                      "loop", per_device_train_batch_size=16, sam_micro_batch_size=4, max_steps=2)
+    two = load_file(os.path.join(tmp_path, "empty.safetensors"))
+    assert max((two[k] - v).abs().max().item() for k, v in empty.items()) < 1e-6
+    # "auto": process 1's first vmap group fails; it runs the loop, and from step 2 both do (told by the all-reduce).
+    data, reference = padded_dataset(32, seed=24).remove_columns("attention_mask"), FailsUnderVmapOnce(0)
+    for step in range(2):
+        chunks = [tensor_batch(data, 16 * step + 8 * rank, 16 * step + 8 * rank + 8) for rank in (0, 1)]
+        gradients = [reference_msam_gradient(reference, chunk, 4, 0.2, loss_fn=lambda m, b: m(**b)["loss"]) for chunk in chunks]
+        reference_sgd_step(reference, [(a + b) / 2 for a, b in zip(*gradients)], lr=0.5)
+    fails = load_file(os.path.join(tmp_path, "fails_on_one.safetensors"))
+    assert max((fails[k] - v).abs().max().item() for k, v in snapshot(reference).items()) < 1e-6
+    assert (tmp_path / "fails_on_one.vmapped_calls").read_text() == "2"  # process 0: one step on vmap, then the loop
 
 
 # --- fp16 overflow through the Trainer; the CUDA checks (SDPA batching rule, GradScaler, bf16) -------------

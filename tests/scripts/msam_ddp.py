@@ -10,12 +10,15 @@ Suites:
       ``empty_*`` settings every label of the second process's chunk is -100 in the first step.
   vmap: the vmap path (micro-batches of 4) for a padded 2-layer BERT and Llama with -100 holes; a model with a
       parameter that only the second process uses (``unused``), and the same with the second process's buffer
-      changed before the second step (``buffer_changed``), which DDP's broadcast_buffers undoes.
+      changed before the second step (``buffer_changed``), which DDP's broadcast_buffers undoes; a Llama whose
+      second process has nothing supervised in the first step (``empty``: it runs the loop); under "auto" (picked
+      on CPU here) a model whose first vmap group fails on the second process only (``fails_on_one``).
 """
 
 import os
 import sys
 
+import hf_msam.trainer
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
@@ -44,6 +47,10 @@ SUITES = {
         "llama": (lambda: test_vectorized.tiny_llama(seed=15), lambda: lm_dataset(32, seed=15), VMAP),
         "unused": (test_vectorized.LengthBranchClassifier, test_vectorized.two_length_dataset, VMAP),
         "buffer_changed": (test_vectorized.LengthBranchClassifier, test_vectorized.two_length_dataset, VMAP),
+        "empty": (lambda: test_vectorized.tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), VMAP),
+        "fails_on_one": (lambda: test_vectorized.FailsUnderVmapOnce(1, rank=1),
+                         lambda: test_vectorized.padded_dataset(32, seed=24).remove_columns("attention_mask"),
+                         dict(VMAP, sam_micro_batch_mode="auto")),
     },
 }
 
@@ -57,6 +64,8 @@ class ChangeBufferOnSecondProcess(TrainerCallback):
 
 
 def main(suite: str, out_dir: str) -> None:
+    if suite == "vmap":
+        hf_msam.trainer.AUTO_VMAP_DEVICE_TYPES = ("cpu",)  # "auto" picks the vmap path on these CPU processes
     for name, (make_model, make_data, overrides) in SUITES[suite].items():
         model = make_model()
         args = sam_args(os.path.join(out_dir, f"{name}_run"), per_device_train_batch_size=8, max_steps=2, sam_rho=0.2,
@@ -67,6 +76,9 @@ def main(suite: str, out_dir: str) -> None:
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
         trainer.train()
         assert args.sam_micro_batch_mode != "vmap" or trainer._vmap_verified  # the vmap path ran, not the loop
+        if trainer.accelerator.is_main_process and hasattr(model, "vmapped_calls"):
+            with open(os.path.join(out_dir, f"{name}.vmapped_calls"), "w") as handle:
+                handle.write(str(model.vmapped_calls))
         if trainer.accelerator.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{name}.safetensors"))
             with open(os.path.join(out_dir, f"{name}.skipped"), "w") as handle:
