@@ -539,8 +539,9 @@ class AttentionMasks:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        taking = {m: inspect.signature(m.forward) for m in module.modules() if "attention_mask" in inspect.signature(m.forward).parameters}
-        self.attention = {
+        signatures = {m: inspect.signature(m.forward) for m in module.modules()}
+        taking = {m: signature for m, signature in signatures.items() if "attention_mask" in signature.parameters}
+        self.attention = {  # innermost: no submodule takes one too
             m: signature for m, signature in taking.items() if not any(c in taking for c in m.modules() if c is not m)
         }
         self.checked_lengths: set[int] = set()
