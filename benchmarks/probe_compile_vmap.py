@@ -32,7 +32,7 @@ from profile_host_overhead import BATCH, aten_calls, build
 from torch.profiler import ProfilerActivity, profile
 
 from hf_msam.msam import split_micro_batches
-from hf_msam.vectorized import VectorizedMicroBatchSAM, _with_4d_attention_mask, stack_micro_batches
+from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
 
 M = 4
 CASES = {  # name: (hidden dropout, attention dropout, attention implementation)
@@ -53,7 +53,8 @@ def model_for(case: str, device: str) -> tuple[VectorizedMicroBatchSAM, dict]:
     model.config.attention_probs_dropout_prob = attention  # read by the SDPA path as dropout_p
     model.to(device)
     micro_batches = [mb for mb, _ in split_micro_batches({k: v.to(device) for k, v in batch.items()}, BATCH // M)]
-    return VectorizedMicroBatchSAM(model, rho=0.05), _with_4d_attention_mask(model, stack_micro_batches(micro_batches))
+    vectorized = VectorizedMicroBatchSAM(model, rho=0.05)
+    return vectorized, vectorized.masks.of(stack_micro_batches(micro_batches))
 
 
 def ascent(vectorized: VectorizedMicroBatchSAM, losses, batch: dict, seed: int = 0):

@@ -48,7 +48,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from hf_msam import SAMTrainer, SAMTrainingArguments
 from hf_msam.msam import MicroBatchSAM, RandomState, split_micro_batches
-from hf_msam.vectorized import VectorizedMicroBatchSAM, _with_4d_attention_mask, stack_micro_batches
+from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
 
 BATCH, LENGTH, RHO, LR = 32, 16, 0.05, 1e-4
 NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view", "detach", "alias", "lift_fresh"}
@@ -144,7 +144,7 @@ def kernel_ops(work) -> KernelOps:
 def vmap_phases(model: torch.nn.Module, vectorized: VectorizedMicroBatchSAM, batch: dict[str, torch.Tensor], m: int) -> dict:
     """Kernel ops and aten calls of the parts of one vmap step, and of one plain forward + ``autograd.grad`` for comparison."""
     micro_batches = [micro_batch for micro_batch, _ in split_micro_batches(batch, BATCH // m)]
-    stacked = _with_4d_attention_mask(model, stack_micro_batches(micro_batches))
+    stacked = vectorized.masks.of(stack_micro_batches(micro_batches))
 
     def ascent():
         return vectorized._ascent(stacked, m)

@@ -34,10 +34,13 @@ class SAMArguments:
             (``torch.func.vmap``; costs a copy of the trainable parameters per micro-batch, bounded by
             ``sam_vmap_memory_budget_mb``; refused with the reason when the model cannot take it); ``"auto"``,
             vmap where the model is eligible and it was measured faster (on CUDA, for two or more micro-batches),
-            else the loop. The update is the same in every mode.
+            else the loop. Without dropout the update is the same in every mode, to float rounding. With dropout,
+            the ascent and descent pass of a micro-batch share their masks in every mode, but the loop and vmap
+            draw different masks (the loop draws micro-batch by micro-batch, vmap for the whole group at once, as
+            one forward of the chunk would), so their updates agree in distribution only.
         sam_vmap_compile (`bool`, *optional*, defaults to `False`):
             Compile the two vectorised passes of the vmap path with ``torch.compile`` (inductor with eager's random
-            operations, so the dropout masks are the loop's, and no kernel fusion; ``hf_msam.vectorized``). The same
+            operations, so the dropout masks are those of the uncompiled vmap path, and no kernel fusion; ``hf_msam.vectorized``). The same
             update; on one H200 (bf16, all-MiniLM-L6-v2, batch 32) it took the vmap step from 1.86x SAM's to 0.99x
             at m = 8, and to 1.19x at m = 16 (``docs/speed.md``). The first two steps pay the compilation (about
             75 s there), and each new sequence length compiles again (up to 8 per pass, then eager): pad to a fixed
@@ -98,7 +101,9 @@ class SAMArguments:
             "descent pass (torch.func.vmap; memory: copies of the trainable parameters per micro-batch, bounded "
             "by sam_vmap_memory_budget_mb); an error names the reason when the model cannot take it. 'auto': "
             "vmap where the model is eligible and vmap was measured faster (on CUDA, for two or more "
-            "micro-batches), else the loop, with the reason logged once.",
+            "micro-batches), else the loop, with the reason logged once. Without dropout every mode gives the same "
+            "update; with dropout each shares its masks between a micro-batch's two passes, but the loop and vmap "
+            "draw different masks, so their updates agree in distribution only.",
             "choices": ["loop", "vmap", "auto"],
         },
     )

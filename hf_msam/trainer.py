@@ -11,7 +11,8 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
 * ``.grad`` holds the descent gradients of earlier chunks: ascent gradients come from
   ``torch.autograd.grad`` and never touch it.
 * DDP: the ascent pass runs on the unwrapped module, so it never reaches the reducer (no all-reduce,
-  per-device perturbations), and every descent backward but the last of a chunk runs under ``no_sync``.
+  per-device perturbations), and every descent backward but the last of a chunk runs under ``no_sync``. While the
+  vmap path is in use, every chunk reduces by hand instead, also those that run with the loop (``docs/design.md`` 2.4).
 * Loss scale: each micro-batch's loss is the model's own mean over its supervised items (labels that are
   not -100); it is weighted by ``world_size * items_k / items_step``, with ``items_step`` counted over the
   whole optimizer step on all processes. That is ``sum_k |D_k| / |D| d_k`` for every head, including the
@@ -41,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -63,7 +64,7 @@ from .msam import (
     trainable_embeddings,
 )
 from .reporting import SharpnessReportMixin
-from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +152,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._sam_loss_shifts_labels = self._loss_shifts_labels or _causal_lm_loss(unwrap_peft_model(self.model))
         self._vmap: VectorizedMicroBatchSAM | None = None
         self._vmap_ineligible: str | None = None  # why the model cannot take the vmap path (None: it can)
-        self._vmap_verified = False  # a vmap step has run once (later failures are real errors)
+        self._vmap_verified = False  # a vmap group has run
+        self._vmap_failed: str | None = None  # why a group failed on this process, until the others know (DDP)
         self._vmap_group_size: int | None = None
         self._logged_fallbacks: set[str] = set()
         # Since the last training log: perturbations, skipped ones, sum of ||g_k||, sum of weighted L_k(w + e_k).
@@ -215,13 +217,16 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             raise ValueError(_packed_batch_error(size))
         split = [mb for mb, _ in split_micro_batches(inputs, size)]
         counts = self._item_counts(split)
-        if self._vmap_chosen(model, split, counts):
-            vmap_loss = self._vmap_step(model, split, counts, items_step, grad_scale)
-            if vmap_loss is not None:
-                return vmap_loss
-        micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         clean_loss = torch.zeros((), device=args.device)
-        if not micro_batches:  # nothing supervised here: still take part in every collective of the step
+        vmap = self._vmap_chosen(model, split, counts)
+        by_hand = world > 1 and self._vmap_reduces_by_hand(model)  # the vmap path's all-reduce, whichever path runs
+        if by_hand:  # no pass runs the wrapper's forward, which broadcasts the buffers (broadcast_buffers)
+            _sync_buffers(model)
+        if vmap:
+            done = self._vmap_step(model, split, counts, items_step, grad_scale, clean_loss)
+            split, counts = split[done:], counts[done:]  # "auto" met an error vmap cannot run: the loop does the rest
+        micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
+        if not micro_batches and not vmap and not by_hand:  # nothing supervised: still take part in every collective
             if options.sam_global and world > 1:
                 _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
             self._zero_loss_backward(model, inputs)
@@ -240,18 +245,20 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             del grads
 
             last = index == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
+            sync = contextlib.nullcontext() if last or by_hand else self.accelerator.no_sync(model)
             randomness.restore()
             # Rows added into .grad in place; not under DDP, whose reducer expects the dense gradients it was built for.
             descent_tables = sparse_embedding_gradients(self._embeddings if world == 1 else [], accumulating=True)
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager(), descent_tables:
-                        loss_at_w_plus_e = self._micro_batch_loss(model, micro_batch, items)
+                        loss_at_w_plus_e = self._micro_batch_loss(ascent_model if by_hand else model, micro_batch, items)
                     self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
                 sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
+        if by_hand and self.accelerator.sync_gradients:
+            self._vmap_all_reduce()
         return clean_loss
 
     def _micro_batch_loss(self, model: nn.Module, micro_batch: dict[str, Any], items: int) -> torch.Tensor:
@@ -363,6 +370,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         module = self._unwrapped(model)
         if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
             self._vmap_model_check(model)
+        if self._vmap_failed is not None:  # this process left the path; the others learn it at the next all-reduce
+            return False
         reason = self._vmap_ineligible
         if reason is not None:
             if mode == "vmap":
@@ -394,6 +403,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             reason = f"{type(self).__name__} overrides compute_loss, which the vmap path cannot call"
         elif self.sam_options.sam_global:
             reason = "sam_global=True all-reduces the ascent gradient between the two passes"
+        elif unsupported_reason(module) is not None:
+            reason = unsupported_reason(module)
         else:
             self._vmap = VectorizedMicroBatchSAM(
                 module,
@@ -408,36 +419,63 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         self._vmap_ineligible = reason
 
     def _vmap_step(
-        self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int], items_step: float, grad_scale: float
-    ) -> torch.Tensor | None:
-        """All micro-batches of the chunk in groups of vectorised passes; ``None`` when the first try of
-        ``"auto"`` met an operation that vmap rejects (the chunk then runs with the loop, nothing changed)."""
+        self,
+        model: nn.Module,
+        micro_batches: list[dict[str, Any]],
+        counts: list[int],
+        items_step: float,
+        grad_scale: float,
+        clean_loss: torch.Tensor,
+    ) -> int:
+        """The micro-batches of the chunk in groups of vectorised passes, their weighted clean losses added into
+        ``clean_loss``; returns how many ran. Under ``"auto"``, a group that raises before its backward began
+        (an operation vmap rejects, a mask the path cannot hand in) is undone (the random state; ``.grad`` was not
+        touched) and it and the rest of the chunk, and every later chunk, run with the loop, logged once."""
         world = self.accelerator.num_processes
         device = self.args.device
         weights = torch.tensor([world * c / items_step for c in counts], device=device, dtype=torch.float32)
         group = self._vmap_group_size or self._group_size_for_budget(len(micro_batches))
-        clean_loss = torch.zeros((), device=device)
         for start in range(0, len(micro_batches), group):
             stacked = stack_micro_batches(micro_batches[start : start + group])
             group_weights = weights[start : start + group]
-            randomness = None if self._vmap_verified else RandomState.capture()  # to undo a failed first try
+            randomness = RandomState.capture()  # to undo a failed group
+            backward = _RecordingBackward(self.accelerator.backward)
             try:
                 result = self._vmap.step(
-                    stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=self.accelerator.backward
+                    stacked, group_weights, grad_scale, autocast=self.compute_loss_context_manager, backward=backward
                 )
-            except Exception as error:  # noqa: BLE001 - only the first try: an op vmap rejects
-                if self._vmap_verified or self.sam_options.sam_micro_batch_mode == "vmap":
+            except Exception as error:  # noqa: BLE001 - "auto": any error before .grad is written is undone
+                if self.sam_options.sam_micro_batch_mode == "vmap" or backward.called:
                     raise
                 randomness.restore()
-                self._vmap_ineligible = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
-                self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
-                return None
+                reason = f"the model's forward failed under vmap ({type(error).__name__}: {error})"
+                self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {reason}.")
+                if world > 1:  # every process leaves the path together, after the step's all-reduce
+                    self._vmap_failed = reason
+                else:
+                    self._vmap_ineligible = reason
+                return start
             self._vmap_verified = True
             clean_loss += (group_weights * result.clean_losses).sum()
             self._record_vectorized(result, group_weights / world)
-        if world > 1 and self.accelerator.sync_gradients:
-            _all_reduce_gradients_mean_([p for p in self._vmap.params if p.grad is not None], world)
-        return clean_loss
+        return len(micro_batches)
+
+    def _vmap_reduces_by_hand(self, model: nn.Module) -> bool:
+        """Whether this run's gradients are all-reduced by :meth:`_vmap_all_reduce` instead of the DDP reducer: the
+        vmap path is built for the model and no process has left it. Chunks that run with the loop then reduce by
+        hand too, so that every process takes part in the same all-reduce whichever path its chunk took (an uneven
+        or unsupervised micro-batch, a failed group)."""
+        return self._vmap is not None and self._vmap.module is self._unwrapped(model) and self._vmap_ineligible is None
+
+    def _vmap_all_reduce(self) -> None:
+        """The step's all-reduce of the gradients by hand (:func:`_all_reduce_gradients_mean_`), which also tells every
+        process whether one of them left the vmap path (a failed group under ``"auto"``): then all run the loop from
+        the next step on."""
+        failed = _all_reduce_gradients_mean_(self._vmap.params, self.accelerator.num_processes, self._vmap_failed is not None)
+        if failed:
+            self._vmap_ineligible = self._vmap_failed or "the vmap step failed on another process"
+            self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
+        self._vmap_failed = None
 
     def _group_size_for_budget(self, num_micro_batches: int) -> int:
         """Micro-batches per vectorised group: as many as ``sam_vmap_memory_budget_mb`` holds copies of the
@@ -571,6 +609,18 @@ def _causal_lm_loss(model: nn.Module) -> bool:
     return getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
+class _RecordingBackward:
+    """``backward`` that records whether it was called: from then on a failed vmap group has written ``.grad``."""
+
+    def __init__(self, backward: Callable[[torch.Tensor], None]) -> None:
+        self.backward = backward
+        self.called = False
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        self.called = True
+        self.backward(loss)
+
+
 def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
     """Global SAM: replace each process's ascent gradient ``g_r`` by ``sum_r weight_r * g_r`` over processes, in one
     all-reduce (with ``weight_r = items_r / items_step`` that is the gradient of the whole mini-batch's mean loss)."""
@@ -580,14 +630,29 @@ def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
         tensor.copy_(reduced)
 
 
-def _all_reduce_gradients_mean_(params: list[torch.Tensor], world: int) -> None:
+def _all_reduce_gradients_mean_(params: Sequence[torch.Tensor], world: int, flag: bool = False) -> bool:
     """What the DDP reducer does at the synced backward, for the vmap path (which runs on the unwrapped module):
-    ``.grad`` becomes its mean over processes, in one all-reduce."""
+    ``.grad`` of every trainable parameter becomes its mean over processes, in one all-reduce. A parameter without a
+    gradient here (unused by this process's batches) gets a zero one first, as the reducer gives it, so that every
+    process reduces the same buffer. One more number in the buffer carries ``flag``; returns whether any process
+    raised it (one host read)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads).div_(world)
+    flags = torch.full((1,), float(flag) * world, dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch._utils._flatten_dense_tensors([*grads, flags]).div_(world)
     torch.distributed.all_reduce(flat)
-    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        grad.copy_(reduced)
+    reduced = torch._utils._unflatten_dense_tensors(flat, [*grads, flags])
+    for grad, mean in zip(grads, reduced):
+        grad.copy_(mean)
+    return bool(reduced[-1].item() > 0.5)
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    """What the DDP wrapper's forward does first: broadcast process 0's buffers (when ``broadcast_buffers``)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
+        model._sync_buffers()
 
 
 def _free_memory_mb(device: torch.device) -> float:

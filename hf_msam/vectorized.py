@@ -23,8 +23,8 @@ parameters each (the trainer's ``sam_vmap_memory_budget_mb`` bounds ``m`` per gr
 Traps handled here (transformers 5.x):
 
 * Hugging Face mask helpers inspect the padding mask on the host (``mask.all()``), which ``vmap``
-  rejects: the 4D attention mask is built outside ``vmap`` with ``transformers.masking_utils`` for the
-  model's attention implementation and passed in.
+  rejects: the 4D attention mask is built outside ``vmap`` and passed in. It is the mask the model's own forward
+  builds (causal or bidirectional is the model's choice, :class:`AttentionMasks`), checked per sequence length.
 * Dropout: ``vmap(randomness="different")`` draws independent masks per micro-batch; the random state of
   the CPU and of the model's accelerator is saved before the ascent pass and restored before the descent
   pass, so both passes of each micro-batch see the same masks, and the generator ends where one pass
@@ -194,6 +194,7 @@ class VectorizedMicroBatchSAM:
         self.layout = FlatLayout(self.batched_params)
         self._padding_rows = _padding_rows(module, self.batched_params)
         self._padding_columns = [self.layout.columns(index, row) for index, row in self._padding_rows.items()]
+        self.masks = AttentionMasks(module)
         self._pass_losses = [self._ascent_losses, self._descent_losses]
         if compile:  # one compiled function per pass: each keeps its own cache of graphs (and its recompile limit)
             self._pass_losses = [torch.compile(f, options=COMPILE_OPTIONS) for f in self._pass_losses]
@@ -214,7 +215,7 @@ class VectorizedMicroBatchSAM:
         loss (the fp16 loss scale; the direction is scale-invariant). ``autocast`` wraps both forwards.
         """
         m = weights.shape[0]
-        batch = _with_4d_attention_mask(self.module, stacked)
+        batch = self.masks.of(stacked, autocast)
         randomness = RandomState.capture()
 
         clean, grads, rows = self._ascent(batch, m, grad_scale, autocast)
@@ -492,6 +493,22 @@ def _zero_rows_hook(row: int):
     return hook
 
 
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why the vmap path cannot reproduce the model's gradient, or None.
+
+    A trainable ``nn.Embedding`` with a ``padding_idx`` whose weight is used elsewhere too (an LM head tied to it):
+    the path zeroes the padding row of the batched weight's gradient (the stock lookup gives it none, the batched
+    backward does), which would also zero what the other use gives that row.
+    """
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad and uses[id(m.weight)] > 1:
+            return f"the embedding {name} has a padding_idx and its weight is tied to another use (an LM head)"
+    return None
+
+
 def _padding_rows(module: nn.Module, params: tuple[nn.Parameter, ...]) -> dict[int, int]:
     """``{index in params: padding_idx}`` for every trainable ``nn.Embedding`` weight with a ``padding_idx``."""
     index_of = {id(p): i for i, p in enumerate(params)}
@@ -502,41 +519,117 @@ def _padding_rows(module: nn.Module, params: tuple[nn.Parameter, ...]) -> dict[i
     }
 
 
-def _with_4d_attention_mask(module: nn.Module, stacked: Mapping[str, Any]) -> dict[str, Any]:
-    """Replace a 2D padding mask ``[m, b, L]`` by the model's own 4D mask ``[m, b, 1, Q, K]`` (or drop it when
-    the model would ignore it), built outside vmap with ``transformers.masking_utils``."""
-    batch = dict(stacked)
-    mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
+class AttentionMasks:
+    """The 4D attention masks of the vmap path, taken from the model's own forward (module docstring).
+
+    ``transformers.masking_utils`` reads the padding mask on the host (``mask.all()``), which ``vmap`` rejects, so the
+    4D mask is built outside ``vmap`` and handed in; the model passes a 4D mask through to its attention unchanged.
+    Which mask a model builds (causal, bidirectional, sliding-window, per layer) is the model's choice, made in its
+    base model's forward, and no configuration flag tells it for every model (``LlamaForSequenceClassification`` is
+    causal with neither ``config.is_decoder`` nor ``can_generate()``). So the mask is not chosen here: each group's is
+    the one the model's own forward gives its first attention module, on the group's micro-batches laid end to end,
+    caught by a pre-hook that ends that forward there (only the embeddings run). For each new sequence length the
+    premise is checked on two forwards to the last attention module: in the model's own forward every attention
+    module receives that same mask, and with it passed in they receive what they receive in the model's own forward.
+    Anything else (a sliding window that differs from the full mask at this length, a model that rebuilds a mask it
+    is given, masks that are not tensors) raises :class:`AttentionMaskMismatch`: ``"auto"`` then runs the loop.
+
+    The attention modules are the innermost modules whose ``forward`` takes an ``attention_mask``.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        signatures = {m: inspect.signature(m.forward) for m in module.modules()}
+        taking = {m: signature for m, signature in signatures.items() if "attention_mask" in signature.parameters}
+        self.attention = {  # innermost: no submodule takes one too
+            m: signature for m, signature in taking.items() if not any(c in taking for c in m.modules() if c is not m)
+        }
+        self.checked_lengths: set[int] = set()
+
+    def of(
+        self, stacked: Mapping[str, Any], autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    ) -> dict[str, Any]:
+        """``stacked`` with its 2D padding mask ``[m, b, L]`` replaced by the model's 4D mask ``[m, b, 1, Q, K]``, or
+        dropped where the model's forward gives its attention no mask (``None``: no padding; SDPA's ``is_causal``)."""
+        batch = dict(stacked)
+        mask = batch.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 3:
+            return batch
+        m, b, length = mask.shape
+        flat = {k: v.flatten(0, 1) if isinstance(v, torch.Tensor) and v.dim() > 1 else v for k, v in batch.items()}
+        mask_4d = self._received(flat, autocast, first_only=True)[0]
+        if length not in self.checked_lengths:
+            self._check(flat, mask_4d, autocast)
+            self.checked_lengths.add(length)
+        if mask_4d is None:
+            del batch["attention_mask"]
+        elif mask_4d.shape[0] == m * b:
+            batch["attention_mask"] = mask_4d.view(m, b, *mask_4d.shape[1:])
+        else:  # one mask for every sequence (batch dimension 1)
+            batch["attention_mask"] = mask_4d.unsqueeze(0).expand(m, *mask_4d.shape)
         return batch
-    from transformers import masking_utils
 
-    m, b, length = mask.shape
-    config = module.config
-    dtype = next(p.dtype for p in module.parameters() if p.is_floating_point())
-    embeds = torch.empty(m * b, length, 1, dtype=dtype, device=mask.device)  # only its shape and dtype are read
-    flat = mask.reshape(m * b, length)
-    create = masking_utils.create_causal_mask if is_causal_lm(module) else masking_utils.create_bidirectional_mask
-    parameters = inspect.signature(create).parameters  # older transformers 5.x name these input_embeds, past_key_values
-    kwargs = {"inputs_embeds" if "inputs_embeds" in parameters else "input_embeds": embeds}
-    if is_causal_lm(module):
-        kwargs["cache" if "cache" in parameters else "past_key_values"] = None
-    mask_4d = create(config=config, attention_mask=flat, **kwargs)
-    if mask_4d is None:
-        del batch["attention_mask"]
-    else:
-        batch["attention_mask"] = mask_4d.reshape(m, b, *mask_4d.shape[1:])
-    return batch
+    def _check(self, flat: dict[str, Any], mask_4d: torch.Tensor | None, autocast) -> None:
+        """Raise unless every attention module receives ``mask_4d`` in the model's own forward, and receives what it
+        receives there when ``mask_4d`` is passed in (the vmap path's batch)."""
+        own = self._received(flat, autocast)
+        handed = {k: v for k, v in flat.items() if k != "attention_mask"}
+        if mask_4d is not None:
+            handed["attention_mask"] = mask_4d
+        passed = self._received(handed, autocast)
+        if not all(_same_mask(received, mask_4d) for received in own):
+            raise AttentionMaskMismatch(
+                f"the model's attention modules receive different masks at sequence length {flat['attention_mask'].shape[-1]} "
+                "(sliding-window or chunked attention), and the vmap path hands every module one mask"
+            )
+        if len(passed) != len(own) or not all(_same_mask(a, b) for a, b in zip(passed, own)):
+            raise AttentionMaskMismatch(
+                "the model's attention modules do not receive the 4D mask its own forward builds when it is passed in"
+            )
+
+    def _received(self, batch: Mapping[str, Any], autocast, first_only: bool = False) -> list[torch.Tensor | None]:
+        """The ``attention_mask`` each attention module receives, in call order, in the model's forward of ``batch``
+        (no gradient, the random state left as found); the forward ends at the first (``first_only``) or last one."""
+        received: list[torch.Tensor | None] = []
+        wanted = 1 if first_only else len(self.attention)
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = self.attention[module].bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            if mask is not None and not isinstance(mask, torch.Tensor):
+                raise AttentionMaskMismatch(f"the model's attention receives a {type(mask).__name__}, not a tensor")
+            received.append(mask)
+            if len(received) == wanted:
+                raise _Captured
+
+        hooks = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in self.attention]
+        randomness = RandomState.capture()
+        try:
+            with torch.no_grad(), autocast():
+                self.module(**batch)
+        except _Captured:
+            pass
+        finally:
+            randomness.restore()
+            for hook in hooks:
+                hook.remove()
+        if not received:
+            raise AttentionMaskMismatch("no module of the model that takes an attention_mask was called by its forward")
+        return received
 
 
-def is_causal_lm(module: nn.Module) -> bool:
-    """Whether the model attends causally (a decoder), so its 4D mask is ``create_causal_mask``'s."""
-    config = getattr(module, "config", None)
-    if config is None:
-        return False
-    return bool(getattr(config, "is_decoder", False)) or (
-        module.can_generate() and not getattr(config, "is_encoder_decoder", False)
-    )
+class AttentionMaskMismatch(ValueError):
+    """The vmap path cannot hand the model the attention masks its own forward builds (:class:`AttentionMasks`)."""
+
+
+class _Captured(Exception):
+    """Ends a forward once the attention masks it was run for are captured."""
+
+
+def _same_mask(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """The same mask for the same attention module: both absent, or equal tensors of one shape and dtype."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
 
 
 def stack_micro_batches(micro_batches: list[Mapping[str, Any]]) -> dict[str, Any]:

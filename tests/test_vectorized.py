@@ -1,4 +1,6 @@
-"""The vectorised mSAM path (issue 8): vmap == loop == the plain-loop reference, and when "auto" falls back."""
+"""The vectorised mSAM path: vmap == loop == the plain-loop reference, and when "auto" falls back.
+
+Every model here has 2 layers: with one, a last-token classifier sees every token whatever the attention mask."""
 
 from __future__ import annotations
 
@@ -8,17 +10,17 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_bert_lora
+from conftest import tiny_bert as one_layer_bert
 from msam_reference import reference_msam_gradient, reference_sgd_step
 from trainer_utils import (
     SequentialSAMTrainer,
+    lm_dataset_without_labels_in,
     SequentialTrainer,
     lm_dataset,
     max_abs_diff,
     sam_args,
     snapshot,
     tensor_batch,
-    tiny_llama,
 )
 from transformers import TrainingArguments
 
@@ -27,6 +29,52 @@ import hf_msam.vectorized as hf_msam_vectorized
 from hf_msam.vectorized import FlatLayout, VectorizedMicroBatchSAM, stack_micro_batches
 
 # --- tiny models and data --------------------------------------------------------------------------------
+def tiny_bert(seed: int = 0, **overrides):
+    """conftest's tiny BERT classifier with 2 layers."""
+    return one_layer_bert(seed=seed, **{"num_hidden_layers": 2, **overrides})
+
+
+def tiny_bert_lora(seed: int = 0):
+    """:func:`tiny_bert` under PEFT LoRA (rank 4 on query and value, adapters initialised non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+    model = tiny_bert(seed=seed)
+    torch.manual_seed(seed)
+    return get_peft_model(model, config)
+
+
+def decoder_config(kind: str, **overrides):
+    """A 2-layer Llama or Qwen2 config (hidden 16, vocab 64) whose padding token is 0, without dropout (a token
+    classifier's head has 0.1 unless told)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    values = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0, attn_implementation="eager",
+                  classifier_dropout=0.0)
+    values.update(overrides)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[kind](**values)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer causal LM without a padding token, whose loss is normalised by ``num_items_in_batch`` when given."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(decoder_config("llama", **{"pad_token_id": None, **overrides}))
+
+
+def decoder_classifier(head: str, seed: int = 0, **overrides):
+    """``llama_sequence``, ``qwen2_sequence`` (the last non-padding token's logits) or ``llama_token``: a 2-layer
+    decoder classifier, which attends causally with neither ``config.is_decoder`` nor ``can_generate()``."""
+    import transformers
+
+    kind, task = head.split("_")
+    model_class = getattr(transformers, f"{kind.capitalize()}For{task.capitalize()}Classification")
+    torch.manual_seed(seed)
+    return model_class(decoder_config(kind, num_labels=3, **overrides))
+
+
 
 
 def padded_dataset(n: int = 16, length: int = 8, seed: int = 0):
@@ -40,6 +88,19 @@ def padded_dataset(n: int = 16, length: int = 8, seed: int = 0):
     mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
     ids = ids * mask
     labels = torch.randint(0, 2, (n,), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+
+
+def token_labels_dataset(n: int = 8, length: int = 8, seed: int = 0, left: bool = False):
+    """:func:`padded_dataset` with a label per token (3 classes; -100 at padding), padded on the left if ``left``."""
+    import datasets
+
+    data = padded_dataset(n, length, seed)
+    ids, mask = torch.tensor(data["input_ids"]), torch.tensor(data["attention_mask"])
+    if left:
+        ids, mask = ids.flip(1), mask.flip(1)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(0, 3, (n, length), generator=g).masked_fill(mask == 0, -100)
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
 
 
@@ -57,7 +118,7 @@ def tiny_vit(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     config = ViTConfig(**{
-        **dict(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        **dict(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
         **overrides,
     })  # fmt: skip
@@ -72,13 +133,16 @@ def _train(tmp_path, make_model, data, mode, **overrides):
     return trainer, snapshot(model)
 
 
-def _reference(make_model, data, micro_batch_size, batch=8, steps=1, token_level=False, **kwargs):
+def _reference(make_model, data, micro_batch_size, batch=8, steps=1, token_level=None, **kwargs):
+    """The plain-loop reference; ``token_level``: micro-batches weighted by their supervised labels, ``"shifted"`` (a
+    causal LM's, the first position of each sequence predicts nothing) or ``"tokens"`` (a token classifier's)."""
     reference = make_model()
     for step in range(steps):
         tensors = tensor_batch(data, batch * step, batch * step + batch)
         weights = None
-        if token_level:
-            items = [int(tensors["labels"][k : k + micro_batch_size, 1:].ne(-100).sum()) for k in range(0, batch, micro_batch_size)]
+        if token_level is not None:
+            labels = tensors["labels"][:, 1:] if token_level == "shifted" else tensors["labels"]
+            items = [int(labels[k : k + micro_batch_size].ne(-100).sum()) for k in range(0, batch, micro_batch_size)]
             weights = [i / sum(items) for i in items]
         gradient = reference_msam_gradient(reference, tensors, micro_batch_size, kwargs.pop("rho", 0.2), weights=weights, **kwargs)
         reference_sgd_step(reference, gradient, lr=0.5)
@@ -115,6 +179,79 @@ def test_vit_matches_loop_and_reference(tmp_path, micro_batch_size):
     assert max_abs_diff(loop_weights, reference) < 1e-6
 
 
+DECODER_CLASSIFIER_CASES = {  # (head, attention, padding side)
+    "llama_sequence_eager_right": ("llama_sequence", "eager", False),
+    "llama_sequence_sdpa_right": ("llama_sequence", "sdpa", False),
+    "llama_sequence_sdpa_left": ("llama_sequence", "sdpa", True),
+    "qwen2_sequence_sdpa_right": ("qwen2_sequence", "sdpa", False),
+    "llama_token_eager_right": ("llama_token", "eager", False),
+    "llama_token_sdpa_left": ("llama_token", "sdpa", True),
+}
+
+
+@pytest.mark.parametrize("case", list(DECODER_CLASSIFIER_CASES))
+def test_padded_decoder_classifiers_match_the_reference(tmp_path, auto_picks_vmap_on_cpu, case):
+    """Causal attention with padding in classifiers that are neither ``is_decoder`` nor generative: with a
+    bidirectional mask every token would also see the ones after it. vmap, "auto" (which picks vmap here) and the
+    loop against the plain-loop reference, micro-batches of 4."""
+    head, attention, left = DECODER_CLASSIFIER_CASES[case]
+    data = token_labels_dataset(8, seed=21, left=left)
+    if head.endswith("sequence"):
+        data = data.map(lambda row: {"labels": row["labels"][0] % 3})
+    assert 0 < sum(map(sum, data["attention_mask"])) < 64  # padded
+
+    def make():
+        return decoder_classifier(head, seed=21, attn_implementation=attention)
+
+    reference = _reference(make, data, 4, token_level="tokens" if head.endswith("token") else None)
+    assert max_abs_diff(reference, snapshot(make())) > 1e-3  # it did train
+    for mode in ("vmap", "auto", "loop"):
+        trainer, weights = _train(tmp_path, make, data, mode, sam_micro_batch_size=4)
+        assert trainer._vmap_verified == (mode != "loop")
+        assert max_abs_diff(weights, reference) < 1e-6, mode
+
+
+def test_masks_the_path_cannot_hand_in_are_refused():
+    """A Qwen2 whose second layer has a sliding window of 4: at length 4 both layers' masks are the full causal one
+    and the step runs; at length 8 they differ and one 4D mask cannot serve both. A model without attention modules
+    that uses the 2D mask itself gets it unchanged, and its step is the reference's."""
+    model = decoder_classifier("qwen2_sequence", seed=22, use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    sam = VectorizedMicroBatchSAM(model, rho=0.2)
+    for length in (4, 8):
+        batch = tensor_batch(token_labels_dataset(8, length=length, seed=22), 0, 8)
+        batch["labels"] = batch["labels"][:, 0] % 3
+        stacked = stack_micro_batches([{k: v[i : i + 4] for k, v in batch.items()} for i in (0, 4)])
+        if length == 4:
+            sam.step(stacked, torch.full((2,), 0.5))
+            assert model.score.weight.grad is not None
+        else:
+            grad = model.score.weight.grad.clone()
+            with pytest.raises(hf_msam_vectorized.AttentionMaskMismatch, match="receive different masks at sequence length 8"):
+                sam.step(stacked, torch.full((2,), 0.5))
+            assert torch.equal(model.score.weight.grad, grad)  # refused before any gradient
+    batch = tensor_batch(padded_dataset(8, seed=22), 0, 8)
+    model, reference = MaskedMeanClassifier(), MaskedMeanClassifier()
+    VectorizedMicroBatchSAM(model, rho=0.2).step(stack_micro_batches([{k: v[i : i + 4] for k, v in batch.items()} for i in (0, 4)]),
+                                                 torch.full((2,), 0.5))
+    expected = reference_msam_gradient(reference, batch, 4, rho=0.2, loss_fn=lambda model, b: model(**b)["loss"])
+    assert max((p.grad - e).abs().max().item() for p, e in zip(model.parameters(), expected)) < 1e-6
+
+
+class MaskedMeanClassifier(torch.nn.Module):
+    """Averages its embeddings over the attended positions of a 2D ``attention_mask``: no attention module."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(23)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.head = torch.nn.Linear(8, 2)
+
+    def forward(self, input_ids, attention_mask, labels):
+        weights = attention_mask.unsqueeze(-1).float()
+        logits = self.head((self.embed(input_ids) * weights).sum(1) / weights.sum(1))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
 def test_causal_lm_with_label_holes_and_gradient_accumulation(tmp_path):
     """Token-level loss, micro-batches with unequal supervised-token counts, 2 accumulation chunks."""
     data = lm_dataset(32, seed=3)
@@ -123,7 +260,7 @@ def test_causal_lm_with_label_holes_and_gradient_accumulation(tmp_path):
                               gradient_accumulation_steps=2, **common)
     assert trainer._vmap_verified
     _, loop = _train(tmp_path / "loop", lambda: tiny_llama(seed=3), data, "loop", per_device_train_batch_size=8, **common)
-    reference = _reference(lambda: tiny_llama(seed=3), data, 2, steps=2, token_level=True)
+    reference = _reference(lambda: tiny_llama(seed=3), data, 2, steps=2, token_level="shifted")
     assert max_abs_diff(with_ga, reference) < 1e-6
     assert max_abs_diff(loop, reference) < 1e-6
 
@@ -141,10 +278,27 @@ def test_causal_lm_with_tied_embeddings_matches_loop_and_reference(tmp_path):
     trainer, vmap_weights = _train(tmp_path, make, data, "vmap", sam_micro_batch_size=2)
     assert trainer._vmap_verified
     _, loop_weights = _train(tmp_path, make, data, "loop", sam_micro_batch_size=2)
-    reference = _reference(make, data, 2, token_level=True)
+    reference = _reference(make, data, 2, token_level="shifted")
     assert max_abs_diff(vmap_weights, reference) < 1e-6
     assert max_abs_diff(loop_weights, reference) < 1e-6
     assert max_abs_diff(vmap_weights, snapshot(make())) > 1e-3  # it did train
+
+
+def test_tied_embedding_with_a_padding_row_takes_the_loop(tmp_path, auto_picks_vmap_on_cpu):
+    """A padding_idx on a table tied to the LM head: the head gives the padding row a gradient, which the vmap path
+    (it zeroes that row, for the lookup's sake) would drop. "vmap" refuses with the reason, "auto" runs the loop."""
+    data = lm_dataset(16, seed=26)
+
+    def make():
+        return tiny_llama(seed=26, tie_word_embeddings=True, pad_token_id=0)
+
+    with pytest.raises(ValueError, match="padding_idx and its weight is tied"):
+        _train(tmp_path, make, data, "vmap", sam_micro_batch_size=2)
+    trainer, auto = _train(tmp_path, make, data, "auto", sam_micro_batch_size=2)
+    assert not trainer._vmap_verified
+    reference = _reference(make, data, 2, token_level="shifted")
+    assert max_abs_diff(auto, reference) < 1e-6
+    assert (auto["model.embed_tokens.weight"][0] - snapshot(make())["model.embed_tokens.weight"][0]).abs().max() > 1e-4
 
 
 def test_asam_and_peft_lora_match_loop_and_reference(tmp_path):
@@ -464,6 +618,48 @@ def test_auto_falls_back_when_vmap_rejects_the_forward(tmp_path, caplog, auto_pi
         _train(tmp_path, DataDependentClassifier, data, "vmap", sam_micro_batch_size=2)
 
 
+class FailsUnderVmapOnce(torch.nn.Module):
+    """A classifier whose forward raises the ``fail_at``-th time it runs under vmap (what an operation vmap rejects
+    on some batch gives), on the process of rank ``rank`` only if given."""
+
+    def __init__(self, fail_at: int, rank: int | None = None):
+        super().__init__()
+        torch.manual_seed(24)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.hidden = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.fail_at, self.rank, self.vmapped_calls = fail_at, rank, 0
+
+    def forward(self, input_ids, labels):
+        if torch._C._functorch.is_batchedtensor(input_ids):
+            self.vmapped_calls += 1
+            if self.vmapped_calls == self.fail_at and (self.rank is None or self.rank == torch.distributed.get_rank()):
+                raise RuntimeError("vmap: an operation without a batching rule")
+        logits = self.head(torch.tanh(self.hidden(self.embed(input_ids).mean(1))))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+@pytest.mark.parametrize("groups_per_chunk", [1, 2], ids=["second_step", "second_group_of_the_first_step"])
+def test_auto_falls_back_when_vmap_fails_after_it_ran(tmp_path, caplog, auto_picks_vmap_on_cpu, groups_per_chunk):
+    """The third vmapped forward fails: the ascent of the second step (one group per chunk), or of the second group
+    of the first step, after the first group's descent wrote .grad. That group and the rest of the run take the loop,
+    logged once, and the weights are the loop's: nothing was added to .grad twice or lost."""
+    data = padded_dataset(16, seed=24).remove_columns("attention_mask")
+    param_mb = sum(p.numel() * 4 for p in FailsUnderVmapOnce(3).parameters()) / 2**20  # no input table: all batched
+    budget = dict(sam_vmap_memory_budget_mb=2.5 * trainer_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb) if groups_per_chunk == 2 else {}
+    common = dict(sam_micro_batch_size=2, max_steps=2, **budget)
+    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+        trainer, auto = _train(tmp_path, lambda: FailsUnderVmapOnce(3), data, "auto", **common)
+    assert trainer._vmap_verified and trainer._vmap_group_size == 4 // groups_per_chunk
+    assert trainer.model.vmapped_calls == 3
+    assert sum("an operation without a batching rule" in r.getMessage() for r in caplog.records) == 1
+    _, loop = _train(tmp_path, lambda: FailsUnderVmapOnce(3), data, "loop", **common)
+    assert max_abs_diff(auto, loop) < 1e-6
+    assert max_abs_diff(auto, snapshot(FailsUnderVmapOnce(3))) > 1e-3  # it did train
+    with pytest.raises(RuntimeError, match="an operation without a batching rule"):
+        _train(tmp_path, lambda: FailsUnderVmapOnce(3), data, "vmap", **common)
+
+
 def test_auto_runs_an_uneven_last_batch_with_the_loop(tmp_path, caplog, auto_picks_vmap_on_cpu):
     data = padded_dataset(14, seed=12)  # steps of 8 (4 + 4: vmap) and 6 (4 + 2: the loop)
     with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
@@ -601,6 +797,37 @@ def test_compiled_vmap_training_matches_loop_and_reference(tmp_path):
 
 
 # --- DDP ---------------------------------------------------------------------------------------------------
+class LengthBranchClassifier(torch.nn.Module):
+    """Uses ``extra`` only for sequences longer than 8 tokens: under 2 processes whose batches differ in length,
+    one process has a gradient for ``extra`` and the other none. ``temperature`` is a buffer the logits are
+    divided by (what DDP's broadcast_buffers keeps equal across processes)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(25)
+        self.embed = torch.nn.Embedding(64, 8)
+        self.extra = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 2)
+        self.register_buffer("temperature", torch.ones(()))
+
+    def forward(self, input_ids, labels):
+        hidden = self.embed(input_ids).mean(1)
+        if input_ids.shape[-1] > 8:
+            hidden = torch.tanh(self.extra(hidden))
+        logits = self.head(hidden) / self.temperature
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def two_length_dataset(n: int = 32, seed: int = 25):
+    """Blocks of 8 examples, of 8 tokens and of 10 in turn: under 2 processes (8 examples each per step), process 0
+    always has the short ones."""
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(1, 64, (8 if (i // 8) % 2 == 0 else 10,), generator=g).tolist() for i in range(n)]
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": torch.randint(0, 2, (n,), generator=g).tolist()})
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     """2 gloo processes on the vmap path (per-device batch 8) equal one process with batch 16."""
@@ -618,6 +845,33 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
         two = load_file(os.path.join(tmp_path, f"{name}.safetensors"))
         assert max((two[k] - v).abs().max().item() for k, v in single.items()) < 1e-6, name
         assert (tmp_path / f"{name}.skipped").read_text() == "0", name
+
+    # A parameter only process 1 uses: reduced with a zero gradient from process 0, as DDP's reducer would.
+    data, reference = two_length_dataset(), LengthBranchClassifier()
+    for step in range(2):
+        chunks = [tensor_batch(data, 16 * step + 8 * rank, 16 * step + 8 * rank + 8) for rank in (0, 1)]
+        gradients = [reference_msam_gradient(reference, chunk, 4, 0.2, loss_fn=lambda m, b: m(**b)["loss"]) for chunk in chunks]
+        reference_sgd_step(reference, [(a + b) / 2 for a, b in zip(*gradients)], lr=0.5)
+    unused = load_file(os.path.join(tmp_path, "unused.safetensors"))
+    assert max((unused[k] - v).abs().max().item() for k, v in snapshot(reference).items()) < 1e-6
+    assert (unused["extra.weight"] - snapshot(LengthBranchClassifier())["extra.weight"]).abs().max() > 1e-3
+    # Process 1 sets its buffer to 3 before the second step: DDP broadcasts process 0's, as the wrapper's forward does.
+    buffers = load_file(os.path.join(tmp_path, "buffer_changed.safetensors"))
+    assert max((buffers[k] - v).abs().max().item() for k, v in unused.items()) < 1e-7
+    # Step 1: process 1 has nothing supervised (the loop) while process 0 vmaps; both reduce by hand.
+    _, empty = _train(tmp_path / "empty", lambda: tiny_llama(seed=19), lm_dataset_without_labels_in(8, 16),
+                      "loop", per_device_train_batch_size=16, sam_micro_batch_size=4, max_steps=2)
+    two = load_file(os.path.join(tmp_path, "empty.safetensors"))
+    assert max((two[k] - v).abs().max().item() for k, v in empty.items()) < 1e-6
+    # "auto": process 1's first vmap group fails; it runs the loop, and from step 2 both do (told by the all-reduce).
+    data, reference = padded_dataset(32, seed=24).remove_columns("attention_mask"), FailsUnderVmapOnce(0)
+    for step in range(2):
+        chunks = [tensor_batch(data, 16 * step + 8 * rank, 16 * step + 8 * rank + 8) for rank in (0, 1)]
+        gradients = [reference_msam_gradient(reference, chunk, 4, 0.2, loss_fn=lambda m, b: m(**b)["loss"]) for chunk in chunks]
+        reference_sgd_step(reference, [(a + b) / 2 for a, b in zip(*gradients)], lr=0.5)
+    fails = load_file(os.path.join(tmp_path, "fails_on_one.safetensors"))
+    assert max((fails[k] - v).abs().max().item() for k, v in snapshot(reference).items()) < 1e-6
+    assert (tmp_path / "fails_on_one.vmapped_calls").read_text() == "2"  # process 0: one step on vmap, then the loop
 
 
 # --- fp16 overflow through the Trainer; the CUDA checks (SDPA batching rule, GradScaler, bf16) -------------

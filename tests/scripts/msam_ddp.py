@@ -9,18 +9,23 @@ Suites:
   lm: a tiny causal LM with -100 holes, so the processes hold different numbers of supervised tokens; in the
       ``empty_*`` settings every label of the second process's chunk is -100 in the first step; ``func_micro4``
       computes the loss with a ``compute_loss_func`` normalised by ``num_items_in_batch``.
-  vmap: the vmap path (micro-batches of 4) for a padded tiny BERT and a tiny Llama with -100 holes.
+  vmap: the vmap path (micro-batches of 4) for a padded 2-layer BERT and Llama with -100 holes; a model with a
+      parameter that only the second process uses (``unused``), and the same with the second process's buffer
+      changed before the second step (``buffer_changed``), which DDP's broadcast_buffers undoes; a Llama whose
+      second process has nothing supervised in the first step (``empty``: it runs the loop); under "auto" (picked
+      on CPU here) a model whose first vmap group fails on the second process only (``fails_on_one``).
 """
 
 import os
 import sys
 
+import hf_msam.trainer
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import test_vectorized  # noqa: E402
 from conftest import tiny_bert, token_dataset  # noqa: E402
-from test_vectorized import padded_dataset  # noqa: E402
 from trainer_utils import (  # noqa: E402
     SequentialSAMTrainer,
     lm_dataset,
@@ -29,6 +34,7 @@ from trainer_utils import (  # noqa: E402
     tiny_llama,
     token_loss_func,
 )
+from transformers import TrainerCallback  # noqa: E402
 
 VMAP = dict(sam_micro_batch_size=4, sam_micro_batch_mode="vmap")
 # suite -> setting -> (model, training data, SAMTrainingArguments overrides and compute_loss_func); 8 examples per
@@ -49,13 +55,29 @@ SUITES = {
         "empty_global": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_global=True)),
     },
     "vmap": {
-        "bert": (lambda: tiny_bert(seed=15), lambda: padded_dataset(32, seed=15), VMAP),
-        "llama": (lambda: tiny_llama(seed=15), lambda: lm_dataset(32, seed=15), VMAP),
+        "bert": (lambda: test_vectorized.tiny_bert(seed=15), lambda: test_vectorized.padded_dataset(32, seed=15), VMAP),
+        "llama": (lambda: test_vectorized.tiny_llama(seed=15), lambda: lm_dataset(32, seed=15), VMAP),
+        "unused": (test_vectorized.LengthBranchClassifier, test_vectorized.two_length_dataset, VMAP),
+        "buffer_changed": (test_vectorized.LengthBranchClassifier, test_vectorized.two_length_dataset, VMAP),
+        "empty": (lambda: test_vectorized.tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), VMAP),
+        "fails_on_one": (lambda: test_vectorized.FailsUnderVmapOnce(1, rank=1),
+                         lambda: test_vectorized.padded_dataset(32, seed=24).remove_columns("attention_mask"),
+                         dict(VMAP, sam_micro_batch_mode="auto")),
     },
 }
 
 
+class ChangeBufferOnSecondProcess(TrainerCallback):
+    """Before the second step, process 1 sets ``temperature`` to 3 (process 0 keeps 1)."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1 and args.process_index == 1:
+            model.temperature.fill_(3.0)
+
+
 def main(suite: str, out_dir: str) -> None:
+    if suite == "vmap":
+        hf_msam.trainer.AUTO_VMAP_DEVICE_TYPES = ("cpu",)  # "auto" picks the vmap path on these CPU processes
     for name, (make_model, make_data, settings) in SUITES[suite].items():
         model = make_model()
         overrides = dict(settings)
@@ -63,9 +85,14 @@ def main(suite: str, out_dir: str) -> None:
         args = sam_args(os.path.join(out_dir, f"{name}_run"), per_device_train_batch_size=8, max_steps=2, sam_rho=0.2,
                         **overrides)
         trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=make_data(), compute_loss_func=loss_func)
+        if name == "buffer_changed":
+            trainer.add_callback(ChangeBufferOnSecondProcess())
         assert trainer.accelerator.num_processes == 2, trainer.accelerator.state
         trainer.train()
         assert args.sam_micro_batch_mode != "vmap" or trainer._vmap_verified  # the vmap path ran, not the loop
+        if trainer.accelerator.is_main_process and hasattr(model, "vmapped_calls"):
+            with open(os.path.join(out_dir, f"{name}.vmapped_calls"), "w") as handle:
+                handle.write(str(model.vmapped_calls))
         if trainer.accelerator.is_main_process:
             save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"{name}.safetensors"))
             with open(os.path.join(out_dir, f"{name}.skipped"), "w") as handle:
