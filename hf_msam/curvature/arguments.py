@@ -15,9 +15,9 @@ from typing import Any
 
 from .gram import parse_sketch
 from .report import MEASURES
+from .stability import PROBE_SAMPLINGS
 
 PREFIX = "sharpness_"
-PROBE_SAMPLINGS = ("uniform", "bernoulli")
 
 
 @dataclass
@@ -70,7 +70,7 @@ class SharpnessArguments:
     )
     sharpness_probe_sampling: str | None = field(
         default=None,
-        metadata={"help": "Batches of the stability probe: 'uniform' (B draws) or 'bernoulli'. None: the report's default."},
+        metadata={"help": "Batches of the stability probe: 'without_replacement' (B distinct examples, the Trainer's sampler), 'uniform' (B draws with replacement) or 'bernoulli'. None: the report's default."},
     )
     sharpness_coherence_examples: int | None = field(
         default=None,
