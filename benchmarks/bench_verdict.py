@@ -146,8 +146,9 @@ def deep_null_space(seeds: int = 8, n: int = 16, d: int = 2000) -> list[dict]:
                                   num_examples=n, measures=["eigenvalues", "coherence", "probe"],
                                   learning_rate=3e-6 / lam, train_batch_size=4, num_train_examples=4000,
                                   lanczos_iterations=20, probe_steps=30, seed=seed).to_dict()
-        rows.append({key: report[key] for key in ("stability_verdict", "stable_ggn", "mean_square_rate", "eta_ratio_ggn",
-                                                  "probe_growth_rate", "gradient_ratio", "lambda_min_ritz")})
+        keys = ("stability_verdict", "stable_ggn", "mean_square_rate", "eta_ratio_ggn", "probe_growth_rate",
+                "gradient_ratio", "lambda_min_ritz")
+        rows.append({key: report[key] for key in keys})
         print(rows[-1], flush=True)
     return rows
 

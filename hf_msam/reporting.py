@@ -207,7 +207,7 @@ class SharpnessReportMixin:
         dataset = self.train_dataset
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         options = report_options(sharpness_options_of(self.args), self.args, num_train,
-                                 training_seconds(self.state.log_history))
+                                 training_seconds(self.state.log_history), self.state.global_step)
         adam_state = adam_state_of(self.optimizer, self.model)
         if adam_state is not None:
             options["adam_state"] = adam_state
@@ -281,7 +281,8 @@ class SharpnessCallback(TrainerCallback):
         dataset = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
-        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history))
+        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history),
+                                       state.global_step)
         adam_state = adam_state_of(kwargs.get("optimizer"), model)
         if adam_state is not None:
             report_kwargs["adam_state"] = adam_state

@@ -10,6 +10,7 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_msam.curvature.coherence import coherence_from_hessians
+from hf_msam.curvature import stability
 from hf_msam.curvature.operators import HessianOperator
 from hf_msam.curvature.stability import (
     batch_second_moment,
@@ -151,7 +152,7 @@ def test_probe_verdict_agrees_with_brute_force_simulation():
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
     h = 2 * x.double()[:, :, None] * x.double()[:, None, :]
     lam = float(torch.linalg.eigvalsh(h.mean(0))[-1])
-    for sampling in ("bernoulli", "uniform"):
+    for sampling in ("bernoulli", "uniform", "without_replacement"):
         for eta in (0.3 / lam, 3.0 / lam):
             got = _probe_on_model(x, eta, 4, 40, sampling)
             want = _brute_force_growth(x, eta, 4, 40, sampling)
@@ -244,3 +245,20 @@ def test_batch_second_moment_coefficients_from_enumeration():
         mean = e.mean(0)
         assert torch.allclose(second, a * torch.outer(mean, mean) + c * e / n, atol=1e-12), sampler
     assert batch_second_moment("without_replacement", n, b)[1] == pytest.approx((n - b) / (b * (n - 1)))
+
+
+def test_the_iterative_solver_equals_the_dense_generator(monkeypatch):
+    # about 60 directions: over 1500 symmetric unknowns, past the dense limit, so ARPACK's Lanczos on the matrix-free
+    # generator answers; the same factors through the assembled matrix must agree
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(10, 60, 6, generator=g, dtype=torch.float64)
+    u[0] *= 4
+    phi = u.transpose(1, 2).reshape(60, 60)  # 6 rows Phi_i per example: H_i = Phi_i^T Phi_i
+    factors = gauss_newton_factors(phi @ phi.T, 10)
+    r = factors.shape[2]
+    assert r * (r + 1) // 2 > stability.DENSE_LIMIT
+    iterative = mean_square_growth(factors, learning_rate=0.3, batch_size=3, num_train_examples=10)
+    monkeypatch.setattr(stability, "DENSE_LIMIT", 10**6)
+    dense = mean_square_growth(factors, learning_rate=0.3, batch_size=3, num_train_examples=10)
+    assert iterative.rate == pytest.approx(dense.rate, rel=1e-7, abs=1e-10)
+    assert iterative.eta_critical == pytest.approx(dense.eta_critical, rel=1e-7)

@@ -197,8 +197,8 @@ def rank_one_report(scales: torch.Tensor, axes: torch.Tensor, *, probe: int, eta
     x = torch.zeros(n, d)
     x[torch.arange(n), axes] = (scales / 2).sqrt().float()
     data = [{"features": x[i], "labels": 0.0} for i in range(n)]
-    return sharpness_report(LeastSquares(torch.zeros(d)), data, num_examples=probe, measures=["eigenvalues", "coherence"],
-                            learning_rate=eta, train_batch_size=b, lanczos_iterations=20, seed=seed).to_dict()
+    return sharpness_report(LeastSquares(torch.zeros(d)), data, num_examples=probe,
+                            measures=["eigenvalues", "coherence"], learning_rate=eta, train_batch_size=b, lanczos_iterations=20, seed=seed).to_dict()
 
 
 def axis_rate(curvatures: torch.Tensor, n: int, eta: float, b: int) -> float:
@@ -340,3 +340,24 @@ def test_negative_curvature_decides_only_when_the_drift_is_slower_than_the_secon
     # a Hessian sharper than the Gauss-Newton matrix beyond 2 / eta: the quadratic model is not this one
     sharp = stability.timescales(ms, 2.5 / ms.learning_rate, 0.0, lam)
     assert stability.gauss_newton_verdict(ms, sharp, 2.5 / ms.learning_rate, "training_set").verdict == "inconclusive"
+
+
+def test_the_cli_table_and_the_log_metrics_show_the_headline():
+    from hf_msam.curvature.cli import format_table
+
+    x = least_squares(8, 3, seed=3)
+    y = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lam = float(torch.linalg.eigvalsh(2 * x.T @ x / 8)[-1])
+    data = [{"features": x[i].float(), "labels": float(y[i])} for i in range(8)]
+    report = sharpness_report(LeastSquares(torch.zeros(3)), data, num_examples=8, measures=["eigenvalues", "coherence"],
+                              learning_rate=0.2 / lam, train_batch_size=2, lanczos_iterations=10, steps_trained=37)
+    d = report.to_dict()
+    table = format_table(d)
+    row = next(line for line in table.splitlines() if line.startswith("Gauss-Newton mean-square verdict (headline)"))
+    assert row.endswith("stable (for the training set)")
+    assert f"{d['eta_ratio_ggn']:.4g} [{d['eta_critical_ggn']:.4g}]" in table
+    assert "none / 37" in table and f"headline: {d['ggn_reason']}" in table
+    metrics = report.metrics()
+    assert metrics["sharpness_ggn_verdict"] == "stable" and metrics["sharpness_ggn_verdict_code"] == 1
+    assert metrics["sharpness_stable_ggn"] == 1 and metrics["sharpness_eta_ratio_ggn"] == d["eta_ratio_ggn"] < 1
+    assert metrics["sharpness_steps_trained"] == 37

@@ -70,7 +70,9 @@ class SharpnessArguments:
     )
     sharpness_probe_sampling: str | None = field(
         default=None,
-        metadata={"help": "Batches of the stability probe: 'without_replacement' (B distinct examples, the Trainer's sampler), 'uniform' (B draws with replacement) or 'bernoulli'. None: the report's default."},
+        metadata={"help": "Batches of the stability probe: 'without_replacement' (B distinct examples, the "
+                          "Trainer's sampler), 'uniform' (B draws with replacement) or 'bernoulli'. None: the "
+                          "report's default."},
     )
     sharpness_coherence_examples: int | None = field(
         default=None,
@@ -156,6 +158,7 @@ def report_options(
     training_args: Any | None = None,
     num_train_examples: int | None = None,
     training_seconds: float | None = None,
+    steps_trained: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``sharpness_report`` for a run.
 
@@ -164,7 +167,8 @@ def report_options(
     verdict inputs: its learning rate and total train batch size (per device x processes x accumulation),
     with ``num_train_examples`` the training-set size, and its optimizer's name (the report notes that the
     theory is about plain SGD). ``training_seconds`` (the run's ``train_runtime``) sets the default time
-    budget on a CPU. Options left at None are omitted.
+    budget on a CPU; ``steps_trained`` (the run's optimizer steps) is shown beside the drift timescale. Options
+    left at None are omitted.
     """
     kwargs = {name: getattr(options, PREFIX + name) for name in option_names()}
     if training_args is not None:
@@ -178,6 +182,7 @@ def report_options(
         kwargs["num_train_examples"] = num_train_examples
         kwargs["optimizer"] = str(getattr(training_args.optim, "value", training_args.optim))
     kwargs["training_seconds"] = training_seconds
+    kwargs["steps_trained"] = steps_trained
     return {name: value for name, value in kwargs.items() if value is not None}
 
 

@@ -315,7 +315,8 @@ def sharpness_report(
     before the work starts, what was cut is in ``budget_cuts``). The verdict needs the SGD ``learning_rate``,
     ``train_batch_size`` and ``num_train_examples`` (default ``len(dataset)``). ``adam_state``
     (``adam.adam_state_from_optimizer`` / ``adam_state_from_state_dict``) adds the Adam/AdamW preconditioned
-    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's.
+    sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's. ``steps_trained`` (the run's
+    optimizer steps) is recorded beside the drift timescale.
 
     Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
     without a loss, integer labels on a regression head, unknown measures); anything else that fails is
@@ -760,6 +761,11 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
     )
     report.stability_verdict, report.stability_reason = verdict.verdict, verdict.reason
     report.stable_sgd, report.stability_basis = verdict.stable_sgd, verdict.basis
+    if headline is not None:
+        logger.info("curvature report: Gauss-Newton mean-square verdict %s for %s (eta / eta_crit = %.3g, rate %.3g "
+                    "per step); training-set verdict %s (%s)", report.ggn_verdict, report.ggn_scope,
+                    report.eta_ratio_ggn if report.eta_ratio_ggn is not None else math.nan, report.mean_square_rate,
+                    verdict.verdict, verdict.basis)
 
 
 def _at_minimum(report: SharpnessReport) -> bool | None:

@@ -1,19 +1,22 @@
-"""Linear stability of SGD at a minimum: the critical learning rates and the simulated probe.
+"""Linear stability of SGD near a minimum: the mean-square rate, the critical learning rates, the verdicts.
 
-Linearised SGD at a minimum w* (Dexter et al., ICLR 2024; ``docs/design.md`` section 3.4) moves
-v = w - w* by v <- (I - (eta/B) sum_i x_i H_i) v with x_i ~ Bernoulli(B/n) independent. As restated
-in ``docs/design.md`` sections 3.4-3.5 (and checked numerically in ``tests/test_curvature_stability.py``):
+Linearised SGD moves v = w - w* by v <- (I - eta H_hat) v, H_hat the mean of the per-example matrices H_i over
+one batch. The batches modelled are those of the Trainer's random reshuffling, each step taken as an
+independent uniformly random set of B distinct examples (``batch_second_moment``; with replacement and
+Dexter et al.'s Bernoulli batches are options). ``mean_square_growth`` gives the exact growth rate of
+E||v_t||^2 and the critical rate eta_crit from the per-example Gauss-Newton matrices of the probe examples
+(the matrices of the coherence), over every direction they curve. What may be claimed for the training set
+(``docs/design.md`` section 3.4, ``docs/curvature.md``):
 
-- Theorem 1: lambda_max(H) >= (sigma / eta) (n/B - 1)^(-1/2) implies instability, i.e. SGD is unstable
-  for eta >= eta_1 = sigma / (lambda_max sqrt(n/B - 1)).
-- The gradient-descent bound: E[v_t] = (I - eta H)^t v_0 diverges, and with it E||v_t||^2, for
-  eta > eta_GD = 2 / lambda_max.
+- when the probe is the whole training set, the rate decides "stable" / "unstable";
+- otherwise only instability can be shown, by ``training_set_growth_bound``, a lower bound on the training
+  set's rate that holds whatever the unseen examples are; the probe's own verdict is the headline
+  (``gauss_newton_verdict``) with its scope, and ``unseen_example_limit`` and ``probe_miss_fraction`` say
+  what an unseen example or group could change.
 
-Both are sufficient conditions for instability, not for stability. Stability is shown by
-``mean_square_growth``: the growth rate of the second moment E||v_t||^2 of the linearised dynamics,
-computed exactly from the per-example Gauss-Newton matrices of the probe examples (the matrices of the
-coherence) in the subspace where they act, with the training set's gradient noise;
-``stability_verdict`` combines all three.
+Theorem 1 (Dexter et al., ICLR 2024, as restated: instability for eta >= sigma / (lambda_max sqrt(n/B - 1)),
+Bernoulli batches) and the gradient-descent bound 2 / lambda_max are reported as numbers; with a probe's
+estimate of sigma or lambda_max they prove nothing about the training set, and the verdicts do not use them.
 """
 
 from __future__ import annotations
@@ -329,7 +332,8 @@ def training_set_growth_bound(
         t = (-slope_at_0 / (2 * eta**2 * curvature_t)).clamp_min(0)
     else:
         t = torch.zeros_like(s1)
-    g = 1 - 2 * eta * (s1 + t) / n + eta**2 * (a * (s1 + t) ** 2 / n**2 + c * (s2 + (t**2 / (n - p) if n > p else 0)) / n)
+    unseen_squares = t**2 / (n - p) if n > p else torch.zeros_like(t)
+    g = 1 - 2 * eta * (s1 + t) / n + eta**2 * (a * (s1 + t) ** 2 / n**2 + c * (s2 + unseen_squares) / n)
     return math.log(max(float(g.max()), torch.finfo(torch.float64).tiny))
 
 
@@ -392,8 +396,8 @@ def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambd
     numbers = (f"log E||v||^2 changes by {mean_square.rate:.3g} per step"
                + (f", eta / eta_crit = {ratio:.3g}" if ratio is not None else ""))
     if times.drift_steps is not None and times.drift_steps < times.stability_steps:
-        return Verdict("inconclusive", f"Not at a minimum where the quadratic model holds long enough: the weights drift along "
-                       f"negative curvature in {times.drift_steps:.3g} steps, before the second moment settles "
+        return Verdict("inconclusive", "Not at a minimum where the quadratic model holds long enough: the weights "
+                       f"drift along negative curvature in {times.drift_steps:.3g} steps, before the second moment settles "
                        f"({times.stability_steps:.3g} steps; {numbers}).", "quadratic_model_fails")
     if mean_square.rate < 0 and lambda_max is not None and eta * lambda_max >= 2:
         return Verdict("inconclusive", f"The Gauss-Newton dynamics contract ({numbers}) but eta = {eta:.3g} is at "
