@@ -262,3 +262,31 @@ def test_the_iterative_solver_equals_the_dense_generator(monkeypatch):
     dense = mean_square_growth(factors, learning_rate=0.3, batch_size=3, num_train_examples=10)
     assert iterative.rate == pytest.approx(dense.rate, rel=1e-7, abs=1e-10)
     assert iterative.eta_critical == pytest.approx(dense.eta_critical, rel=1e-7)
+
+
+def test_reshuffled_epochs_against_the_independent_subset_model():
+    # the Trainer reshuffles once per epoch, so the batches of one epoch are disjoint; the rate models each step
+    # as an independent uniform B-subset. Exact map of one epoch (n = 8, B = 4: a subset, then its complement,
+    # every one of the C(8, 4) orders enumerated): the verdicts agree away from the threshold, and the epochs'
+    # critical rate is 1.024 times the model's on this problem
+    g = torch.Generator().manual_seed(0)
+    n, b, d = 8, 4, 4
+    u = torch.randn(n, d, 2, generator=g, dtype=torch.float64)
+    u[0] *= 3
+    h = u @ u.transpose(1, 2)
+    eye = torch.eye(d, dtype=torch.float64)
+    eta_crit = mean_square_growth(factors_from_hessians(h), learning_rate=0.1, batch_size=b,
+                                  num_train_examples=n).eta_critical
+
+    def epoch_rate(eta: float) -> float:
+        total = torch.zeros(d * d, d * d, dtype=torch.float64)
+        subsets = list(itertools.combinations(range(n), b))
+        for first in subsets:
+            second = [i for i in range(n) if i not in first]
+            step = (eye - (eta / b) * h[second].sum(0)) @ (eye - (eta / b) * h[list(first)].sum(0))
+            total += torch.kron(step, step)
+        return math.log(float(torch.linalg.eigvals(total / len(subsets)).abs().max())) / (n // b)
+
+    for factor in (0.5, 0.9, 1.1, 1.5):
+        assert (epoch_rate(factor * eta_crit) < 0) == (factor < 1), factor
+    assert epoch_rate(1.02 * eta_crit) < 0 < epoch_rate(1.03 * eta_crit)

@@ -272,6 +272,9 @@ def test_a_rare_aligned_cluster_the_probe_missed_gives_no_instability_claim():
     report = rank_one_report(torch.ones(n), axes, probe=64, eta=eta, b=b, seed=seed)
     assert sum(i < 30 for i in report["probe_indices"]) <= 1
     assert report["stability_verdict"] != "unstable", report["stability_reason"]
+    # the extrapolated sigma misses the cluster (true sigma 30): the report says what it is conditional on
+    assert report["coherence_train_interval"][1] < 30
+    assert any("conditional on the probe having seen every aligned group" in w for w in report["warnings"])
 
 
 def least_squares_report(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, eta: float, b: int,

@@ -731,6 +731,12 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
         report.coherence_train_estimate = trained.estimate
         report.coherence_train_interval = list(trained.interval)
         report.coherence_train_confidence = trained.confidence
+        if not report.probe_is_training_set:
+            report.warnings.append(
+                f"coherence: the training set's sigma and its interval are extrapolated from {p} of {n} examples, "
+                "conditional on the probe having seen every aligned group and outlier (a group under "
+                f"{stability.probe_miss_fraction(p, n):.1%} of the training set can be absent with probability "
+                ">= 5%); no verdict uses them")
         if 1 < trained.num_probe_examples < min(8, n):
             report.warnings.append(f"coherence: {trained.num_probe_examples} examples are too few to extrapolate "
                                    "sigma to the training set; the interval is the probe's sigma only")
