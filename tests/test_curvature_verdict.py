@@ -188,6 +188,7 @@ def test_verdicts_never_contradict_brute_force_on_the_training_set(family):
             assert _agrees(partial.verdict, truth), (family, trial, factor, partial)
             decided["probe"] += partial.verdict != "inconclusive"
     assert decided["training_set"] == 4 * trials
+    assert decided["probe"] >= 1  # the bound proves the clearly unstable cases from part of the training set
 
 
 def rank_one_report(scales: torch.Tensor, axes: torch.Tensor, *, probe: int, eta: float, b: int, seed: int = 0):
@@ -364,3 +365,27 @@ def test_the_cli_table_and_the_log_metrics_show_the_headline():
     assert metrics["sharpness_ggn_verdict"] == "stable" and metrics["sharpness_ggn_verdict_code"] == 1
     assert metrics["sharpness_stable_ggn"] == 1 and metrics["sharpness_eta_ratio_ggn"] == d["eta_ratio_ggn"] < 1
     assert metrics["sharpness_steps_trained"] == 37
+
+
+def test_the_training_set_bound_holds_whatever_the_unseen_examples_are():
+    # the probe's 4 examples are fixed; the 3 unseen ones are drawn from several families (aligned with the
+    # probe's sharpest direction, equal, random, one very sharp): the bound never exceeds the enumerated rate
+    g = torch.Generator().manual_seed(2)
+    n, p, b, d = 7, 4, 2, 3
+    u = torch.randn(p, d, 1, generator=g, dtype=torch.float64)
+    seen = u @ u.transpose(1, 2)
+    factors = factors_from_hessians(seen)
+    top = torch.linalg.eigh(seen.sum(0))[1][:, -1:]
+    unseen_families = [torch.zeros(3, d, d, dtype=torch.float64), (top @ top.T).expand(3, d, d) * 0.3,
+                       seen.mean(0).expand(3, d, d)]
+    for _ in range(4):
+        w = torch.randn(3, d, 2, generator=g, dtype=torch.float64)
+        unseen_families.append(w @ w.transpose(1, 2) * float(torch.rand(1, generator=g)) * 3)
+    for eta in (0.2, 0.8, 2.0):
+        ms = mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
+        bound = stability.training_set_growth_bound(
+            factors, stability.candidate_directions(factors, ms.top_direction), learning_rate=eta, batch_size=b,
+            num_train_examples=n)
+        for unseen in unseen_families:
+            truth = subset_second_moment_rate(torch.cat([seen, unseen]), eta, b, "without_replacement")
+            assert bound <= truth + 1e-9, (eta, bound, truth)
