@@ -16,7 +16,7 @@ from test_curvature_stability import factors_from_hessians, second_moment_radius
 
 from hf_msam import sharpness_report
 from hf_msam.curvature import stability
-from hf_msam.curvature.stability import gauss_newton_factors, mean_square_growth, noise_scale
+from hf_msam.curvature.stability import batch_second_moment, gauss_newton_factors, mean_square_growth
 
 
 def least_squares(n: int, d: int, seed: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_the_training_set_noise_factor_is_used():
     assert 2 / (lam * (1 + 1 / b - 1 / n)) < eta < 2 / (lam * (1 + 1 / b - 1 / p))
     result = mean_square_growth(factors_of(x), learning_rate=eta, batch_size=b, num_train_examples=n,
                                 sampler="bernoulli")
-    assert noise_scale(n, b, "bernoulli") == pytest.approx(1 / b - 1 / n)
+    assert batch_second_moment("bernoulli", n, b) == pytest.approx((1.0, 1 / b - 1 / n))
     exact = math.log((1 - eta * lam) ** 2 + (eta * lam) ** 2 * (1 / b - 1 / n))
     assert result.rate == pytest.approx(exact, rel=1e-9) and exact > 0
     subsets = mean_square_growth(factors_of(x), learning_rate=eta, batch_size=b, num_train_examples=n)
