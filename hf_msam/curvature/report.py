@@ -742,7 +742,7 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
                                    "sigma to the training set; the interval is the probe's sigma only")
         if lam is not None and b is not None:
             report.eta_critical_theorem1 = stability.eta_critical_theorem1(lam, trained.estimate, n, b)
-        if eta is not None and b is not None:
+        if eta is not None and eta > 0 and b is not None:
             factors = stability.gauss_newton_factors(gauss_newton.gram, p)
             mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
             times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn)

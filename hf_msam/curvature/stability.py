@@ -428,7 +428,7 @@ def stability_verdict(
     """The verdict for the training set (SGD with eta, B on the n training examples): only what is shown for
     the training set itself.
 
-    1. ``missing_inputs``: eta, B or n unknown; ``no_proof``: no Gauss-Newton rate (``headline`` None).
+    1. ``missing_inputs``: eta, B or n unknown, or eta <= 0; ``no_proof``: no Gauss-Newton rate (``headline`` None).
     2. ``not_at_minimum``: the quadratic model fails over the stability timescale (``gauss_newton_verdict``).
     3. When the probe is the whole training set: the exact mean-square rate decides (``mean_square``).
     4. Otherwise only instability can be shown: ``training_bound`` (``training_set_growth_bound``, valid whatever
@@ -439,6 +439,9 @@ def stability_verdict(
     if learning_rate is None or batch_size is None or num_train_examples is None:
         return Verdict("inconclusive", "The learning rate, batch size and training-set size are needed for a "
                        "verdict; pass learning_rate, train_batch_size and num_train_examples.", "missing_inputs")
+    if learning_rate <= 0:
+        return Verdict("inconclusive", f"The learning rate is {learning_rate:g}: SGD does not move, so there is no "
+                       "stability to judge; pass the run's positive learning_rate.", "missing_inputs")
     if headline is None:
         return Verdict("inconclusive", "The verdict needs the mean-square rate from the per-example Gauss-Newton "
                        "matrices (the coherence measure).", "no_proof")
