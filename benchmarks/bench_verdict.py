@@ -82,7 +82,7 @@ def coherence_accuracy(n: int = 1000, d: int = 30, probes: tuple[int, ...] = (32
 
 
 def chains_vs_exact(chains: int = 64, steps: int = 600) -> dict:
-    """Least squares, 8 examples in R^3, B = 2, eta = 0.7 x the exact mean-square critical rate."""
+    """Least squares, 8 examples in R^3, B = 2, Bernoulli batches, eta = 0.7 x the exact mean-square critical rate."""
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     h = 2 * x[:, :, None] * x[:, None, :]
     n, b = 8, 2
@@ -90,10 +90,12 @@ def chains_vs_exact(chains: int = 64, steps: int = 600) -> dict:
     lo, hi = 0.0, 2.0 / float(torch.linalg.eigvalsh(h.mean(0))[-1])
     for _ in range(60):
         mid = (lo + hi) / 2
-        rate = mean_square_growth(factors, learning_rate=mid, batch_size=b, num_train_examples=n).rate
+        rate = mean_square_growth(factors, learning_rate=mid, batch_size=b, num_train_examples=n,
+                                  sampler="bernoulli").rate
         lo, hi = (lo, mid) if rate >= 0 else (mid, hi)
     eta = 0.7 * hi
-    exact = mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n).rate
+    exact = mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n,
+                               sampler="bernoulli").rate
     g = torch.Generator().manual_seed(3)
     v = torch.randn(chains, 3, generator=g, dtype=torch.float64)
     v /= v.norm(dim=1, keepdim=True)
@@ -144,8 +146,9 @@ def deep_null_space(seeds: int = 8, n: int = 16, d: int = 2000) -> list[dict]:
                                   num_examples=n, measures=["eigenvalues", "coherence", "probe"],
                                   learning_rate=3e-6 / lam, train_batch_size=4, num_train_examples=4000,
                                   lanczos_iterations=20, probe_steps=30, seed=seed).to_dict()
-        rows.append({key: report[key] for key in ("stability_verdict", "mean_square_rate", "mean_square_rate_interval",
-                                                  "probe_growth_rate", "gradient_ratio", "lambda_min_ritz")})
+        keys = ("stability_verdict", "stable_ggn", "mean_square_rate", "eta_ratio_ggn", "probe_growth_rate",
+                "gradient_ratio", "lambda_min_ritz")
+        rows.append({key: report[key] for key in keys})
         print(rows[-1], flush=True)
     return rows
 

@@ -61,6 +61,8 @@ REPORT_KEYS = (
     "loss", "probe_accuracy", "grad_norm", "interpolates",
     "lambda_max", "lambda_max_residual", "trace", "trace_stderr", "m_sharpness", "m_sharpness_rho", "m_sharpness_m",
     "coherence", "coherence_examples", "coherence_train_estimate", "coherence_train_interval",
+    "ggn_verdict", "stable_ggn", "ggn_scope", "eta_ratio_ggn", "eta_critical_ggn", "mean_square_rate",
+    "lambda_max_gap", "drift_steps", "steps_trained", "gradient_ratio", "at_minimum",
     "stability_verdict", "stability_reason", "stable_sgd", "stability_basis", "eta_critical_gd",
     "eta_critical_theorem1", "adam_preconditioned_lambda_max", "adam_stability_threshold", "adam_edge_ratio",
 )  # fmt: skip

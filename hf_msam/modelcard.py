@@ -251,10 +251,14 @@ def curvature_summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], st
     """The few numbers of a curvature report (``sharpness.json``) a reader wants, as (quantity, value) rows,
     and the SGD stability verdict in words (None without one).
 
-    The verdict is the report's ``stability_verdict`` ("stable" / "unstable" / "inconclusive") with its
-    ``stability_reason`` when the report has them, else ``stable_sgd`` with the rule that decided it
-    (``stability_basis``). Theorem 1 of Dexter et al. (2024) gives the learning rate *from which* SGD is provably
-    unstable, eta >= sigma / (lambda_max sqrt(n/B - 1)); 2 / lambda_max is the gradient-descent bound.
+    The verdict leads with the headline ``ggn_verdict`` (mean-square stability of linearised SGD on the
+    Gauss-Newton matrices, with eta / eta_crit, the mean-square rate, the Hessian's excess over the Gauss-Newton
+    lambda_max, the drift timescale beside the steps trained and the gradient ratio), then the training-set
+    ``stability_verdict`` ("stable" / "unstable" / "inconclusive") with its ``stability_reason``; older reports
+    without them give ``stable_sgd`` with the rule that decided it (``stability_basis``). Theorem 1 of Dexter et
+    al. (2024) gives the learning rate from which SGD with Bernoulli batches is unstable,
+    eta >= sigma / (lambda_max sqrt(n/B - 1)), here with the estimated training-set sigma; 2 / lambda_max is the
+    gradient-descent bound.
     """
     r = report
     rows: list[tuple[str, str]] = []
@@ -277,22 +281,42 @@ def curvature_summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], st
             text=f"{_fmt(r.get('coherence_train_estimate'))} [{_fmt(low)}, {_fmt(high)}]")
     else:
         add(f"Hessian coherence sigma of the {n} training examples (estimate)", "coherence_train_estimate")
-    add(f"Learning rate from which SGD (batch size {batch}) is provably unstable (Theorem 1)", "eta_critical_theorem1")
+    add(f"Learning rate from which Theorem 1 gives instability (batch size {batch}, estimated sigma)",
+        "eta_critical_theorem1")
     add("Learning rate above which gradient descent is unstable (2 / lambda_max)", "eta_critical_gd")
     add("Preconditioned sharpness lambda_max(P^-1 H) of Adam", "adam_preconditioned_lambda_max")
     add("Adam edge-of-stability threshold (2 + 2 beta1) / ((1 - beta1) eta)", "adam_stability_threshold")
     add("Preconditioned sharpness / threshold", "adam_edge_ratio")
 
-    where = "SGD stability verdict" + (f" at learning rate {_fmt(lr)} and batch size {batch}" if lr and batch else "")
+    at = f" at learning rate {_fmt(lr)} and batch size {batch}" if lr and batch else ""
+    where = "SGD stability verdict for the training set" + at
     if r.get("stability_verdict"):
         reason = f" {r['stability_reason']}" if r.get("stability_reason") else ""
-        return rows, f"{where}: **{r['stability_verdict']}**.{reason}"
+        training = f"{where}: **{r['stability_verdict']}**.{reason}"
+        return rows, (_headline(r, at) + "\n\n" + training) if r.get("ggn_verdict") else training
     if r.get("stable_sgd") is None:
         return rows, None
     growth = r.get("probe_growth_rate")
     grow = f"{'shrink' if r['stable_sgd'] else 'grow'} by a factor {growth:.6f} per step" if growth is not None else ""
     basis = _BASIS.get(r.get("stability_basis"), "").format(grow=grow)
     return rows, f"{where}: **{'stable' if r['stable_sgd'] else 'unstable'}**" + (f", {basis}." if basis else ".")
+
+
+def _headline(r: dict[str, Any], at: str) -> str:
+    """The Gauss-Newton mean-square verdict in words, with the numbers that say whether the quadratic model holds."""
+    scope = "the training set" if r.get("ggn_scope") == "training_set" else "the probe's examples"
+    numbers = [f"eta / eta_crit = {_fmt(r.get('eta_ratio_ggn'))}",
+               f"log E‖v‖² per step {_fmt(r.get('mean_square_rate'))}"]
+    if r.get("lambda_max_gap") is not None:
+        numbers.append(f"lambda_max of the Hessian minus the Gauss-Newton one {_fmt(r['lambda_max_gap'])}")
+    drift = "none" if r.get("drift_steps") is None else f"{_fmt(r['drift_steps'])} steps"
+    trained = f" ({r['steps_trained']} steps trained)" if r.get("steps_trained") is not None else ""
+    numbers.append(f"drift along negative curvature 1/(eta |lambda_min|): {drift}{trained}")
+    if r.get("gradient_ratio") is not None:
+        numbers.append(f"gradient ratio {_fmt(r['gradient_ratio'])}")
+    flag = "; not at a minimum" if r.get("at_minimum") is False else ""
+    return (f"Gauss-Newton mean-square verdict for {scope}{at}: **{r['ggn_verdict']}** ({', '.join(numbers)}"
+            f"{flag}). {r.get('ggn_reason') or ''}").rstrip()
 
 
 def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> str:

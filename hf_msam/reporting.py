@@ -233,7 +233,8 @@ class SharpnessReportMixin:
         dataset = self.train_dataset
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         options = report_options(sharpness_options_of(self.args), self.args, num_train,
-                                 training_seconds(self.state.log_history), self._step_rates.rates)
+                                 training_seconds(self.state.log_history), self._step_rates.rates,
+                                 self.state.global_step)
         options.update(_adam_options(self.optimizer, self.model))
         return compute_sharpness(
             self.model,
@@ -307,7 +308,8 @@ class SharpnessCallback(StepRates):
         dataset = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
-        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history), self.rates)
+        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history), self.rates,
+                                       state.global_step)
         report_kwargs.update(_adam_options(kwargs.get("optimizer"), model))
         self.result = compute_sharpness(
             model,

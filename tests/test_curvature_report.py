@@ -42,14 +42,18 @@ def test_report_contract_and_restored_state(tmp_path):
     # a freshly initialised model on random labels is no minimum: no verdict either way, and it says why
     assert (d["stability_verdict"], d["stable_sgd"], d["stability_basis"]) == ("inconclusive", None, "not_at_minimum")
     assert "minimum" in d["stability_reason"]
+    assert (d["ggn_verdict"], d["stable_ggn"], d["at_minimum"]) == ("inconclusive", None, False)
+    assert d["drift_steps"] == pytest.approx(1 / (0.5 * -d["lambda_min_ritz"]))
+    assert d["drift_steps"] < d["stability_steps"] == pytest.approx(1 / abs(d["mean_square_rate"]))
     assert len(d["probe_indices"]) == 12 and len(set(d["probe_indices"])) == 12
     assert d["examples_used"]["coherence"] == d["examples_used"]["eigenvalues"] == "probe[0:12]"
     assert model.training and model.forward.__name__ == "<lambda>"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     metrics = report.metrics()
     texts = {k: v for k, v in metrics.items() if isinstance(v, str)}
-    assert texts == {"sharpness_stability_verdict": "inconclusive", "sharpness_stability_reason": d["stability_reason"]}
-    assert metrics["sharpness_stability_verdict_code"] == 0
+    assert texts == {"sharpness_stability_verdict": "inconclusive", "sharpness_stability_reason": d["stability_reason"],
+                     "sharpness_ggn_verdict": "inconclusive", "sharpness_ggn_reason": d["ggn_reason"]}
+    assert metrics["sharpness_stability_verdict_code"] == metrics["sharpness_ggn_verdict_code"] == 0
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in metrics.items() if k not in texts)
     assert metrics["sharpness_lambda_max"] == d["lambda_max"]
     report.to_json(str(tmp_path / "r.json"))

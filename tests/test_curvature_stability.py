@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import pytest
 import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_msam.curvature.coherence import coherence_from_hessians
+from hf_msam.curvature import stability
 from hf_msam.curvature.operators import HessianOperator
 from hf_msam.curvature.stability import (
+    batch_second_moment,
     eta_critical_gd,
     eta_critical_theorem1,
+    gauss_newton_factors,
     linear_stability_probe,
+    mean_square_growth,
     sample_batch,
 )
 
@@ -146,10 +152,141 @@ def test_probe_verdict_agrees_with_brute_force_simulation():
     x = torch.randn(16, 4, generator=torch.Generator().manual_seed(2))
     h = 2 * x.double()[:, :, None] * x.double()[:, None, :]
     lam = float(torch.linalg.eigvalsh(h.mean(0))[-1])
-    for sampling in ("bernoulli", "uniform"):
+    for sampling in ("bernoulli", "uniform", "without_replacement"):
         for eta in (0.3 / lam, 3.0 / lam):
             got = _probe_on_model(x, eta, 4, 40, sampling)
             want = _brute_force_growth(x, eta, 4, 40, sampling)
             assert got.num_hvps <= 40
             assert math.isclose(got.growth_rate, want, rel_tol=1e-4)
             assert (got.growth_rate > 1) == (want > 1) == (eta > 1.0 / lam)
+
+
+def subset_second_moment_rate(h: torch.Tensor, eta: float, b: int, sampler: str) -> float:
+    """Brute force: log of the spectral radius of E[J (x) J], J = I - (eta/B) sum_{i in batch} H_i, averaged over
+    every batch the sampler can draw: all C(n, B) subsets of B distinct examples (``without_replacement``) or
+    all n^B ordered draws (``with_replacement``), each equally likely."""
+    n, d, _ = h.shape
+    draws = (itertools.combinations(range(n), b) if sampler == "without_replacement"
+             else itertools.product(range(n), repeat=b))
+    eye = torch.eye(d, dtype=torch.float64)
+    total, count = torch.zeros(d * d, d * d, dtype=torch.float64), 0
+    for batch in draws:
+        step = eye - (eta / b) * h[list(batch)].sum(0)
+        total += torch.kron(step, step)
+        count += 1
+    return math.log(float(torch.linalg.eigvalsh(total / count).abs().max()))
+
+
+def factors_from_hessians(h: torch.Tensor) -> torch.Tensor:
+    """gauss_newton_factors of dense PSD H_i: Phi_i = H_i^{1/2} (d rows per example), K = Phi Phi^T."""
+    values, vectors = torch.linalg.eigh(h)
+    phi = (vectors * values.clamp_min(0).sqrt()[:, None, :]).transpose(1, 2)
+    n, d, _ = h.shape
+    return gauss_newton_factors(torch.einsum("iar,jbr->iajb", phi, phi).reshape(n * d, n * d), n)
+
+
+def test_every_direction_counts_where_one_example_is_sharp_and_the_mean_is_flat():
+    # seven examples with identity curvature on 33 coordinates, one with K = 6.9 on its own axis: the mean
+    # curvature there (K/8) is the smallest of the 34 directions, yet it is the one that diverges
+    n, b, d, eta = 8, 2, 34, 1.0
+    h = torch.zeros(n, d, d, dtype=torch.float64)
+    h[:7, :33, :33] = torch.eye(33, dtype=torch.float64)
+    h[7, 33, 33] = 6.9
+    truth = subset_second_moment_rate(h, eta, b, "without_replacement")
+    assert truth == pytest.approx(math.log(1 - 2 * 6.9 / 8 + 6.9**2 / 8 / b), rel=1e-9)  # +0.811, the K axis
+    result = mean_square_growth(factors_from_hessians(h), learning_rate=eta, batch_size=b, num_train_examples=n)
+    assert result.subspace_dim == d
+    assert result.rate == pytest.approx(truth, rel=1e-9, abs=1e-12)
+    assert result.eta_critical == pytest.approx(2 * b / 6.9, rel=1e-9)  # K* = 2B/eta on an own axis
+
+
+@pytest.mark.parametrize("sampler", ["without_replacement", "with_replacement"])
+def test_rate_and_critical_rate_equal_enumeration_of_every_batch(sampler):
+    g = torch.Generator().manual_seed(0)
+    n, b, d = 8, 4, 4
+    u = torch.randn(n, d, 2, generator=g, dtype=torch.float64)
+    u[0] *= 3  # one sharp example
+    h = u @ u.transpose(1, 2)
+    factors = factors_from_hessians(h)
+    eta_crit = mean_square_growth(factors, learning_rate=0.1, batch_size=b, num_train_examples=n,
+                                  sampler=sampler).eta_critical
+    for factor in (0.5, 0.98, 1.02, 1.5):
+        eta = factor * eta_crit
+        got = mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n, sampler=sampler)
+        truth = subset_second_moment_rate(h, eta, b, sampler)
+        assert got.rate == pytest.approx(truth, rel=1e-8, abs=1e-12), factor
+        assert (truth < 0) == (factor < 1)
+
+
+def test_the_default_sampler_is_the_trainers_uniform_subsets():
+    # B distinct examples per step (random reshuffling), not Bernoulli batches nor draws with replacement: at this
+    # eta Bernoulli batches and draws with replacement diverge, uniform B-subsets contract
+    g = torch.Generator().manual_seed(0)
+    n, b, d, eta = 8, 4, 4, 0.109
+    u = torch.randn(n, d, 2, generator=g, dtype=torch.float64)
+    u[0] *= 3
+    h = u @ u.transpose(1, 2)
+    truth = subset_second_moment_rate(h, eta, b, "without_replacement")
+    assert truth < 0
+    assert second_moment_radius(h, eta, n, b) > 1 and subset_second_moment_rate(h, eta, b, "with_replacement") > 0
+    default = mean_square_growth(factors_from_hessians(h), learning_rate=eta, batch_size=b, num_train_examples=n)
+    assert default.rate == pytest.approx(truth, rel=1e-8)
+
+
+def test_batch_second_moment_coefficients_from_enumeration():
+    # E[H_hat (x) H_hat] = a H (x) H + c E_i[H_i (x) H_i] on scalars H_i = e_i (basis vectors of R^n)
+    n, b = 7, 3
+    e = torch.eye(n, dtype=torch.float64)
+    for sampler, draws in (("without_replacement", list(itertools.combinations(range(n), b))),
+                           ("with_replacement", list(itertools.product(range(n), repeat=b)))):
+        means = torch.stack([e[list(d)].sum(0) / b for d in draws])
+        second = means.T @ means / len(draws)
+        a, c = batch_second_moment(sampler, n, b)
+        mean = e.mean(0)
+        assert torch.allclose(second, a * torch.outer(mean, mean) + c * e / n, atol=1e-12), sampler
+    assert batch_second_moment("without_replacement", n, b)[1] == pytest.approx((n - b) / (b * (n - 1)))
+
+
+def test_the_iterative_solver_equals_the_dense_generator(monkeypatch):
+    # about 60 directions: over 1500 symmetric unknowns, past the dense limit, so ARPACK's Lanczos on the matrix-free
+    # generator answers; the same factors through the assembled matrix must agree
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(10, 60, 6, generator=g, dtype=torch.float64)
+    u[0] *= 4
+    phi = u.transpose(1, 2).reshape(60, 60)  # 6 rows Phi_i per example: H_i = Phi_i^T Phi_i
+    factors = gauss_newton_factors(phi @ phi.T, 10)
+    r = factors.shape[2]
+    assert r * (r + 1) // 2 > stability.DENSE_LIMIT
+    iterative = mean_square_growth(factors, learning_rate=0.3, batch_size=3, num_train_examples=10)
+    monkeypatch.setattr(stability, "DENSE_LIMIT", 10**6)
+    dense = mean_square_growth(factors, learning_rate=0.3, batch_size=3, num_train_examples=10)
+    assert iterative.rate == pytest.approx(dense.rate, rel=1e-7, abs=1e-10)
+    assert iterative.eta_critical == pytest.approx(dense.eta_critical, rel=1e-7)
+
+
+def test_reshuffled_epochs_against_the_independent_subset_model():
+    # the Trainer reshuffles once per epoch, so the batches of one epoch are disjoint; the rate models each step
+    # as an independent uniform B-subset. Exact map of one epoch (n = 8, B = 4: a subset, then its complement,
+    # every one of the C(8, 4) orders enumerated): the verdicts agree away from the threshold, and the epochs'
+    # critical rate is 1.024 times the model's on this problem
+    g = torch.Generator().manual_seed(0)
+    n, b, d = 8, 4, 4
+    u = torch.randn(n, d, 2, generator=g, dtype=torch.float64)
+    u[0] *= 3
+    h = u @ u.transpose(1, 2)
+    eye = torch.eye(d, dtype=torch.float64)
+    eta_crit = mean_square_growth(factors_from_hessians(h), learning_rate=0.1, batch_size=b,
+                                  num_train_examples=n).eta_critical
+
+    def epoch_rate(eta: float) -> float:
+        total = torch.zeros(d * d, d * d, dtype=torch.float64)
+        subsets = list(itertools.combinations(range(n), b))
+        for first in subsets:
+            second = [i for i in range(n) if i not in first]
+            step = (eye - (eta / b) * h[second].sum(0)) @ (eye - (eta / b) * h[list(first)].sum(0))
+            total += torch.kron(step, step)
+        return math.log(float(torch.linalg.eigvals(total / len(subsets)).abs().max())) / (n // b)
+
+    for factor in (0.5, 0.9, 1.1, 1.5):
+        assert (epoch_rate(factor * eta_crit) < 0) == (factor < 1), factor
+    assert epoch_rate(1.02 * eta_crit) < 0 < epoch_rate(1.03 * eta_crit)

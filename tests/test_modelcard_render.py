@@ -98,7 +98,8 @@ def test_card_of_a_real_run_has_one_row_per_evaluation_the_theorem1_label_and_no
     assert [row.split("|")[3].strip() for row in rows] == ["4", "8"]  # steps
     assert "largest stable" not in card
     theorem1 = [line for line in card.splitlines() if "Theorem 1" in line and "|" in line]
-    assert theorem1 and all("provably unstable" in line for line in theorem1), theorem1
+    # Theorem 1 with the estimated training-set sigma proves nothing: the row must not say "provably"
+    assert theorem1 and all("gives instability" in line and "provabl" not in line for line in theorem1), theorem1
     curvature = _section(card, "Curvature report (sharpness and Hessian coherence)")
     for internal in ("hvp_count", "seconds", "schema_version", "lanczos_iterations", "probe_sampling"):
         assert internal not in curvature, internal
@@ -120,13 +121,28 @@ def test_curvature_section_shows_the_verdict_in_words_and_the_adam_numbers(tmp_p
     assert rows["Largest Hessian eigenvalue lambda_max"] == "12.5"
     assert rows["Hessian trace (Hutchinson)"] == "340.25 ± 3.5"
     assert rows["Hessian coherence sigma of the 32 training examples (estimate, interval)"] == "7.5 [6.25, 9.5]"
-    assert rows["Learning rate from which SGD (batch size 8) is provably unstable (Theorem 1)"] == "0.0123"
+    assert rows["Learning rate from which Theorem 1 gives instability (batch size 8, estimated sigma)"] == "0.0123"
     assert rows["Preconditioned sharpness lambda_max(P^-1 H) of Adam"] == "1234.5"
     assert rows["Adam edge-of-stability threshold (2 + 2 beta1) / ((1 - beta1) eta)"] == "3800"
     assert rows["Preconditioned sharpness / threshold"] == "0.325"
     assert "hvp_count" not in curvature and "seconds" not in curvature and "schema_version" not in curvature
     assert "![Curvature report](sharpness.png)" in curvature
     assert _dead_links(card, tmp_path) == []
+
+
+def test_curvature_section_leads_with_the_gauss_newton_headline(tmp_path):
+    headline = {"ggn_verdict": "stable", "stable_ggn": True, "ggn_scope": "probe", "eta_ratio_ggn": 0.4,
+                "mean_square_rate": -0.0125, "lambda_max_gap": 0.75, "drift_steps": 2500.0, "steps_trained": 120,
+                "gradient_ratio": 0.002, "at_minimum": False, "ggn_reason": "Linearised SGD contracts in mean square.",
+                "stability_verdict": "inconclusive", "stability_reason": "The probe holds part of the training set."}
+    (tmp_path / "sharpness.json").write_text(json.dumps({**VERDICT_REPORT, **headline}))
+    curvature = _section(render_model_card(tmp_path, dict(DATA)), "Curvature report (sharpness and Hessian coherence)")
+    first, second = [line for line in curvature.splitlines() if "verdict" in line and "**" in line]
+    assert first.startswith("Gauss-Newton mean-square verdict for the probe's examples at learning rate 0.01")
+    for text in ("**stable**", "eta / eta_crit = 0.4", "-0.0125", "0.75", "2500 steps (120 steps trained)",
+                 "gradient ratio 0.002", "not at a minimum", headline["ggn_reason"]):
+        assert text in first, text
+    assert second.startswith("SGD stability verdict for the training set") and "**inconclusive**" in second
 
 
 def test_verdict_of_a_report_without_the_verdict_keys(tmp_path):

@@ -16,9 +16,9 @@ from typing import Any
 
 from .gram import parse_sketch
 from .report import MEASURES
+from .stability import PROBE_SAMPLINGS
 
 PREFIX = "sharpness_"
-PROBE_SAMPLINGS = ("uniform", "bernoulli")
 
 
 @dataclass
@@ -71,7 +71,9 @@ class SharpnessArguments:
     )
     sharpness_probe_sampling: str | None = field(
         default=None,
-        metadata={"help": "Batches of the stability probe: 'uniform' (B draws) or 'bernoulli'. None: the report's default."},
+        metadata={"help": "Batches of the stability probe: 'without_replacement' (B distinct examples, the "
+                          "Trainer's sampler), 'uniform' (B draws with replacement) or 'bernoulli'. None: the "
+                          "report's default."},
     )
     sharpness_coherence_examples: int | None = field(
         default=None,
@@ -158,6 +160,7 @@ def report_options(
     num_train_examples: int | None = None,
     training_seconds: float | None = None,
     last_step_rates: Sequence[float] | None = None,
+    steps_trained: int | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments of ``sharpness_report`` for a run.
 
@@ -166,7 +169,8 @@ def report_options(
     verdict inputs: its learning rate and total train batch size (per device x processes x accumulation),
     with ``num_train_examples`` the training-set size, and its optimizer's name (the report notes that the
     theory is about plain SGD). ``training_seconds`` (the run's ``train_runtime``) sets the default time
-    budget on a CPU. Options left at None are omitted.
+    budget on a CPU; ``steps_trained`` (the run's optimizer steps) is shown beside the drift timescale. Options
+    left at None are omitted.
 
     The learning rate the verdicts judge (``learning_rate``) is the one in force: ``last_step_rates``, the rates
     the parameter groups took at the last optimizer step (``reporting.StepRates``), not the schedule's peak
@@ -186,6 +190,7 @@ def report_options(
         kwargs["num_train_examples"] = num_train_examples
         kwargs["optimizer"] = str(getattr(training_args.optim, "value", training_args.optim))
     kwargs["training_seconds"] = training_seconds
+    kwargs["steps_trained"] = steps_trained
     return {name: value for name, value in kwargs.items() if value is not None}
 
 

@@ -312,6 +312,10 @@ def format_table(report: dict[str, Any]) -> str:
     verdict = report.get("stability_verdict") or "no verdict"
     if report.get("stability_basis"):
         verdict += f" (by {report['stability_basis']})"
+    headline = report.get("ggn_verdict") or "no verdict"
+    if report.get("ggn_scope"):
+        headline += f" (for {'the training set' if report['ggn_scope'] == 'training_set' else 'the probe'})"
+    drift = "none" if report.get("drift_steps") is None else _number(report.get("drift_steps"))
     eigen = report.get("top_eigenvalues")
     level = report.get("coherence_train_confidence")
     rows = [
@@ -331,10 +335,16 @@ def format_table(report: dict[str, Any]) -> str:
                              f"{_number(report.get('num_train_examples'))}"),
         ("critical eta: Theorem 1 / GD (2/lambda_max)",
          f"{_number(report.get('eta_critical_theorem1'))} / {_number(report.get('eta_critical_gd'))}"),
-        ("mean-square log growth per step",
-         _number(report.get("mean_square_rate")) + _interval(report.get("mean_square_rate_interval"))),
+        ("Gauss-Newton mean-square verdict (headline)", headline),
+        ("eta / eta_crit (Gauss-Newton) [eta_crit]",
+         f"{_number(report.get('eta_ratio_ggn'))} [{_number(report.get('eta_critical_ggn'))}]"),
+        ("mean-square log growth per step", _number(report.get("mean_square_rate"))),
+        ("lambda_max: Hessian - Gauss-Newton", _number(report.get("lambda_max_gap"))),
+        ("drift steps 1/(eta |lambda_min|) / steps trained", f"{drift} / {_number(report.get('steps_trained'))}"),
+        ("gradient ratio / at a minimum",
+         f"{_number(report.get('gradient_ratio'))} / {_number(report.get('at_minimum'))}"),
         ("linear-stability probe growth rate", _number(report.get("probe_growth_rate"))),
-        ("SGD stability verdict for this eta, B", verdict),
+        ("SGD stability verdict for the training set", verdict),
         ("Adam: lambda_max(P^-1 H) / threshold / ratio",
          f"{_number(report.get('adam_preconditioned_lambda_max'))} / {_number(report.get('adam_stability_threshold'))} / "
          f"{_number(report.get('adam_edge_ratio'))}"),
@@ -344,6 +354,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines = ["Curvature report", "=" * (width + 20)] + [f"{name:<{width}}  {value}" for name, value in rows]
     if report.get("learning_rate_source"):
         lines.append(f"eta: {report['learning_rate_source']} (schedule peak {_number(report.get('learning_rate_peak'))})")
+    if report.get("ggn_reason"):
+        lines.append(f"headline: {report['ggn_reason']}")
     if report.get("stability_reason"):
         lines.append(f"verdict: {report['stability_reason']}")
     lines += [f"warning: {w}" for w in report.get("warnings") or []]

@@ -143,6 +143,11 @@ def train_coherence(
     (the distinct examples of a bootstrap resample; duplicates would look like perfectly aligned pairs),
     each extrapolated the same way, widened to contain the estimate, kept above the hard lower bound.
     When p >= n the probe set is the training set and the answer is exact.
+
+    The interval is conditional on the probe representing the training set's structure: it covers about 95%
+    for equal-norm directions, but not for heavy-tailed per-example norms, outliers or small aligned groups the
+    probe did not sample (a group under 1 - 0.05^(1/p) of the training set is absent with probability >= 5%,
+    and then nothing in S_p shows it). No verdict uses it (``stability.stability_verdict``).
     """
     s = s.double()
     p = s.shape[0]

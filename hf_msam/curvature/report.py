@@ -102,10 +102,27 @@ class SharpnessReport:
     eta_critical_gd: float | None = None
     reference_loss: float | None = None  # loss of a chance-level predictor (log C; mean y^2 for regression)
     gradient_ratio: float | None = None  # ||g||^2 / (2 lambda_max reference_loss): small at a minimum
+    # the headline: mean-square stability of linearised SGD on the Gauss-Newton matrices (stability.py)
+    stable_ggn: bool | None = None  # true / false / null for stable / unstable / inconclusive
+    ggn_verdict: str | None = None
+    ggn_reason: str | None = None
+    ggn_scope: str | None = None  # "training_set" (the probe is every training example) or "probe"
     mean_square_rate: float | None = None  # log growth of E||v||^2 per SGD step (linearised, Gauss-Newton)
-    mean_square_rate_interval: list[float] | None = None
+    mean_square_sampler: str | None = None  # the SGD batches modelled: uniform B-subsets (the Trainer's)
     mean_square_subspace_dim: int | None = None
-    stability_verdict: str | None = None  # "stable", "unstable" or "inconclusive"
+    eta_critical_ggn: float | None = None  # the eta at which mean_square_rate crosses 0
+    eta_ratio_ggn: float | None = None  # learning_rate / eta_critical_ggn: below 1 iff stable
+    lambda_max_gap: float | None = None  # lambda_max - lambda_max_ggn (the Hessian's residual term)
+    stability_steps: float | None = None  # 1 / |mean_square_rate|
+    drift_steps: float | None = None  # 1 / (eta |lambda_min|): drift along negative curvature; null: none
+    steps_trained: int | None = None
+    at_minimum: bool | None = None  # no negative curvature, small gradient, every probe example fitted
+    # what the probe can say about the training set
+    probe_is_training_set: bool | None = None
+    probe_miss_fraction: float | None = None  # groups under this fraction of the training set may be unseen
+    unseen_example_limit: float | None = None  # curvature of one unseen example (own direction) that diverges
+    training_rate_bound: float | None = None  # lower bound of the training set's mean_square_rate
+    stability_verdict: str | None = None  # "stable", "unstable" or "inconclusive" for the training set
     stability_reason: str | None = None
     stable_sgd: bool | None = None  # true / false / null for stable / unstable / inconclusive
     stability_basis: str | None = None
@@ -137,9 +154,10 @@ class SharpnessReport:
             json.dump(self.to_dict(), f, indent=2, allow_nan=False)
 
     def metrics(self, prefix: str = "sharpness_") -> dict[str, float | int | str]:
-        """For Trainer logs: the scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), the verdict
-        as ``stability_verdict_code`` (1 stable, 0 inconclusive, -1 unstable) and, as text (TensorBoard files
-        it as a text summary), ``stability_verdict`` and ``stability_reason``."""
+        """For Trainer logs: the scalar numbers (booleans as 0/1, seconds as ``seconds_<measure>``), the headline
+        and the training-set verdicts as ``ggn_verdict_code`` and ``stability_verdict_code`` (1 stable,
+        0 inconclusive, -1 unstable) and, as text (TensorBoard files it as a text summary), ``ggn_verdict``,
+        ``ggn_reason``, ``stability_verdict`` and ``stability_reason``."""
         flat: dict[str, float | int | str] = {}
         for key, value in self.to_dict().items():
             if isinstance(value, bool):
@@ -148,10 +166,11 @@ class SharpnessReport:
                 flat[prefix + key] = value
         for key, value in self.seconds.items():
             flat[f"{prefix}seconds_{key}"] = value
-        if self.stability_verdict is not None:
-            flat[prefix + "stability_verdict_code"] = VERDICT_CODES[self.stability_verdict]
-            flat[prefix + "stability_verdict"] = self.stability_verdict
-            flat[prefix + "stability_reason"] = self.stability_reason
+        for name, reason in (("ggn_verdict", "ggn_reason"), ("stability_verdict", "stability_reason")):
+            if getattr(self, name) is not None:
+                flat[f"{prefix}{name}_code"] = VERDICT_CODES[getattr(self, name)]
+                flat[prefix + name] = getattr(self, name)
+                flat[prefix + reason] = getattr(self, reason)
         return flat
 
 
@@ -272,13 +291,14 @@ def sharpness_report(
     train_batch_size: int | None = None,
     num_train_examples: int | None = None,
     probe_steps: int = 30,
-    probe_sampling: str = "uniform",
+    probe_sampling: str = "without_replacement",
     coherence_examples: int | None = None,
     coherence_memory_gb: float = 2.0,
     coherence_sketch: str | int = "auto",
     optimizer: str | None = None,
     adam_state: AdamState | None = None,
     adam_unavailable: str | None = None,
+    steps_trained: int | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
     max_seconds: float | None = None,
@@ -308,7 +328,7 @@ def sharpness_report(
     sharpness; its threshold uses ``learning_rate`` when given, else the optimizer's current rate (its parameter
     groups' ``lr``). ``adam_unavailable`` says why the run's optimizer has no Adam analysis
     (``adam.adam_state_from_optimizer``'s refusal): a warning, or the ``adam`` measure's error when ``measures``
-    asks for it.
+    asks for it. ``steps_trained`` (the run's optimizer steps) is recorded beside the drift timescale.
 
     Raises ``ValueError`` for mistakes detectable up front (empty probe set, missing labels, a model
     without a loss, integer labels on a regression head, unknown measures); anything else that fails is
@@ -322,8 +342,8 @@ def sharpness_report(
                         ("lanczos_iterations", lanczos_iterations), ("probe_steps", probe_steps)):
         if value < 1:
             raise ValueError(f"{name}: must be at least 1 (got {value})")
-    if probe_sampling not in ("uniform", "bernoulli"):
-        raise ValueError(f"probe_sampling: {probe_sampling!r} is neither 'uniform' nor 'bernoulli'")
+    if probe_sampling not in stability.PROBE_SAMPLINGS:
+        raise ValueError(f"probe_sampling: {probe_sampling!r} is not one of {list(stability.PROBE_SAMPLINGS)}")
     if coherence_examples is not None and coherence_examples < 1:
         raise ValueError(f"coherence_examples: must be at least 1 (got {coherence_examples})")
     coherence_sketch = parse_sketch(coherence_sketch)
@@ -365,6 +385,7 @@ def sharpness_report(
         learning_rate_source=learning_rate_source or ("given" if learning_rate is not None else None),
         train_batch_size=train_batch_size,
         num_train_examples=n_train,
+        steps_trained=steps_trained,
     )
     if optimizer is not None and "sgd" not in optimizer.lower():
         report.warnings.append(f"optimizer {optimizer!r} is not plain SGD: see optimizer_note")
@@ -379,7 +400,7 @@ def sharpness_report(
         raise ValueError(f"max_seconds: the report's time budget must be > 0 seconds (got {max_seconds})")
     options = _Options(chosen, lanczos_iterations, lanczos_tol, top_k, trace_probes, rho, m, batch_size, seed,
                        probe_steps, probe_sampling, coherence_examples, coherence_memory_gb, progress,
-                       float(max_seconds), clock, adam_state, coherence_sketch)
+                       float(max_seconds), clock, adam_state, coherence_sketch, len(dataset))
     with curvature_mode(model, device):
         _fill(report, model, probe_set, options)
     return report
@@ -422,6 +443,7 @@ class _Options:
     clock: Callable[[], float]
     adam_state: AdamState | None
     coherence_sketch: str | int = "auto"
+    dataset_size: int = 0
 
 
 def _check_outputs(model: torch.nn.Module, batch: Batch) -> Any:
@@ -695,7 +717,7 @@ def _fill(report: SharpnessReport, model: torch.nn.Module, probe_set: _ProbeSet,
     for name in MEASURES:
         if name in chosen:
             run(name, steps[name])
-    run("verdict", lambda: _verdict(report, gauss_newton.get("result"), o.seed))
+    run("verdict", lambda: _verdict(report, gauss_newton.get("result"), o.seed, o.dataset_size))
     bar.close()
     report.hvp_count = sum(report.hvp_counts.values())
 
@@ -711,41 +733,77 @@ def sketch_sigma_error(k: torch.Tensor, n: int, sketch_dim: int) -> float | None
     return sketch_error_bound(k, k.shape[0] // n, sketch_dim) / lambda_s
 
 
-def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int) -> None:
-    """Critical learning rates, the training set's coherence, the mean-square growth and the three-way verdict
+def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size: int) -> None:
+    """The critical learning rates, the training set's coherence, the mean-square growth of linearised SGD on the
+    Gauss-Newton matrices (the headline ``stable_ggn``, with its timescales) and the training-set verdict
     (``stability.stability_verdict``) for the run's own eta, B and n."""
     lam = report.lambda_max
-    if lam is None and report.lambda_max_ggn is not None:
-        lam = report.lambda_max_ggn
-        report.warnings.append("verdict: Lanczos lambda_max not computed; using the Gauss-Newton lambda_max")
     eta, n, b = report.learning_rate, report.num_train_examples, report.train_batch_size
     if lam is not None:
         report.eta_critical_gd = stability.eta_critical_gd(lam)
         if lam > 0 and report.grad_norm is not None and report.reference_loss:
             report.gradient_ratio = report.grad_norm**2 / (2 * lam * report.reference_loss)
-    sigma_high, mean_square = None, None
+    report.at_minimum = _at_minimum(report)
+    headline, bound, limit, miss = None, None, None, None
     if gauss_newton is not None and gauss_newton.sigma is not None and n is not None:
+        p = gauss_newton.num_examples
+        report.probe_is_training_set = dataset_size == n and p >= n
         trained = train_coherence(gauss_newton.s_matrix, gauss_newton.max_example_lambda_max, n, seed=seed)
         report.coherence_train_estimate = trained.estimate
         report.coherence_train_interval = list(trained.interval)
         report.coherence_train_confidence = trained.confidence
-        sigma_high = trained.interval[1]
+        if not report.probe_is_training_set:
+            report.warnings.append(
+                f"coherence: the training set's sigma and its interval are extrapolated from {p} of {n} examples, "
+                "conditional on the probe having seen every aligned group and outlier (a group under "
+                f"{stability.probe_miss_fraction(p, n):.1%} of the training set can be absent with probability "
+                ">= 5%); no verdict uses them")
         if 1 < trained.num_probe_examples < min(8, n):
             report.warnings.append(f"coherence: {trained.num_probe_examples} examples are too few to extrapolate "
                                    "sigma to the training set; the interval is the probe's sigma only")
         if lam is not None and b is not None:
             report.eta_critical_theorem1 = stability.eta_critical_theorem1(lam, trained.estimate, n, b)
-        if eta is not None and b is not None:
-            factors = stability.gauss_newton_factors(gauss_newton.gram, gauss_newton.num_examples)
-            mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b,
-                                                       num_train_examples=n)
-            report.mean_square_rate = mean_square.rate
-            report.mean_square_rate_interval = list(mean_square.rate_interval)
+        if eta is not None and eta > 0 and b is not None:
+            factors = stability.gauss_newton_factors(gauss_newton.gram, p)
+            mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
+            times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn)
+            scope = "training_set" if report.probe_is_training_set else "probe"
+            headline = stability.gauss_newton_verdict(mean_square, times, lam, scope)
+            report.mean_square_rate, report.mean_square_sampler = mean_square.rate, mean_square.sampler
             report.mean_square_subspace_dim = mean_square.subspace_dim
+            report.eta_critical_ggn, report.eta_ratio_ggn = mean_square.eta_critical, mean_square.eta_ratio
+            report.stability_steps, report.drift_steps = times.stability_steps, times.drift_steps
+            report.lambda_max_gap = times.lambda_max_gap
+            report.ggn_verdict, report.ggn_reason, report.ggn_scope = headline.verdict, headline.reason, scope
+            report.stable_ggn = headline.stable_sgd
+            limit = report.unseen_example_limit = stability.unseen_example_limit(eta, b, n)
+            miss = report.probe_miss_fraction = stability.probe_miss_fraction(p, n)
+            directions = stability.candidate_directions(factors, mean_square.top_direction)
+            bound = report.training_rate_bound = stability.training_set_growth_bound(
+                factors, directions, learning_rate=eta, batch_size=b, num_train_examples=n)
     verdict = stability.stability_verdict(
-        learning_rate=eta, batch_size=b, num_train_examples=n, lambda_max=lam, lambda_min=report.lambda_min_ritz,
-        gradient_ratio=report.gradient_ratio, interpolates=report.interpolates, sigma_high=sigma_high,
-        mean_square=mean_square,
+        learning_rate=eta, batch_size=b, num_train_examples=n, headline=headline,
+        probe_is_training_set=bool(report.probe_is_training_set), training_bound=bound, unseen_limit=limit,
+        miss_fraction=miss,
     )
     report.stability_verdict, report.stability_reason = verdict.verdict, verdict.reason
     report.stable_sgd, report.stability_basis = verdict.stable_sgd, verdict.basis
+    if headline is not None:
+        logger.info("curvature report: Gauss-Newton mean-square verdict %s for %s (eta / eta_crit = %.3g, rate %.3g "
+                    "per step); training-set verdict %s (%s)", report.ggn_verdict, report.ggn_scope,
+                    report.eta_ratio_ggn if report.eta_ratio_ggn is not None else math.nan, report.mean_square_rate,
+                    verdict.verdict, verdict.basis)
+
+
+def _at_minimum(report: SharpnessReport) -> bool | None:
+    """False when the report shows the weights are not at a minimum of every probe example: negative curvature
+    (``lambda_min_ritz`` < -``NEGATIVE_CURVATURE_TOL`` lambda_max, certain: a Rayleigh quotient), a large
+    gradient (``gradient_ratio`` > ``GRADIENT_TOL``) or an unfitted example; None when unknown."""
+    lam, low = report.lambda_max, report.lambda_min_ritz
+    if lam is not None and low is not None and low < -stability.NEGATIVE_CURVATURE_TOL * lam:
+        return False
+    if report.gradient_ratio is not None and report.gradient_ratio > stability.GRADIENT_TOL:
+        return False
+    if report.interpolates is None or lam is None or report.gradient_ratio is None:
+        return None if report.interpolates is not False else False
+    return report.interpolates

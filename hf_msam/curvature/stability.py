@@ -1,19 +1,22 @@
-"""Linear stability of SGD at a minimum: the critical learning rates and the simulated probe.
+"""Linear stability of SGD near a minimum: the mean-square rate, the critical learning rates, the verdicts.
 
-Linearised SGD at a minimum w* (Dexter et al., ICLR 2024; ``docs/design.md`` section 3.4) moves
-v = w - w* by v <- (I - (eta/B) sum_i x_i H_i) v with x_i ~ Bernoulli(B/n) independent. As restated
-in ``docs/design.md`` sections 3.4-3.5 (and checked numerically in ``tests/test_curvature_stability.py``):
+Linearised SGD moves v = w - w* by v <- (I - eta H_hat) v, H_hat the mean of the per-example matrices H_i over
+one batch. The batches modelled are those of the Trainer's random reshuffling, each step taken as an
+independent uniformly random set of B distinct examples (``batch_second_moment``; with replacement and
+Dexter et al.'s Bernoulli batches are options). ``mean_square_growth`` gives the exact growth rate of
+E||v_t||^2 and the critical rate eta_crit from the per-example Gauss-Newton matrices of the probe examples
+(the matrices of the coherence), over every direction they curve. What may be claimed for the training set
+(``docs/design.md`` section 3.4, ``docs/curvature.md``):
 
-- Theorem 1: lambda_max(H) >= (sigma / eta) (n/B - 1)^(-1/2) implies instability, i.e. SGD is unstable
-  for eta >= eta_1 = sigma / (lambda_max sqrt(n/B - 1)).
-- The gradient-descent bound: E[v_t] = (I - eta H)^t v_0 diverges, and with it E||v_t||^2, for
-  eta > eta_GD = 2 / lambda_max.
+- when the probe is the whole training set, the rate decides "stable" / "unstable";
+- otherwise only instability can be shown, by ``training_set_growth_bound``, a lower bound on the training
+  set's rate that holds whatever the unseen examples are; the probe's own verdict is the headline
+  (``gauss_newton_verdict``) with its scope, and ``unseen_example_limit`` and ``probe_miss_fraction`` say
+  what an unseen example or group could change.
 
-Both are sufficient conditions for instability, not for stability. Stability is shown by
-``mean_square_growth``: the growth rate of the second moment E||v_t||^2 of the linearised dynamics,
-computed exactly from the per-example Gauss-Newton matrices of the probe examples (the matrices of the
-coherence) in the subspace where they act, with the training set's gradient noise;
-``stability_verdict`` combines all three.
+Theorem 1 (Dexter et al., ICLR 2024, as restated: instability for eta >= sigma / (lambda_max sqrt(n/B - 1)),
+Bernoulli batches) and the gradient-descent bound 2 / lambda_max are reported as numbers; with a probe's
+estimate of sigma or lambda_max they prove nothing about the training set, and the verdicts do not use them.
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import torch
 
 NEGATIVE_CURVATURE_TOL = 1e-2  # lambda_min < -tol * lambda_max: not a minimum
 GRADIENT_TOL = 1e-2  # ||g||^2 / (2 lambda_max L_ref) above this: not a minimum
-SUBSPACE_TOL = 1e-4  # Gauss-Newton eigen-directions kept: eigenvalue >= tol * the largest
+PROBE_SAMPLINGS = ("without_replacement", "uniform", "bernoulli")
+SUBSPACE_TOL = 1e-6  # Gauss-Newton eigen-directions kept: eigenvalue >= tol * the largest
+DENSE_LIMIT = 1500  # symmetric unknowns r(r+1)/2 up to which the generator is assembled and diagonalised
+EIGSH_TOL = 1e-10  # ARPACK's relative tolerance beyond
 
 
 def eta_critical_theorem1(lambda_max: float, sigma: float, n: int, batch_size: int) -> float | None:
@@ -55,15 +60,17 @@ BatchHvp = Callable[[list[int], torch.Tensor], torch.Tensor]
 def sample_batch(
     generator: torch.Generator, num_examples: int, batch_size: int, sampling: str
 ) -> list[int]:
-    """Indices of one SGD batch: ``bernoulli`` includes each example with probability B/n (the paper's
-    model, random size); ``uniform`` draws B examples uniformly with replacement (i.i.d. draws from the
-    data distribution the probe set samples)."""
+    """Indices of one SGD batch: ``without_replacement`` B distinct examples, uniformly (one step of the
+    Trainer's random reshuffling; all of them when B >= n); ``bernoulli`` includes each example with
+    probability B/n (the paper's model, random size); ``uniform`` draws B examples uniformly with replacement."""
+    if sampling == "without_replacement":
+        return torch.randperm(num_examples, generator=generator)[:batch_size].tolist()
     if sampling == "bernoulli":
         keep = torch.rand(num_examples, generator=generator) < min(1.0, batch_size / num_examples)
         return keep.nonzero().flatten().tolist()
     if sampling == "uniform":
         return torch.randint(0, num_examples, (batch_size,), generator=generator).tolist()
-    raise ValueError(f"probe_sampling: {sampling!r} is neither 'bernoulli' nor 'uniform'")
+    raise ValueError(f"probe_sampling: {sampling!r} is not one of {list(PROBE_SAMPLINGS)}")
 
 
 def linear_stability_probe(
@@ -74,7 +81,7 @@ def linear_stability_probe(
     learning_rate: float,
     batch_size: int,
     steps: int,
-    sampling: str = "uniform",
+    sampling: str = "without_replacement",
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> ProbeResult:
@@ -108,41 +115,138 @@ def linear_stability_probe(
     return ProbeResult(growth_rate=growth, step_factors=factors, num_hvps=hvps)
 
 
-def gauss_newton_factors(gram: torch.Tensor, num_examples: int, *, max_dim: int = 32,
-                         tol: float = SUBSPACE_TOL) -> torch.Tensor:
+def gauss_newton_factors(gram: torch.Tensor, num_examples: int, *, tol: float = SUBSPACE_TOL) -> torch.Tensor:
     """Per-example factors F_i (p x C x r) with F_i^T F_i = Q^T H_i Q, from the weighted NTK K = Phi Phi^T.
 
     With H_i = Phi_i^T Phi_i (``coherence``), every H_i acts in the row space of Phi; the eigenvectors of
     the probe's Gauss-Newton matrix G = Phi^T Phi / p are Q_k = Phi^T u_k / sqrt(mu_k) for the eigenpairs
-    (mu_k, u_k) of K. Keeping the r <= ``max_dim`` directions with mu_k >= ``tol`` mu_1 (where the
-    dynamics can grow; the others have eta H ~ 0 and a factor ~ 1), Phi_i Q = K_{i,:} U_r diag(mu_r)^(-1/2).
+    (mu_k, u_k) of K. Every direction with mu_k >= ``tol`` mu_1 is kept (no cap on their number: noise-driven
+    growth can live where the mean curvature is small and one example's is large); Phi_i Q =
+    K_{i,:} U_r diag(mu_r)^(-1/2). In a dropped direction every example's curvature is at most p tol lambda_max(G).
     """
     k = gram.double()
     mu, u = torch.linalg.eigh((k + k.T) / 2)
     mu, u = mu.flip(0), u.flip(1)
-    keep = int(min(max_dim, int((mu >= tol * mu[0]).sum()))) if mu[0] > 0 else 0
+    keep = int((mu >= tol * mu[0]).sum()) if mu[0] > 0 else 0
     if keep == 0:
         raise ValueError("every per-example Gauss-Newton matrix is zero: no direction can grow")
     factors = k @ u[:, :keep] / mu[:keep].sqrt()  # (pC x r): row block i is F_i
     return factors.reshape(num_examples, -1, keep)
 
 
+SAMPLERS = ("without_replacement", "with_replacement", "bernoulli")
+
+
+def batch_second_moment(sampler: str, num_train: int, batch_size: int) -> tuple[float, float]:
+    """(a, c) with E[H_hat X H_hat] = a H X H + c E_i[H_i X H_i] for the batch mean H_hat of one SGD step
+    over the n training examples (H = E_i H_i, E_i the mean over the n examples).
+
+    - ``without_replacement``: a uniformly random set of B distinct examples, H_hat = (1/B) sum_{i in S} H_i
+      (the Trainer's random reshuffling, each step taken as an independent uniform B-subset).
+      P(i in S) = B/n and P(i, j in S) = B(B - 1)/(n(n - 1)) for i != j give
+      E[H_hat (x) H_hat] = c E_i[H_i (x) H_i] + (1 - c) H (x) H with c = (1/B)(n - B)/(n - 1).
+    - ``with_replacement``: B independent uniform draws: c = 1/B, a = 1 - 1/B.
+    - ``bernoulli``: each example kept with probability B/n, scaled by 1/B (Dexter et al.'s model):
+      a = 1, c = 1/B - 1/n.
+    """
+    n, b = num_train, batch_size
+    if sampler == "without_replacement":
+        c = (n - b) / (b * (n - 1)) if b < n else 0.0
+        return 1.0 - c, c
+    if sampler == "with_replacement":
+        return 1.0 - 1.0 / b, 1.0 / b
+    if sampler == "bernoulli":
+        return 1.0, max(0.0, 1.0 / b - 1.0 / n)
+    raise ValueError(f"sampler: {sampler!r} is not one of {list(SAMPLERS)}")
+
+
+class SecondMomentGenerator:
+    """The generator L of the second moment of linearised SGD, matrix-free, on symmetric r x r matrices.
+
+    M(X) = E[(I - eta H_hat) X (I - eta H_hat)] = X + eta L(X), L(X) = -A(X) + eta Q(X) with
+    A(X) = H X + X H and Q(X) = a H X H + c E_i[H_i X H_i] (``batch_second_moment``). The factors are rotated
+    to the eigenbasis of H = diag(m), where A is the entrywise product with m_k + m_l. Q is applied as
+    F_i^T (F_i X F_i^T) F_i summed over examples: O(p C r^2) per product, no r^2 x r^2 matrix. Symmetric
+    matrices are handled as vectors of r(r + 1)/2 entries (off-diagonal ones scaled by sqrt 2, so that the
+    Euclidean inner product is the trace one and L stays symmetric).
+    """
+
+    def __init__(self, factors: torch.Tensor, a: float, c: float):
+        f = factors.double()
+        p, rows, r = f.shape
+        mean = torch.einsum("icr,ics->rs", f, f) / p
+        self.m, self.basis = torch.linalg.eigh((mean + mean.T) / 2)
+        self.f = (f @ self.basis).reshape(p * rows, r)
+        self.p, self.rows, self.r, self.a, self.c = p, rows, r, a, c
+        self.upper = torch.triu_indices(r, r)
+        off = self.upper[0] != self.upper[1]
+        self.weight = torch.ones(self.upper.shape[1], dtype=torch.float64)
+        self.weight[off] = math.sqrt(2.0)
+        self.sum_m = self.m[:, None] + self.m[None, :]
+        self.dim = self.upper.shape[1]
+
+    def to_matrix(self, x: torch.Tensor) -> torch.Tensor:
+        """(k, r(r+1)/2) vectors -> (k, r, r) symmetric matrices."""
+        out = torch.zeros(x.shape[0], self.r, self.r, dtype=torch.float64)
+        out[:, self.upper[0], self.upper[1]] = x / self.weight
+        return out + out.transpose(1, 2) - torch.diag_embed(out.diagonal(dim1=1, dim2=2))
+
+    def to_vector(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.upper[0], self.upper[1]] * self.weight
+
+    def q(self, x: torch.Tensor) -> torch.Tensor:
+        """Q(X) for a batch (k, r, r) of symmetric X."""
+        m = self.m
+        mean_part = m[:, None] * x * m[None, :]
+        fx = self.f @ x  # (k, pC, r): F_i X stacked
+        blocks = fx.reshape(-1, self.p, self.rows, self.r)
+        f = self.f.reshape(self.p, self.rows, self.r)
+        inner = blocks @ f.transpose(1, 2)  # (k, p, C, C): F_i X F_i^T
+        outer = (inner @ f).reshape(-1, self.p * self.rows, self.r)  # (k, pC, r): F_i X F_i^T F_i stacked
+        spread = self.f.T @ outer / self.p  # sum_i F_i^T (F_i X F_i^T F_i) / p
+        return self.a * mean_part + self.c * spread
+
+    def generator(self, x: torch.Tensor, eta: float) -> torch.Tensor:
+        return -self.sum_m * x + eta * self.q(x)
+
+    def top_eigenvalue(self, apply: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """Largest eigenvalue and its eigenvector (as an r x r matrix) of a symmetric operator on symmetric
+        matrices: dense eigh up to ``DENSE_LIMIT`` unknowns, else ARPACK's Lanczos (scipy eigsh)."""
+
+        def vec_apply(v: torch.Tensor) -> torch.Tensor:
+            return self.to_vector(apply(self.to_matrix(v)))
+
+        if self.dim <= DENSE_LIMIT:
+            dense = vec_apply(torch.eye(self.dim, dtype=torch.float64))
+            values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
+            return float(values[-1]), self.to_matrix(vectors[:, -1][None])[0]
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        op = LinearOperator((self.dim, self.dim), dtype="float64",
+                            matvec=lambda v: vec_apply(torch.from_numpy(v.reshape(1, -1)).double())[0].numpy())
+        # seeded start: the identity, which overlaps the PSD Perron eigenvector (Krein-Rutman) and makes runs repeat
+        start = self.to_vector(torch.eye(self.r, dtype=torch.float64)[None])[0].numpy()
+        values, vectors = eigsh(op, k=1, which="LA", tol=EIGSH_TOL, v0=start)
+        return float(values[0]), self.to_matrix(torch.from_numpy(vectors[:, 0])[None])[0]
+
+
 @dataclass
 class MeanSquareResult:
-    """The per-step growth rate log rho(M) of E||v||^2 under linearised SGD, with a confidence interval."""
+    """Mean-square growth of linearised SGD on the examples of the factors (see ``mean_square_growth``)."""
 
-    rate: float  # log rho(M); < 0: E||v_t||^2 -> 0 (mean-square stable)
-    rate_interval: tuple[float, float]
+    rate: float  # log rho(M) per step; < 0: E||v_t||^2 -> 0 (mean-square stable)
     generator_eigenvalue: float  # ell = lambda_max(L), rho(M) = 1 + eta ell
+    eta_critical: float | None  # the eta where rate crosses 0; None: no noise and no curvature to diverge by
     subspace_dim: int
-    noise_scale: float  # 1/B - 1/n
-    confidence: float
+    sampler: str
+    noise_scale: float  # c of ``batch_second_moment``
+    learning_rate: float
+    top_direction: torch.Tensor  # unit r-vector: top eigenvector of the Perron eigenmatrix X (factor coordinates)
 
-
-def noise_scale(num_train: int, batch_size: int) -> float:
-    """1/B - 1/n = (n/B - 1)/n: Bernoulli(B/n) batches of the n training examples scaled by 1/B have
-    covariance (1/B - 1/n) E_i[H_i (x) H_i] (the noise factor n/B - 1 of Theorem 1); 0 at full batch."""
-    return max(0.0, 1.0 / batch_size - 1.0 / num_train)
+    @property
+    def eta_ratio(self) -> float | None:
+        """eta / eta_crit: below 1 iff mean-square stable."""
+        return None if self.eta_critical is None else self.learning_rate / self.eta_critical
 
 
 def mean_square_growth(
@@ -151,62 +255,163 @@ def mean_square_growth(
     learning_rate: float,
     batch_size: int,
     num_train_examples: int,
-    confidence: float = 0.95,
+    sampler: str = "without_replacement",
 ) -> MeanSquareResult:
-    """Growth of E||v_t||^2 for v <- (I - eta H_hat) v, H_hat the Bernoulli batch Hessian of the training set,
-    with the per-example matrices H_i = F_i^T F_i of the probe examples (``gauss_newton_factors``).
+    """Growth of E||v_t||^2 for v <- (I - eta H_hat) v when the n training examples have the per-example
+    matrices of the factors' examples (``gauss_newton_factors``): exact when the factors hold every training
+    example, and otherwise conditional on the training set's per-example curvature being the probe's.
 
     The second moment X_t = E[v_t v_t^T] follows the linear, positive map M(X) = E[(I - eta H_hat) X
-    (I - eta H_hat)] = (I - eta H) X (I - eta H) + eta^2 s E_i[H_i X H_i], s = 1/B - 1/n (``noise_scale``),
-    so E||v_t||^2 = tr M^t(X_0) and the dynamics are mean-square stable iff rho(M) < 1. M = I + eta L with
-    L(X) = -(H X + X H) + eta (H X H + s E_i[H_i X H_i]), self-adjoint in the trace inner product, and the
-    spectral radius of a positive map is its largest real eigenvalue (Krein-Rutman), so
-    rho(M) = 1 + eta lambda_max(L): computed exactly (dense eigh on r^2 x r^2), with no cancellation for tiny
-    eta. Simulating chains instead estimates E||v_T||^2 by a sample mean of heavy-tailed ||v_T||^2, which
-    falls short of it (and can report contraction where the mean square grows).
+    (I - eta H_hat)] = X + eta L(X) (``SecondMomentGenerator``), so E||v_t||^2 = tr M^t(X_0) and the dynamics
+    are mean-square stable iff rho(M) < 1. M is self-adjoint in the trace inner product and positive, so its
+    spectral radius is its largest real eigenvalue, attained at a PSD X (Krein-Rutman): rho(M) = 1 + eta
+    lambda_max(L), computed without the cancellation that makes 1 - O(eta lambda) indistinguishable from 1.
 
-    Interval: the probe examples are a sample of the training set; by Hellmann-Feynman the influence of
-    example i on lambda_max(L) is <X, dL_i X> (X the top eigenvector, dL_i the change of L when the mean over
-    examples moves towards i), giving a normal interval with standard error sd(influence)/sqrt(p) and the
-    finite-population factor sqrt(1 - p/n).
+    The critical rate: lambda_max(-A + eta Q) is the maximum of affine functions of eta, hence convex in eta,
+    negative at eta = 0 (A is positive definite in the kept subspace), so it crosses 0 once, at
+    eta_crit = 1 / lambda_max(A^(-1/2) Q A^(-1/2)) (the generalised problem Q X = theta A X; A is diagonal in
+    the eigenbasis of H). eta < eta_crit iff mean-square stable.
     """
-    p, _, r = factors.shape
-    f = factors.double()
-    h = f.transpose(1, 2) @ f  # (p, r, r)
-    mean = h.mean(0)
-    eye = torch.eye(r, dtype=torch.float64)
-    scale = noise_scale(num_train_examples, batch_size)
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate: must be > 0 (got {learning_rate})")
+    a, c = batch_second_moment(sampler, num_train_examples, batch_size)
+    op = SecondMomentGenerator(factors, a, c)
     eta = learning_rate
-    second = torch.einsum("iab,icd->acbd", h, h).reshape(r * r, r * r) / p
-    generator = -(torch.kron(mean, eye) + torch.kron(eye, mean)) + eta * (torch.kron(mean, mean) + scale * second)
-    values, vectors = torch.linalg.eigh((generator + generator.T) / 2)
-    ell = float(values[-1])
-    x = vectors[:, -1].reshape(r, r)
-    x = (x + x.T) / 2
-    d = h - mean
-    xhx = torch.einsum("ab,ibc,cd,ida->i", x, h, x, h)
-    influence = (-2 * torch.einsum("ab,ibc,ca->i", x, d, x) + 2 * eta * torch.einsum("ab,ibc,cd,da->i", x, d, x, mean)
-                 + eta * scale * (xhx - xhx.mean()))
-    fpc = max(0.0, 1.0 - p / num_train_examples)
-    stderr = float(influence.std()) / math.sqrt(p) * math.sqrt(fpc) if p > 1 else 0.0
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    ell, x = op.top_eigenvalue(lambda m: op.generator(m, eta))
+    scale = op.sum_m.rsqrt()
+    theta, _ = op.top_eigenvalue(lambda m: scale * op.q(scale * m))
+    values, vectors = torch.linalg.eigh(x)
+    top = op.basis @ vectors[:, values.abs().argmax()]
+    rate = math.log(max(1.0 + eta * ell, torch.finfo(torch.float64).tiny))
+    return MeanSquareResult(rate, ell, 1.0 / theta if theta > 0 else None, op.r, sampler, c, eta, top)
 
-    def log_radius(value: float) -> float:
-        return math.log(max(1.0 + eta * value, torch.finfo(torch.float64).tiny))
 
-    return MeanSquareResult(log_radius(ell), (log_radius(ell - z * stderr), log_radius(ell + z * stderr)), ell, r,
-                            scale, confidence)
+def unseen_example_limit(learning_rate: float, batch_size: int, num_train: int,
+                         sampler: str = "without_replacement") -> float:
+    """The curvature K* = 2 / (eta (a/n + c)) (= 2B/eta for uniform B-subsets and for Bernoulli batches) from
+    which one training example that curves a direction no other example curves (lambda_max(H_j) = K there)
+    makes linearised SGD diverge in mean square: that direction is invariant, and its second moment changes by
+    the factor E(1 - eta y)^2 = 1 - 2 eta K/n + eta^2 (a K^2/n^2 + c K^2/n) per step, y its batch curvature."""
+    a, c = batch_second_moment(sampler, num_train, batch_size)
+    return 2.0 / (learning_rate * (a / num_train + c))
+
+
+def training_set_growth_bound(
+    factors: torch.Tensor,
+    directions: torch.Tensor,
+    *,
+    learning_rate: float,
+    batch_size: int,
+    num_train_examples: int,
+    sampler: str = "without_replacement",
+) -> float:
+    """A lower bound on log rho(M) of the n training examples that holds whatever the n - p examples outside
+    the probe are (any PSD per-example matrices), from the p probe examples of ``factors``.
+
+    rho(M) >= <X, M(X)> for X = u u^T, u a unit vector (M self-adjoint in the trace inner product), and
+    <X, M(X)> = 1 - 2 eta E_i a_i + eta^2 (a (E_i a_i)^2 + c E_i a_i^2) with a_i = u^T H_i u over the n
+    training examples. The probe gives a_i for its p examples (sums S1, S2); the unseen ones add t = their sum
+    (>= 0) and at least t^2/(n - p) to the sum of squares (Cauchy-Schwarz), so the bound is the minimum over
+    t >= 0 of a convex quadratic in t, in closed form. Maximised over the rows of ``directions`` (k x r, in the
+    factors' coordinates).
+    """
+    a, c = batch_second_moment(sampler, num_train_examples, batch_size)
+    f = factors.double()
+    p, n, eta = f.shape[0], num_train_examples, learning_rate
+    u = directions.double() / directions.double().norm(dim=1, keepdim=True)
+    curv = torch.einsum("icr,kr->kic", f, u).pow(2).sum(2)  # (k, p): a_i = ||F_i u||^2
+    s1, s2 = curv.sum(1), curv.pow(2).sum(1)
+    # g(t) = 1 - 2 eta (s1 + t)/n + eta^2 (a (s1 + t)^2/n^2 + c (s2 + t^2/(n - p))/n)
+    curvature_t = a / n**2 + (c / (n * (n - p)) if n > p else 0.0)
+    if n > p and curvature_t > 0:
+        slope_at_0 = -2 * eta / n + eta**2 * 2 * a * s1 / n**2
+        t = (-slope_at_0 / (2 * eta**2 * curvature_t)).clamp_min(0)
+    else:
+        t = torch.zeros_like(s1)
+    unseen_squares = t**2 / (n - p) if n > p else torch.zeros_like(t)
+    g = 1 - 2 * eta * (s1 + t) / n + eta**2 * (a * (s1 + t) ** 2 / n**2 + c * (s2 + unseen_squares) / n)
+    return math.log(max(float(g.max()), torch.finfo(torch.float64).tiny))
+
+
+def candidate_directions(factors: torch.Tensor, top_direction: torch.Tensor) -> torch.Tensor:
+    """Unit directions to try in ``training_set_growth_bound``: the top direction of the Perron eigenmatrix,
+    each probe example's sharpest direction, and the eigenvectors of the probe's mean (factor coordinates)."""
+    f = factors.double()
+    mean = torch.einsum("icr,ics->rs", f, f) / f.shape[0]
+    per_example = torch.linalg.eigh(f.transpose(1, 2) @ f)[1][:, :, -1]
+    return torch.cat([top_direction[None].double(), per_example, torch.linalg.eigh(mean)[1].T])
 
 
 @dataclass
 class Verdict:
     verdict: str  # "stable", "unstable" or "inconclusive"
     reason: str  # one sentence
-    basis: str  # "not_at_minimum", "gd_bound", "theorem1", "mean_square", "no_proof", "missing_inputs"
+    basis: str  # see ``stability_verdict``
 
     @property
     def stable_sgd(self) -> bool | None:
         return {"stable": True, "unstable": False}.get(self.verdict)
+
+
+DRIFT_TOL = 1e-4  # lambda_min >= -tol lambda_max is taken as no negative curvature (float32 HVP rounding)
+
+
+@dataclass
+class Timescales:
+    """When the quadratic (Gauss-Newton) model may be trusted over the time the mean-square rate speaks of."""
+
+    stability_steps: float  # 1 / |log growth of E||v||^2 per step|: steps for an e-fold change
+    drift_steps: float | None  # 1 / (eta |lambda_min|): e-fold drift along negative curvature; None: none
+    lambda_max_gap: float | None  # lambda_max(Hessian) - lambda_max(Gauss-Newton), both on the probe
+
+
+def timescales(mean_square: MeanSquareResult, lambda_max: float | None, lambda_min: float | None,
+               lambda_max_ggn: float | None) -> Timescales:
+    """The stability timescale, the drift timescale along negative curvature, and the Hessian's excess sharpness."""
+    rate, eta = mean_square.rate, mean_square.learning_rate
+    drift = None
+    if lambda_min is not None and lambda_max is not None and lambda_min < -DRIFT_TOL * lambda_max:
+        drift = 1.0 / (eta * -lambda_min)
+    gap = lambda_max - lambda_max_ggn if lambda_max is not None and lambda_max_ggn is not None else None
+    return Timescales(math.inf if rate == 0 else 1.0 / abs(rate), drift, gap)
+
+
+def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambda_max: float | None,
+                         scope: str) -> Verdict:
+    """The headline: is linearised SGD on the Gauss-Newton matrices mean-square stable at eta?
+
+    Decided by the sign of the rate (eta < eta_crit) unless the quadratic model fails over the stability
+    timescale: the weights drift along negative curvature faster than the second moment settles
+    (``drift_steps`` < ``stability_steps``), or the rate says stable while eta >= 2 / lambda_max of the Hessian
+    (its residual term makes it sharper than the Gauss-Newton matrix: gradient descent on it diverges).
+    ``scope``: "training set" when the factors hold every training example, else "probe" (the rate is then
+    that of a training set whose per-example curvature is the probe's).
+    """
+    eta, ratio = mean_square.learning_rate, mean_square.eta_ratio
+    where = "the training set" if scope == "training_set" else "the probe's examples"
+    numbers = (f"log E||v||^2 changes by {mean_square.rate:.3g} per step"
+               + (f", eta / eta_crit = {ratio:.3g}" if ratio is not None else ""))
+    if times.drift_steps is not None and times.drift_steps < times.stability_steps:
+        return Verdict("inconclusive", "Not at a minimum where the quadratic model holds long enough: the weights "
+                       f"drift along negative curvature in {times.drift_steps:.3g} steps, before the second moment settles "
+                       f"({times.stability_steps:.3g} steps; {numbers}).", "quadratic_model_fails")
+    if mean_square.rate < 0 and lambda_max is not None and eta * lambda_max >= 2:
+        return Verdict("inconclusive", f"The Gauss-Newton dynamics contract ({numbers}) but eta = {eta:.3g} is at "
+                       f"or above 2 / lambda_max = {2 / lambda_max:.3g} of the Hessian, which is sharper than the "
+                       "Gauss-Newton matrix: the quadratic model does not describe these weights.",
+                       "quadratic_model_fails")
+    if mean_square.rate < 0:
+        return Verdict("stable", f"Linearised SGD ({mean_square.sampler.replace('_', ' ')} batches) on the "
+                       f"Gauss-Newton matrices of {where} contracts in mean square: {numbers}.", "mean_square")
+    return Verdict("unstable", f"Linearised SGD ({mean_square.sampler.replace('_', ' ')} batches) on the "
+                   f"Gauss-Newton matrices of {where} grows in mean square: {numbers}.", "mean_square")
+
+
+def probe_miss_fraction(num_probe: int, num_train: int, confidence: float = 0.95) -> float:
+    """q = 1 - (1 - confidence)^(1/p): a group of training examples making up a fraction >= q of the training
+    set has at least one member among p uniformly drawn probe examples with probability >= ``confidence``
+    (it is missed with probability C(n - qn, p) / C(n, p) <= (1 - q)^p); 0 when the probe is the training set."""
+    return 0.0 if num_probe >= num_train else 1.0 - (1.0 - confidence) ** (1.0 / num_probe)
 
 
 def stability_verdict(
@@ -214,65 +419,42 @@ def stability_verdict(
     learning_rate: float | None,
     batch_size: int | None,
     num_train_examples: int | None,
-    lambda_max: float | None,
-    lambda_min: float | None,
-    gradient_ratio: float | None,
-    interpolates: bool | None,
-    sigma_high: float | None,
-    mean_square: MeanSquareResult | None,
+    headline: Verdict | None,
+    probe_is_training_set: bool,
+    training_bound: float | None = None,
+    unseen_limit: float | None = None,
+    miss_fraction: float | None = None,
 ) -> Verdict:
-    """The three-way verdict for SGD with ``learning_rate`` eta and ``batch_size`` B on n examples.
+    """The verdict for the training set (SGD with eta, B on the n training examples): only what is shown for
+    the training set itself.
 
-    1. Inconclusive away from a minimum, where the linear theory does not apply: a Ritz value ``lambda_min``
-       below -``NEGATIVE_CURVATURE_TOL`` lambda_max (a Rayleigh quotient, so negative curvature is certain),
-       ``gradient_ratio`` = ||g||^2 / (2 lambda_max L_ref) above ``GRADIENT_TOL`` (one step 1/lambda_max along
-       -g would still remove that fraction of the loss L_ref of a chance-level predictor, in the quadratic
-       model), or probe examples not fitted.
-    2. Unstable when proved: eta >= 2 / lambda_max (lambda_max a Ritz value, a lower bound of the true one),
-       or eta >= Theorem 1's rate with the upper end ``sigma_high`` of the training-set coherence interval.
-    3. Stable when the mean square contracts with confidence (upper end of the rate's interval < 0).
-    4. Inconclusive otherwise.
+    1. ``missing_inputs``: eta, B or n unknown, or eta <= 0; ``no_proof``: no Gauss-Newton rate (``headline`` None).
+    2. ``not_at_minimum``: the quadratic model fails over the stability timescale (``gauss_newton_verdict``).
+    3. When the probe is the whole training set: the exact mean-square rate decides (``mean_square``).
+    4. Otherwise only instability can be shown: ``training_bound`` (``training_set_growth_bound``, valid whatever
+       the unseen examples are) above 0 is "unstable" (``mean_square_bound``); else "inconclusive"
+       (``probe_only``), with the probe's own verdict, the curvature ``unseen_limit`` of an unseen example that
+       would break it, and the ``miss_fraction`` of the training set the probe may have missed.
     """
     if learning_rate is None or batch_size is None or num_train_examples is None:
         return Verdict("inconclusive", "The learning rate, batch size and training-set size are needed for a "
                        "verdict; pass learning_rate, train_batch_size and num_train_examples.", "missing_inputs")
-    if lambda_max is None or lambda_max <= 0:
-        return Verdict("inconclusive", "No positive largest Hessian eigenvalue was measured, so there is no "
-                       "curvature to judge stability by.", "missing_inputs")
-    if lambda_min is not None and lambda_min < -NEGATIVE_CURVATURE_TOL * lambda_max:
-        return Verdict("inconclusive", f"Not a minimum: the Hessian has negative curvature ({lambda_min:.3g}, "
-                       f"beyond {NEGATIVE_CURVATURE_TOL:g} x lambda_max), so the linear stability theory does "
-                       "not apply.", "not_at_minimum")
-    if gradient_ratio is not None and gradient_ratio > GRADIENT_TOL:
-        return Verdict("inconclusive", f"Not a minimum: the gradient is large (||g||^2 / (2 lambda_max L_ref) = "
-                       f"{gradient_ratio:.3g} > {GRADIENT_TOL:g}), so the linear stability theory does not "
-                       "apply.", "not_at_minimum")
-    if interpolates is None:
-        return Verdict("inconclusive", "Whether the model fits every probe example is unknown (no accuracy for "
-                       "this head), so it is not shown to be at a minimum where the linear theory applies.",
-                       "not_at_minimum")
-    if not interpolates:
-        return Verdict("inconclusive", "Not a minimum of every example: the model does not fit every probe "
-                       "example, so the linear stability theory (at an interpolating minimum) does not apply.",
-                       "not_at_minimum")
-    eta, gd = learning_rate, eta_critical_gd(lambda_max)
-    if gd is not None and eta >= gd:
-        return Verdict("unstable", f"The learning rate {eta:.3g} is at or above 2 / lambda_max = {gd:.3g}, where "
-                       "even full-batch gradient descent moves away from this minimum.", "gd_bound")
-    if sigma_high is not None:
-        eta1 = eta_critical_theorem1(lambda_max, sigma_high, num_train_examples, batch_size)
-        if eta1 is not None and eta >= eta1:
-            return Verdict("unstable", f"The learning rate {eta:.3g} is at or above Theorem 1's rate {eta1:.3g} "
-                           "(computed with the upper end of the coherence interval), so SGD with this batch size "
-                           "cannot stay at this minimum.", "theorem1")
-    if mean_square is None:
-        return Verdict("inconclusive", "No instability is proved, and showing stability needs the mean-square "
-                       "growth from the per-example Gauss-Newton matrices (the coherence measure).", "no_proof")
-    high = mean_square.rate_interval[1]
-    if high < 0:
-        return Verdict("stable", f"Linearised SGD contracts in mean square at this learning rate and batch size "
-                       f"(log E||v||^2 falls by {-mean_square.rate:.3g} per step, {mean_square.confidence:.0%} "
-                       f"upper bound {high:.3g} < 0).", "mean_square")
-    return Verdict("inconclusive", f"No instability is proved, and the mean square of linearised SGD does not "
-                   f"contract with confidence (log growth per step {mean_square.rate:.3g}, upper bound "
-                   f"{high:.3g} >= 0).", "no_proof")
+    if learning_rate <= 0:
+        return Verdict("inconclusive", f"The learning rate is {learning_rate:g}: SGD does not move, so there is no "
+                       "stability to judge; pass the run's positive learning_rate.", "missing_inputs")
+    if headline is None:
+        return Verdict("inconclusive", "The verdict needs the mean-square rate from the per-example Gauss-Newton "
+                       "matrices (the coherence measure).", "no_proof")
+    if headline.verdict == "inconclusive":
+        return Verdict("inconclusive", headline.reason, "not_at_minimum")
+    if probe_is_training_set:
+        return Verdict(headline.verdict, headline.reason, "mean_square")
+    if training_bound is not None and training_bound > 0:
+        return Verdict("unstable", f"Whatever the training examples outside the probe are, linearised SGD on the "
+                       f"training set grows in mean square by at least {training_bound:.3g} per step (a bound from "
+                       "the probe's examples alone).", "mean_square_bound")
+    return Verdict("inconclusive", f"The probe holds part of the training set only, so this is not shown for the "
+                   f"training set: for the probe's examples, {headline.verdict}. An unseen example with curvature "
+                   f"above {unseen_limit:.3g} in a direction no other example curves would make SGD diverge; "
+                   f"a group of examples under {miss_fraction:.1%} of the training set can be absent from the "
+                   "probe (probability >= 5%).", "probe_only")
