@@ -168,7 +168,7 @@ def test_stock_trainer_with_callback(tmp_path, capfd):
     trainer.train()
     assert "sharpness report: 100%" in capfd.readouterr().err  # the tqdm bar ran to its end
     expected = _reference(tmp_path, train, learning_rate=0.3, train_batch_size=8, num_train_examples=16,
-                          optimizer="sgd", **_rates_of_a_run(peak=0.3, last_step=0.3))
+                          optimizer="sgd", steps_trained=1, **_rates_of_a_run(peak=0.3, last_step=0.3))
     _assert_reports_close(_without_timings(callback.result.report.to_dict()), expected)
     entry = trainer.state.log_history[-1]
     assert entry["eval_sharpness_lambda_max"] == callback.result.report.lambda_max
@@ -194,7 +194,8 @@ def test_bf16_trained_model_gets_an_fp32_report(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     report = trainer.sharpness_result.report.to_dict()
     expected = _reference(tmp_path, train, learning_rate=0.5, train_batch_size=8, num_train_examples=16,
-                          rho=0.1, m=8, optimizer="sgd", **_rates_of_a_run(peak=0.5, last_step=0.5))
+                          rho=0.1, m=8, optimizer="sgd", steps_trained=trainer.state.global_step,
+                          **_rates_of_a_run(peak=0.5, last_step=0.5))
     _assert_reports_close(_without_timings(report), expected)
     # the check is sharp: the patched forward still computes in bf16, far from the 1e-6 tolerance above
     batch = {k: torch.tensor(v) for k, v in train[:8].items()}
