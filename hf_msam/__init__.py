@@ -1,7 +1,7 @@
 """hf_msam: micro-batch sharpness-aware minimization (mSAM) for the Hugging Face Trainer, and the
 sharpness / Hessian-coherence report of what it trains."""
 
-from .arguments import SAMTrainingArguments
+from .arguments import SAMArguments, SAMTrainingArguments
 from .curvature.arguments import SharpnessArguments
 from .curvature.report import SharpnessReport, sharpness_report
 from .msam import (
@@ -22,6 +22,7 @@ __all__ = [
     "MicroBatchSAM",
     "Perturbation",
     "RandomState",
+    "SAMArguments",
     "SAMTrainer",
     "SAMTrainingArguments",
     "SharpnessArguments",

@@ -188,10 +188,21 @@ class SharpnessReportMixin:
     sharpness_result: SharpnessResult | None = None
     _sharpness_pending: dict[str, Any] | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._step_rates = StepRates()  # the learning rate in force, for the verdicts
-        self.add_callback(self._step_rates)
+    _last_step_rates: tuple[float, ...] = ()  # the rates of the parameter groups at the last optimizer step
+    _rates_recorded_of: torch.optim.Optimizer | None = None  # the optimizer whose steps record them
+
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """``Trainer.create_optimizer``; each step of the optimizer then records the learning rates it took (the rate
+        in force, which the verdicts judge; :class:`StepRates` says why not the scheduler's). A step post-hook rather
+        than a callback, so that the Trainer's callbacks stay the ones it was given."""
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if optimizer is not None and optimizer is not self._rates_recorded_of:
+            optimizer.register_step_post_hook(self._record_step_rates)
+            self._rates_recorded_of = optimizer
+        return optimizer
+
+    def _record_step_rates(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._last_step_rates = tuple(float(group["lr"]) for group in optimizer.param_groups)
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``, then (``sharpness_report``) save the model and report on it."""
@@ -233,7 +244,7 @@ class SharpnessReportMixin:
         dataset = self.train_dataset
         num_train = len(dataset) if hasattr(dataset, "__len__") else None
         options = report_options(sharpness_options_of(self.args), self.args, num_train,
-                                 training_seconds(self.state.log_history), self._step_rates.rates,
+                                 training_seconds(self.state.log_history), self._last_step_rates,
                                  self.state.global_step)
         options.update(_adam_options(self.optimizer, self.model))
         return compute_sharpness(
