@@ -69,7 +69,7 @@ def test_glue_trains_writes_card_and_pushes_without_leaking_the_token(text_asset
     card = _one_model_one_card(out)
     results = json.loads((out / "all_results.json").read_text())
     assert 0.0 <= results["eval_accuracy"] <= 1.0 and results["wall_time_s"] > 0
-    assert "| rho | 0.05 |" in card and "Accuracy" in card
+    assert "| rho | 0.01 |" in card and "Accuracy" in card
     assert list(out.glob("checkpoint-*")), "a checkpoint was saved locally"
     if (out / "sharpness.json").is_file():  # the curvature report (on by default in the recipes) is in the card
         assert "No curvature report" not in card and "sharpness.json" in fake.files

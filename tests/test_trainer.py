@@ -259,7 +259,7 @@ def test_plain_training_arguments_are_kept_with_mSAM_defaults(tmp_path):
                              report_to="none")
     trainer = SAMTrainer(model=tiny_bert(), args=args, train_dataset=token_dataset(8))
     assert trainer.args is args and trainer.args.hub_token == "secret"
-    assert trainer.sam_options.sam_rho == 0.05 and trainer.sam_options.sam_micro_batch_size is None
+    assert trainer.sam_options.sam_rho == 0.01 and trainer.sam_options.sam_micro_batch_size is None
 
 
 # --- j. a batch smaller than the micro-batch size trains --------------------------------------------

