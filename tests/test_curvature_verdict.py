@@ -389,3 +389,28 @@ def test_the_training_set_bound_holds_whatever_the_unseen_examples_are():
         for unseen in unseen_families:
             truth = subset_second_moment_rate(torch.cat([seen, unseen]), eta, b, "without_replacement")
             assert bound <= truth + 1e-9, (eta, bound, truth)
+
+
+def test_mean_square_verdict_takes_the_first_examples_that_fit_its_row_limit(monkeypatch):
+    """Past ``MEAN_SQUARE_MAX_ROWS`` the verdict covers the first k coherence examples, exactly as a report whose
+    coherence probe is those k examples (every direction they curve), and says so."""
+    torch.manual_seed(3)
+    n, d = 24, 30
+    x = torch.randn(n, d) * torch.linspace(0.3, 2.0, n)[:, None]
+    data = [{"features": x[i], "labels": 0.0} for i in range(n)]
+
+    def report(examples: int):
+        return sharpness_report(LeastSquares(torch.zeros(d)), data, num_examples=n, coherence_examples=examples,
+                                measures=["eigenvalues", "coherence"], learning_rate=0.05, train_batch_size=4,
+                                lanczos_iterations=20, seed=0).to_dict()
+
+    small = report(10)
+    monkeypatch.setattr(stability, "MEAN_SQUARE_MAX_ROWS", 10)
+    capped = report(n)
+    assert capped["mean_square_examples"] == 10 and small["mean_square_examples"] == 10
+    assert capped["mean_square_subspace_dim"] == small["mean_square_subspace_dim"] == 10
+    assert capped["mean_square_rate"] == pytest.approx(small["mean_square_rate"], rel=1e-5)  # float32 Gram blocks
+    assert capped["eta_critical_ggn"] == pytest.approx(small["eta_critical_ggn"], rel=1e-5)
+    assert capped["ggn_scope"] == "probe" and capped["stability_verdict"] != "stable"
+    assert any("first 10 of the 24 coherence examples" in w for w in capped["warnings"])
+    assert stability.mean_square_examples(256, 2) == 5 and stability.mean_square_examples(8, 1) == 8

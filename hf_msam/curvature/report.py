@@ -110,6 +110,7 @@ class SharpnessReport:
     mean_square_rate: float | None = None  # log growth of E||v||^2 per SGD step (linearised, Gauss-Newton)
     mean_square_sampler: str | None = None  # the SGD batches modelled: uniform B-subsets (the Trainer's)
     mean_square_subspace_dim: int | None = None
+    mean_square_examples: int | None = None  # the first k coherence examples the mean-square verdict covers
     eta_critical_ggn: float | None = None  # the eta at which mean_square_rate crosses 0
     eta_ratio_ggn: float | None = None  # learning_rate / eta_critical_ggn: below 1 iff stable
     lambda_max_gap: float | None = None  # lambda_max - lambda_max_ggn (the Hessian's residual term)
@@ -747,7 +748,9 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
     headline, bound, limit, miss = None, None, None, None
     if gauss_newton is not None and gauss_newton.sigma is not None and n is not None:
         p = gauss_newton.num_examples
-        report.probe_is_training_set = dataset_size == n and p >= n
+        rows = gauss_newton.gram.shape[0] // p
+        k = report.mean_square_examples = stability.mean_square_examples(p, rows)
+        report.probe_is_training_set = dataset_size == n and k >= n
         trained = train_coherence(gauss_newton.s_matrix, gauss_newton.max_example_lambda_max, n, seed=seed)
         report.coherence_train_estimate = trained.estimate
         report.coherence_train_interval = list(trained.interval)
@@ -764,7 +767,11 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
         if lam is not None and b is not None:
             report.eta_critical_theorem1 = stability.eta_critical_theorem1(lam, trained.estimate, n, b)
         if eta is not None and eta > 0 and b is not None:
-            factors = stability.gauss_newton_factors(gauss_newton.gram, p)
+            if k < p:
+                report.warnings.append(
+                    f"stability: the mean-square verdict covers the first {k} of the {p} coherence examples "
+                    f"({k * rows} Gauss-Newton rows; each solver product costs O(k C r^2) with r <= k C)")
+            factors = stability.gauss_newton_factors(gauss_newton.gram[: k * rows, : k * rows], k)
             mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
             times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn)
             scope = "training_set" if report.probe_is_training_set else "probe"
@@ -777,7 +784,7 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
             report.ggn_verdict, report.ggn_reason, report.ggn_scope = headline.verdict, headline.reason, scope
             report.stable_ggn = headline.stable_sgd
             limit = report.unseen_example_limit = stability.unseen_example_limit(eta, b, n)
-            miss = report.probe_miss_fraction = stability.probe_miss_fraction(p, n)
+            miss = report.probe_miss_fraction = stability.probe_miss_fraction(k, n)
             directions = stability.candidate_directions(factors, mean_square.top_direction)
             bound = report.training_rate_bound = stability.training_set_growth_bound(
                 factors, directions, learning_rate=eta, batch_size=b, num_train_examples=n)

@@ -33,6 +33,16 @@ PROBE_SAMPLINGS = ("without_replacement", "uniform", "bernoulli")
 SUBSPACE_TOL = 1e-6  # Gauss-Newton eigen-directions kept: eigenvalue >= tol * the largest
 DENSE_LIMIT = 1500  # symmetric unknowns r(r+1)/2 up to which the generator is assembled and diagonalised
 EIGSH_TOL = 1e-10  # ARPACK's relative tolerance beyond
+MEAN_SQUARE_MAX_ROWS = 256  # Gauss-Newton rows (examples x rows per example) the mean-square verdict takes at most
+
+
+def mean_square_examples(num_examples: int, rows_per_example: int) -> int:
+    """How many of the first probe examples the mean-square analysis takes: all of them while their factors have at
+    most ``MEAN_SQUARE_MAX_ROWS`` rows, else as many as fit. Each product of ``SecondMomentGenerator`` costs
+    O(p C r^2) with r <= p C directions, and Lanczos needs tens to hundreds of them, so p C = 256 takes seconds on a
+    CPU and 2,560 (256 examples of a 10-class head) hours. The verdict then covers those examples (every direction
+    they curve, no cap within them), which the report states (``mean_square_examples``, ``ggn_scope``)."""
+    return max(1, min(num_examples, MEAN_SQUARE_MAX_ROWS // max(1, rows_per_example)))
 
 
 def eta_critical_theorem1(lambda_max: float, sigma: float, n: int, batch_size: int) -> float | None:
