@@ -272,7 +272,7 @@ def test_hyperparameters_of_the_trainer(tmp_path):
     assert hyper["gradient_accumulation_steps"] == 2 and hyper["training_steps"] == 1
     assert "adamw" in hyper["optimizer"] and hyper["lr_scheduler_type"] == "linear"
     json.dumps(data)  # saved as msam_card.json
-    assert data["msam"]["rho"] == 0.05 and data["msam"]["micro-batch size"] == 4
+    assert data["msam"]["rho"] == 0.01 and data["msam"]["micro-batch size"] == 4
     assert data["msam"]["m (micro-batches per optimizer step)"] == 4  # 2 per chunk, 2 accumulation chunks
 
 
