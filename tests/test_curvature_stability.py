@@ -264,6 +264,24 @@ def test_the_iterative_solver_equals_the_dense_generator(monkeypatch):
     assert iterative.eta_critical == pytest.approx(dense.eta_critical, rel=1e-7)
 
 
+@pytest.mark.parametrize("ratio", [1e-6, 0.5, 0.97, 1.03, 4.0])
+def test_the_iterative_solvers_equal_the_dense_generator_on_curvature_spanning_decades(monkeypatch, ratio):
+    # per-example curvature over 8 decades: the top eigenvalues of L cluster at -2 m_min below eta_crit, where
+    # unpreconditioned Lanczos did not converge in 50,000 iterations; every solver must give the dense answer
+    g = torch.Generator().manual_seed(5)
+    p, rows, r = 12, 3, 36
+    factors = torch.randn(p, rows, r, generator=g, dtype=torch.float64) * torch.logspace(-2.5, 1.5, r, dtype=torch.float64)
+    monkeypatch.setattr(stability, "DENSE_LIMIT", 10**6)
+    eta = ratio * mean_square_growth(factors, learning_rate=1.0, batch_size=3, num_train_examples=50).eta_critical
+    dense = mean_square_growth(factors, learning_rate=eta, batch_size=3, num_train_examples=50)
+    monkeypatch.setattr(stability, "DENSE_LIMIT", 0)
+    iterative = mean_square_growth(factors, learning_rate=eta, batch_size=3, num_train_examples=50)
+    assert (dense.rate < 0) == (ratio < 1) == (iterative.rate < 0)
+    assert iterative.generator_eigenvalue == pytest.approx(dense.generator_eigenvalue, rel=1e-7)
+    assert iterative.eta_critical == pytest.approx(dense.eta_critical, rel=1e-7)
+    assert abs(float(iterative.top_direction @ dense.top_direction)) == pytest.approx(1.0, abs=1e-6)
+
+
 def test_reshuffled_epochs_against_the_independent_subset_model():
     # the Trainer reshuffles once per epoch, so the batches of one epoch are disjoint; the rate models each step
     # as an independent uniform B-subset. Exact map of one epoch (n = 8, B = 4: a subset, then its complement,

@@ -330,17 +330,24 @@ def test_deep_null_space_with_a_tiny_rate(seed):
     assert "probe" in part["stability_reason"] and part["probe_miss_fraction"] == pytest.approx(1 - 0.05 ** (1 / 16))
 
 
-def test_negative_curvature_decides_only_when_the_drift_is_slower_than_the_second_moment():
+def test_negative_curvature_decides_only_when_the_drift_is_slower_than_the_verdicts_horizon():
     x = least_squares(8, 3, seed=1)
     factors = factors_of(x)
     lam = float(torch.linalg.eigvalsh(2 * x.T @ x / 8)[-1])
-    ms = mean_square_growth(factors, learning_rate=0.5 / lam, batch_size=2, num_train_examples=8)
+    ms = mean_square_growth(factors, learning_rate=0.01 / lam, batch_size=2, num_train_examples=8)
     steps = 1 / abs(ms.rate)
     fast = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps / 2), lam)
     slow = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps * 2), lam)
     assert fast.drift_steps == pytest.approx(steps / 2) and slow.drift_steps == pytest.approx(steps * 2)
     assert stability.gauss_newton_verdict(ms, fast, lam, "training_set").verdict == "inconclusive"
     assert stability.gauss_newton_verdict(ms, slow, lam, "training_set").verdict == "stable"
+    # a run shorter than the drift timescale: the verdict speaks of as many steps again, where the model holds
+    short = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps / 2), lam, steps_trained=int(steps / 4))
+    assert short.horizon_steps == int(steps / 4) < short.drift_steps < short.stability_steps
+    assert stability.gauss_newton_verdict(ms, short, lam, "training_set").verdict == "stable"
+    long = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps / 2), lam, steps_trained=int(10 * steps))
+    verdict = stability.gauss_newton_verdict(ms, long, lam, "training_set")
+    assert verdict.verdict == "inconclusive" and "settles" in verdict.reason
     # a Hessian sharper than the Gauss-Newton matrix beyond 2 / eta: the quadratic model is not this one
     sharp = stability.timescales(ms, 2.5 / ms.learning_rate, 0.0, lam)
     assert stability.gauss_newton_verdict(ms, sharp, 2.5 / ms.learning_rate, "training_set").verdict == "inconclusive"

@@ -773,7 +773,8 @@ def _verdict(report: SharpnessReport, gauss_newton: Any, seed: int, dataset_size
                     f"({k * rows} Gauss-Newton rows; each solver product costs O(k C r^2) with r <= k C)")
             factors = stability.gauss_newton_factors(gauss_newton.gram[: k * rows, : k * rows], k)
             mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
-            times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn)
+            times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn,
+                                         report.steps_trained)
             scope = "training_set" if report.probe_is_training_set else "probe"
             headline = stability.gauss_newton_verdict(mean_square, times, lam, scope)
             report.mean_square_rate, report.mean_square_sampler = mean_square.rate, mean_square.sampler

@@ -33,7 +33,9 @@ PROBE_SAMPLINGS = ("without_replacement", "uniform", "bernoulli")
 SUBSPACE_TOL = 1e-6  # Gauss-Newton eigen-directions kept: eigenvalue >= tol * the largest
 DENSE_LIMIT = 1500  # symmetric unknowns r(r+1)/2 up to which the generator is assembled and diagonalised
 EIGSH_TOL = 1e-10  # ARPACK's relative tolerance beyond
-MEAN_SQUARE_MAX_ROWS = 256  # Gauss-Newton rows (examples x rows per example) the mean-square verdict takes at most
+LOBPCG_TOL = 1e-12  # LOBPCG's residual tolerance, relative to lambda_max(A) = 2 lambda_max(H)
+LOBPCG_MAX_ITERATIONS = 500
+MEAN_SQUARE_MAX_ROWS = 1024  # Gauss-Newton rows (examples x rows per example) the mean-square verdict takes at most
 
 
 def mean_square_examples(num_examples: int, rows_per_example: int) -> int:
@@ -222,22 +224,61 @@ class SecondMomentGenerator:
     def top_eigenvalue(self, apply: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
         """Largest eigenvalue and its eigenvector (as an r x r matrix) of a symmetric operator on symmetric
         matrices: dense eigh up to ``DENSE_LIMIT`` unknowns, else ARPACK's Lanczos (scipy eigsh)."""
-
-        def vec_apply(v: torch.Tensor) -> torch.Tensor:
-            return self.to_vector(apply(self.to_matrix(v)))
-
         if self.dim <= DENSE_LIMIT:
-            dense = vec_apply(torch.eye(self.dim, dtype=torch.float64))
-            values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
-            return float(values[-1]), self.to_matrix(vectors[:, -1][None])[0]
-        from scipy.sparse.linalg import LinearOperator, eigsh
+            return self._dense_top(apply)
+        from scipy.sparse.linalg import eigsh
 
-        op = LinearOperator((self.dim, self.dim), dtype="float64",
-                            matvec=lambda v: vec_apply(torch.from_numpy(v.reshape(1, -1)).double())[0].numpy())
-        # seeded start: the identity, which overlaps the PSD Perron eigenvector (Krein-Rutman) and makes runs repeat
-        start = self.to_vector(torch.eye(self.r, dtype=torch.float64)[None])[0].numpy()
-        values, vectors = eigsh(op, k=1, which="LA", tol=EIGSH_TOL, v0=start)
+        values, vectors = eigsh(self._linear_operator(apply), k=1, which="LA", tol=EIGSH_TOL, v0=self._start()[:, 0])
         return float(values[0]), self.to_matrix(torch.from_numpy(vectors[:, 0])[None])[0]
+
+    def contracting_top_eigenvalue(self, eta: float) -> tuple[float, torch.Tensor]:
+        """lambda_max(L) and its eigenmatrix for eta < eta_crit, where A - eta Q is positive definite.
+
+        Lanczos on L itself needs a number of iterations that grows with lambda_max(A) / gap, hopeless when the
+        kept directions span many decades (at eta << eta_crit the top eigenvalues of L cluster at -2 m_min).
+        Instead LOBPCG (Knyazev 2001; scipy lobpcg) finds the smallest eigenvalue of A - eta Q preconditioned by
+        A^(-1), diagonal here. Q <= A / eta_crit in the Loewner order (eta_crit's definition) gives
+        (1 - eta / eta_crit) A <= A - eta Q <= A, so the preconditioned condition number is at most
+        1 / (1 - eta / eta_crit), whatever the spread of the curvature.
+        """
+        if self.dim <= DENSE_LIMIT:
+            return self._dense_top(lambda x: self.generator(x, eta))
+        from scipy.sparse.linalg import LinearOperator, lobpcg
+
+        inverse_a = (1.0 / self.sum_m[self.upper[0], self.upper[1]]).numpy()[:, None]
+        precondition = LinearOperator((self.dim, self.dim), dtype="float64", matvec=lambda v: v.ravel() * inverse_a[:, 0],
+                                      matmat=lambda v: v * inverse_a)
+        values, vectors = lobpcg(self._linear_operator(lambda x: -self.generator(x, eta)), self._start(),
+                                 M=precondition, largest=False, tol=LOBPCG_TOL * float(self.sum_m.max()),
+                                 maxiter=LOBPCG_MAX_ITERATIONS)
+        low = int(values.argmin())
+        return -float(values[low]), self.to_matrix(torch.from_numpy(vectors[:, low].copy())[None])[0]
+
+    def _dense_top(self, apply: Callable[[torch.Tensor], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        dense = self._vector_apply(apply)(torch.eye(self.dim, dtype=torch.float64))
+        values, vectors = torch.linalg.eigh((dense + dense.T) / 2)
+        return float(values[-1]), self.to_matrix(vectors[:, -1][None])[0]
+
+    def _vector_apply(self, apply: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda v: self.to_vector(apply(self.to_matrix(v)))
+
+    def _linear_operator(self, apply: Callable[[torch.Tensor], torch.Tensor]):
+        from scipy.sparse.linalg import LinearOperator
+
+        vector_apply = self._vector_apply(apply)
+
+        def matmat(v):
+            columns = torch.from_numpy(v.reshape(self.dim, -1).T.copy())
+            return vector_apply(columns).T.numpy()
+
+        return LinearOperator((self.dim, self.dim), dtype="float64", matvec=lambda v: matmat(v)[:, 0], matmat=matmat)
+
+    def _start(self):
+        """Seeded start block: the identity, which overlaps the PSD Perron eigenmatrix (Krein-Rutman), and two
+        seeded random matrices (LOBPCG's block), so that runs repeat."""
+        eye = self.to_vector(torch.eye(self.r, dtype=torch.float64)[None])
+        noise = torch.randn(2, self.dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        return torch.cat([eye, noise]).T.numpy()
 
 
 @dataclass
@@ -280,19 +321,24 @@ def mean_square_growth(
     The critical rate: lambda_max(-A + eta Q) is the maximum of affine functions of eta, hence convex in eta,
     negative at eta = 0 (A is positive definite in the kept subspace), so it crosses 0 once, at
     eta_crit = 1 / lambda_max(A^(-1/2) Q A^(-1/2)) (the generalised problem Q X = theta A X; A is diagonal in
-    the eigenbasis of H). eta < eta_crit iff mean-square stable.
+    the eigenbasis of H). eta < eta_crit iff mean-square stable. Below it lambda_max(L) is found by
+    ``contracting_top_eigenvalue`` (preconditioned, fast however spread the curvature), at or above it by
+    ``top_eigenvalue`` (Lanczos, where eta Q dominates).
     """
     if learning_rate <= 0:
         raise ValueError(f"learning_rate: must be > 0 (got {learning_rate})")
     a, c = batch_second_moment(sampler, num_train_examples, batch_size)
     op = SecondMomentGenerator(factors, a, c)
     eta = learning_rate
-    ell, x = op.top_eigenvalue(lambda m: op.generator(m, eta))
     scale = op.sum_m.rsqrt()
     theta, _ = op.top_eigenvalue(lambda m: scale * op.q(scale * m))
+    if eta * theta < 1:
+        ell, x = op.contracting_top_eigenvalue(eta)
+    else:
+        ell, x = op.top_eigenvalue(lambda m: op.generator(m, eta))
     values, vectors = torch.linalg.eigh(x)
     top = op.basis @ vectors[:, values.abs().argmax()]
-    rate = math.log(max(1.0 + eta * ell, torch.finfo(torch.float64).tiny))
+    rate = math.log1p(eta * ell) if eta * ell > -1 else math.log(torch.finfo(torch.float64).tiny)
     return MeanSquareResult(rate, ell, 1.0 / theta if theta > 0 else None, op.r, sampler, c, eta, top)
 
 
@@ -373,27 +419,34 @@ class Timescales:
     stability_steps: float  # 1 / |log growth of E||v||^2 per step|: steps for an e-fold change
     drift_steps: float | None  # 1 / (eta |lambda_min|): e-fold drift along negative curvature; None: none
     lambda_max_gap: float | None  # lambda_max(Hessian) - lambda_max(Gauss-Newton), both on the probe
+    horizon_steps: float  # the steps the verdict speaks of: stability_steps, at most the steps trained
 
 
 def timescales(mean_square: MeanSquareResult, lambda_max: float | None, lambda_min: float | None,
-               lambda_max_ggn: float | None) -> Timescales:
-    """The stability timescale, the drift timescale along negative curvature, and the Hessian's excess sharpness."""
+               lambda_max_ggn: float | None, steps_trained: int | None = None) -> Timescales:
+    """The stability timescale, the drift timescale along negative curvature, the Hessian's excess sharpness,
+    and the verdict's horizon min(stability_steps, steps_trained)."""
     rate, eta = mean_square.rate, mean_square.learning_rate
     drift = None
     if lambda_min is not None and lambda_max is not None and lambda_min < -DRIFT_TOL * lambda_max:
         drift = 1.0 / (eta * -lambda_min)
     gap = lambda_max - lambda_max_ggn if lambda_max is not None and lambda_max_ggn is not None else None
-    return Timescales(math.inf if rate == 0 else 1.0 / abs(rate), drift, gap)
+    stability_steps = math.inf if rate == 0 else 1.0 / abs(rate)
+    horizon = stability_steps if not steps_trained else min(stability_steps, float(steps_trained))
+    return Timescales(stability_steps, drift, gap, horizon)
 
 
 def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambda_max: float | None,
                          scope: str) -> Verdict:
     """The headline: is linearised SGD on the Gauss-Newton matrices mean-square stable at eta?
 
-    Decided by the sign of the rate (eta < eta_crit) unless the quadratic model fails over the stability
-    timescale: the weights drift along negative curvature faster than the second moment settles
-    (``drift_steps`` < ``stability_steps``), or the rate says stable while eta >= 2 / lambda_max of the Hessian
-    (its residual term makes it sharper than the Gauss-Newton matrix: gradient descent on it diverges).
+    Decided by the sign of the rate (eta < eta_crit) unless the quadratic model fails over the verdict's
+    horizon, the e-fold time of the second moment ``stability_steps`` or, when shorter, the run's own length
+    ``steps_trained`` (the verdict speaks of SGD continued from these weights for as long again): the weights
+    drift along negative curvature within it (``drift_steps`` < ``horizon_steps``), or the rate says stable while
+    eta >= 2 / lambda_max of the Hessian (its residual term makes it sharper than the Gauss-Newton matrix:
+    gradient descent on it diverges). The horizon matters at small learning rates: the second moment's slowest
+    mode, along the flattest kept direction, then takes far longer to settle than any run.
     ``scope``: "training set" when the factors hold every training example, else "probe" (the rate is then
     that of a training set whose per-example curvature is the probe's).
     """
@@ -401,10 +454,12 @@ def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambd
     where = "the training set" if scope == "training_set" else "the probe's examples"
     numbers = (f"log E||v||^2 changes by {mean_square.rate:.3g} per step"
                + (f", eta / eta_crit = {ratio:.3g}" if ratio is not None else ""))
-    if times.drift_steps is not None and times.drift_steps < times.stability_steps:
+    if times.drift_steps is not None and times.drift_steps < times.horizon_steps:
+        horizon = ("the steps trained" if times.horizon_steps < times.stability_steps
+                   else "the second moment settles")
         return Verdict("inconclusive", "Not at a minimum where the quadratic model holds long enough: the weights "
-                       f"drift along negative curvature in {times.drift_steps:.3g} steps, before the second moment settles "
-                       f"({times.stability_steps:.3g} steps; {numbers}).", "quadratic_model_fails")
+                       f"drift along negative curvature in {times.drift_steps:.3g} steps, before {horizon} "
+                       f"({times.horizon_steps:.3g} steps; {numbers}).", "quadratic_model_fails")
     if mean_square.rate < 0 and lambda_max is not None and eta * lambda_max >= 2:
         return Verdict("inconclusive", f"The Gauss-Newton dynamics contract ({numbers}) but eta = {eta:.3g} is at "
                        f"or above 2 / lambda_max = {2 / lambda_max:.3g} of the Hessian, which is sharper than the "
