@@ -221,12 +221,12 @@ def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
 
 def hand_step(config: str, model, optimizer_cls, optimizer_kwargs: dict, loss_of):
     """One optimizer step of ``HAND_CONFIGS`` in a hand-written loop, as a function of the batch: the peer with its
-    closure, SAM with ``MicroBatchSAM`` (``hf_msam.msam``'s documented loop, m = 1, the ascent by embedding rows), or
+    closure, SAM with ``MicroBatchSAM`` (``hf_msam.update.loop``'s documented loop, m = 1, the ascent by embedding rows), or
     the plain step; clipping at 1 like the Trainer (``max_grad_norm=1``). ``loss_of(batch)`` is the model's loss."""
     import torch
     from pytorch_optimizer import SAM
 
-    from hf_msam.msam import MicroBatchSAM, RandomState, sparse_embedding_gradients, trainable_embeddings
+    from hf_msam.update.loop import MicroBatchSAM, RandomState, sparse_embedding_gradients, trainable_embeddings
 
     params = [p for p in model.parameters() if p.requires_grad]
     if config == "peer":
@@ -313,7 +313,7 @@ def run_floor(a, model, ds, out: dict) -> None:
     alone (same process)."""
     import torch
 
-    from hf_msam.msam import MicroBatchSAM, sparse_embedding_gradients, split_micro_batches, trainable_embeddings
+    from hf_msam.update.loop import MicroBatchSAM, sparse_embedding_gradients, split_micro_batches, trainable_embeddings
 
     clock = _Sync(a.device)
     autocast = torch.autocast(a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16)
@@ -372,7 +372,7 @@ def run_floor(a, model, ds, out: dict) -> None:
         del g
 
     def vec_norm():
-        from hf_msam.msam import _global_norm
+        from hf_msam.update.loop import _global_norm
 
         _global_norm(grads_template)
 
@@ -716,7 +716,7 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
         result["floor"] = floor
 
     device_type = a.device.split(":")[0]
-    from hf_msam.trainer import AUTO_VMAP_DEVICE_TYPES
+    from hf_msam.training.trainer import AUTO_VMAP_DEVICE_TYPES
 
     auto = "vmap" if device_type in AUTO_VMAP_DEVICE_TYPES else "loop"  # what sam_micro_batch_mode="auto" runs
     limits = {"cpu": {8: 1.10, 16: 1.20}, "cuda": {8: 1.30, 16: 1.50}}.get(device_type, {8: 1.10, 16: 1.20})

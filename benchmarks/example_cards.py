@@ -1,5 +1,5 @@
 """Copy the model card of a finished run (README.md, with the curvature plot and report it links) into
-model_cards/examples/NAME/, where the cards of the reference runs sit beside the template.
+docs/model_cards/NAME/, where the cards of the reference runs sit beside the template.
 
     hf-msam glue --output_dir runs/glue && python benchmarks/example_cards.py runs/glue --name glue
     hf-msam vit --output_dir runs/vit && python benchmarks/example_cards.py runs/vit --name vit
@@ -38,7 +38,7 @@ def copy_example(run_dir: Path, name: str, examples: Path = EXAMPLES) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="output_dir of a finished recipe run")
-    parser.add_argument("--name", required=True, help="folder name under model_cards/examples/ (e.g. glue, vit)")
+    parser.add_argument("--name", required=True, help="folder name under docs/model_cards/ (e.g. glue, vit)")
     args = parser.parse_args(argv)
     try:
         target = copy_example(args.run_dir, args.name)

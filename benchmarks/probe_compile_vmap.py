@@ -31,8 +31,8 @@ import torch._inductor.config as inductor_config
 from profile_host_overhead import BATCH, aten_calls, build
 from torch.profiler import ProfilerActivity, profile
 
-from hf_msam.msam import split_micro_batches
-from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+from hf_msam.update.loop import split_micro_batches
+from hf_msam.update.vmap import VectorizedMicroBatchSAM, stack_micro_batches
 
 M = 4
 CASES = {  # name: (hidden dropout, attention dropout, attention implementation)

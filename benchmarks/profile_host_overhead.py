@@ -47,8 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hf_msam import SAMTrainer, SAMTrainingArguments
-from hf_msam.msam import MicroBatchSAM, RandomState, split_micro_batches
-from hf_msam.vectorized import VectorizedMicroBatchSAM, stack_micro_batches
+from hf_msam.update.loop import MicroBatchSAM, RandomState, split_micro_batches
+from hf_msam.update.vmap import VectorizedMicroBatchSAM, stack_micro_batches
 
 BATCH, LENGTH, RHO, LR = 32, 16, 0.05, 1e-4
 NOT_KERNELS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "_unsafe_view", "detach", "alias", "lift_fresh"}

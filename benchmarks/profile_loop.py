@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import BATCH, LR, RHO, build  # noqa: E402
 
-from hf_msam.msam import (  # noqa: E402
+from hf_msam.update.loop import (  # noqa: E402
     MicroBatchSAM,
     RandomState,
     sparse_embedding_gradients,

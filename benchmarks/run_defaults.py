@@ -70,7 +70,7 @@ def run(kind: str, device: str, bf16: bool, extra: list[str], example_card: bool
         results = json.loads((out / "all_results.json").read_text())
         card = json.loads((out / "msam_card.json").read_text())
         sharpness = json.loads((out / "sharpness.json").read_text()) if (out / "sharpness.json").is_file() else None
-        if example_card:  # the card of this reference run, beside the template (model_cards/examples/)
+        if example_card:  # the card of this reference run, beside the template (docs/model_cards/)
             print(f"[run_defaults] example card -> {copy_example(out, RECIPES[kind])}", flush=True)
     record = {
         "recipe": f"hf-msam {RECIPES[kind]} (default: no model, no data)",
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(RECIPES), help="run one default only")
     parser.add_argument("--bf16", action="store_true", help="run on the CUDA GPU with bf16 mixed precision")
     parser.add_argument("--example_cards", action="store_true",
-                        help="copy each run's model card, plot and report to model_cards/examples/<recipe>/")
+                        help="copy each run's model card, plot and report to docs/model_cards/<recipe>/")
     parser.add_argument("extra", nargs="*", help="flags passed on to the recipe (after --)")
     args = parser.parse_args()
     device = "cuda" if args.bf16 else "cpu"

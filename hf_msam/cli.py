@@ -9,7 +9,7 @@ COMMANDS = {
     "glue": ("hf_msam.recipes.glue", "fine-tune a text classifier/regressor (GLUE task or local files) with mSAM"),
     "vit": ("hf_msam.recipes.vit", "fine-tune an image classifier (ViT by default) with mSAM"),
     "sharpness": ("hf_msam.curvature.cli", "curvature report (eigenvalues, trace, coherence) of a saved model"),
-    "push": ("hf_msam.hub", "push a finished output_dir (model + card) to the Hugging Face Hub"),
+    "push": ("hf_msam.publish.hub", "push a finished output_dir (model + card) to the Hugging Face Hub"),
 }
 
 

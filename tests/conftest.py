@@ -130,3 +130,17 @@ def run_process_group(command: list[str], *, timeout: float, what: str, **popen)
         stdout, stderr = process.communicate()
         pytest.fail(f"{what} did not finish in {timeout} s\n{stdout[-3000:]}\n{stderr[-6000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> None:
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo); fails the test with the output."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        script, *script_args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = run_process_group(command, timeout=timeout, what="the 2-process run (hung collective?)", env=env)
+    stdout, stderr = launcher.stdout, launcher.stderr
+    assert launcher.returncode == 0, f"exit {launcher.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    assert "terminate called" not in stderr

@@ -18,7 +18,7 @@ import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import HfArgumentParser
 
-from .. import hub
+from ..publish import hub
 
 logger = logging.getLogger("hf_msam.recipes")
 
@@ -223,7 +223,7 @@ def take_hub_settings(training_args, model_token: str | None = None) -> tuple[bo
 def finish(trainer, training_args, card_kwargs: dict[str, Any], push: bool, token: str | None, repo_id: str | None) -> int:
     """Write the model card, push if asked (main process only) and say how to push later if that fails."""
     card_kwargs = {**card_kwargs, "hub_model_id": repo_id}
-    trainer.create_model_card(**card_kwargs)  # hf_msam.modelcard, through SAMTrainer.create_model_card
+    trainer.create_model_card(**card_kwargs)  # hf_msam.publish.card, through SAMTrainer.create_model_card
     status = 0
     if push and trainer.is_world_process_zero():
         try:

@@ -32,10 +32,10 @@ from transformers import (
     set_seed,
 )
 
-from ..arguments import SAMTrainingArguments
+from ..training.arguments import SAMTrainingArguments
 from ..data import DataError, load_text_dataset, tokenize
 from ..metrics import compute_metrics_fn
-from ..trainer import SAMTrainer
+from ..training.trainer import SAMTrainer
 from . import common
 
 logger = logging.getLogger("hf_msam.recipes.glue")

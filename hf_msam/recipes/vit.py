@@ -31,10 +31,10 @@ from transformers import (
     set_seed,
 )
 
-from ..arguments import SAMTrainingArguments
+from ..training.arguments import SAMTrainingArguments
 from ..data import DataError, image_transform, load_image_dataset
 from ..metrics import compute_metrics_fn
-from ..trainer import SAMTrainer
+from ..training.trainer import SAMTrainer
 from . import common
 
 logger = logging.getLogger("hf_msam.recipes.vit")

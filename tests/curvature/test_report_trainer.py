@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from trainer_utils import sam_args
 from transformers import Trainer, TrainingArguments
 
-import hf_msam.reporting as reporting
+import hf_msam.curvature.hook as reporting
 from hf_msam import SAMTrainer, SharpnessCallback, sharpness_report
 
 # Cheap but complete enough: Lanczos, Hutchinson and m-sharpness on 8 probe examples.
@@ -148,7 +148,7 @@ def test_failing_report_keeps_the_saved_model_and_warns(tmp_path, monkeypatch, c
     args = sam_args(tmp_path, sam_rho=0.1, sharpness_report=True, **SHARPNESS_ARGS)
     trainer = SAMTrainer(model=tiny_bert(seed=7), args=args, train_dataset=token_dataset(16, seed=7),
                          eval_dataset=token_dataset(8, seed=8))
-    with caplog.at_level(logging.WARNING, logger="hf_msam.reporting"):
+    with caplog.at_level(logging.WARNING, logger="hf_msam.curvature.hook"):
         trainer.train()
     assert seen_model_file == [True]  # saved before the report started
     assert "estimator exploded" in caplog.text

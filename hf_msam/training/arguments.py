@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .curvature.arguments import SharpnessArguments
+from ..curvature.arguments import SharpnessArguments
 
 
 @dataclass
@@ -40,7 +40,7 @@ class SAMArguments:
             one forward of the chunk would), so their updates agree in distribution only.
         sam_vmap_compile (`bool`, *optional*, defaults to `False`):
             Compile the two vectorised passes of the vmap path with ``torch.compile`` (inductor with eager's random
-            operations, so the dropout masks are those of the uncompiled vmap path, and no kernel fusion; ``hf_msam.vectorized``). The same
+            operations, so the dropout masks are those of the uncompiled vmap path, and no kernel fusion; ``hf_msam.update.vmap``). The same
             update; on one H200 (bf16, all-MiniLM-L6-v2, batch 32) it took the vmap step from 1.86x SAM's to 0.99x
             at m = 8, and to 1.19x at m = 16 (``docs/speed.md``). The first two steps pay the compilation (about
             75 s there), and each new sequence length compiles again (up to 8 per pass, then eager): pad to a fixed
@@ -62,7 +62,7 @@ class SAMArguments:
             gradient of those rows only (``F.embedding(sparse=True)``), the perturbation of those rows in place and
             their exact restore, and the descent rows added into ``.grad`` in place (one process). On the vmap
             path, the model's input table (``get_input_embeddings()``): its lookup is taken outside vmap and
-            perturbed by rows, so the table gets no copy per micro-batch (``hf_msam.vectorized.InputTableRows``;
+            perturbed by rows, so the table gets no copy per micro-batch (``hf_msam.update.vmap.InputTableRows``;
             a model that looks it up other than once with ``input_ids`` gets an error that names this flag). A
             table used elsewhere too (tied to an LM head) and ``sam_global`` keep the dense treatment, and so does the
             loop path with ``torch_compile=True`` (inductor cannot compile a sparse gradient; logged once). False:

@@ -1,6 +1,6 @@
 """The mSAM step for a group of equal-sized micro-batches in two vectorised passes (``torch.func.vmap``).
 
-The same mathematics as :mod:`hf_msam.msam` (``docs/design.md`` section 2), for ``m`` micro-batches at once.
+The same mathematics as :mod:`hf_msam.update.loop` (``docs/design.md`` section 2), for ``m`` micro-batches at once.
 With ``W_i = w_i + 0`` broadcast to ``[m, ...]`` for every trainable tensor ``w_i``::
 
     L_k     = loss of functional_call(model, {W_i[k]}) on D_k      one vmap forward for all k
@@ -71,7 +71,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .msam import EPS, RandomState, trainable_embeddings
+from .loop import EPS, RandomState, trainable_embeddings
 
 
 COMPILE_OPTIONS = {"fallback_random": True, "max_fusion_size": 1}
@@ -157,7 +157,7 @@ class VectorizedMicroBatchSAM:
 
     Args:
         module: the (unwrapped) model; its forward must return the loss (``labels`` in the batch).
-        rho, adaptive, adaptive_eta: as in :class:`hf_msam.msam.MicroBatchSAM`.
+        rho, adaptive, adaptive_eta: as in :class:`hf_msam.update.loop.MicroBatchSAM`.
         compile: run the vmapped loss of both passes through ``torch.compile`` (:data:`COMPILE_OPTIONS`).
         table_rows: treat the model's input embedding table by the rows looked up (:class:`InputTableRows`) where
             it can be; False: it gets a batched point like every other tensor.

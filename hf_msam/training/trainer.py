@@ -4,7 +4,7 @@ The Trainer keeps the *base* optimizer (``args.optim`` or the one passed in) and
 accumulation, clipping, ``optimizer.step()``, the scheduler and ``zero_grad``. Each call of
 ``training_step`` receives one per-device chunk of the step's mini-batch; it cuts the chunk into
 micro-batches and, for each one, perturbs the weights along its own ascent gradient, back-propagates the
-descent loss at the perturbed point into ``.grad`` and restores the weights exactly (``hf_msam.msam``).
+descent loss at the perturbed point into ``.grad`` and restores the weights exactly (``hf_msam.update.loop``).
 
 How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
 
@@ -21,7 +21,7 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
   for inf/NaN; ``scaler.unscale_`` is left to the loop. A non-finite ascent skips that perturbation.
 * BatchNorm running statistics are updated by the ascent pass only; the descent pass leaves them as found.
 * Dropout: the descent pass of a micro-batch replays the random state of its ascent pass (CPU and the current
-  accelerator, ``hf_msam.msam.RandomState``), so both see the same masks and the generators end where the
+  accelerator, ``hf_msam.update.loop.RandomState``), so both see the same masks and the generators end where the
   stock step's single pass would leave them; with a tiny ``rho`` and one micro-batch per chunk the step is the
   stock step, dropout on.
 * Embedding tables (``sam_sparse_embeddings``, on by default): both passes run with the trainable ``nn.Embedding``
@@ -31,7 +31,7 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
   head gets a dense gradient and the dense treatment; the update is the same either way. On CPU this removes
   most of the per-micro-batch parameter-sized work for all-MiniLM-L6-v2, half of whose parameters are its word
   embedding (``benchmarks/results/step_cpu_sparse.json``). The vmap path treats the model's input table by rows
-  too (``hf_msam.vectorized.InputTableRows``), so the table gets no copy per micro-batch.
+  too (``hf_msam.update.vmap.InputTableRows``), so the table gets no copy per micro-batch.
 * A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
   zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
   same collectives in every step.
@@ -53,8 +53,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import unwrap_peft_model
 
 from .arguments import SAMArguments, sam_options_of, validate_sam_arguments
-from .modelcard import MODEL_TAGS
-from .msam import (
+from ..update.loop import (
     MicroBatchSAM,
     Perturbation,
     RandomState,
@@ -63,11 +62,13 @@ from .msam import (
     split_micro_batches,
     trainable_embeddings,
 )
-from .reporting import SharpnessReportMixin
-from .vectorized import VectorizedMicroBatchSAM, stack_micro_batches, unsupported_reason
+from ..curvature.hook import SharpnessReportMixin
+from ..update.vmap import VectorizedMicroBatchSAM, stack_micro_batches, unsupported_reason
 
 logger = logging.getLogger(__name__)
 
+# The tags SAMTrainer puts on the model (``model.add_model_tags``), so that every push of it carries them.
+MODEL_TAGS = ["msam", "sam", "sharpness-aware-minimization", "hf_msam"]
 AUTO_VMAP_DEVICE_TYPES = ("cuda",)
 """Device types on which ``sam_micro_batch_mode="auto"`` picks the vmap path (when the model is eligible).
 
@@ -94,7 +95,7 @@ perturbed point and its gradient, the batched embedding gradient), used to size 
 ``sam_vmap_memory_budget_mb``. Measured: the extra peak memory of vmap over the loop in
 ``benchmarks/results/step_cpu_issue8.json`` is 4.5, 4.2 and 3.7 parameter copies per micro-batch at m = 4, 8,
 16 (peak RSS); rounded up. Since the ascent points are broadcast views of the weights and the ascent gradients
-lie in rows (``hf_msam.vectorized``), the extra over SAM was 2.1 and 2.3 copies per micro-batch at m = 4 and 8,
+lie in rows (``hf_msam.update.vmap``), the extra over SAM was 2.1 and 2.3 copies per micro-batch at m = 4 and 8,
 against 3.3 and 3.3 for the code before (``benchmarks/results/step_cpu_vmap_rows.json`` and
 ``step_cpu_vmap_775bf69.json``, one run each, 2 threads); the H200 gave 2.7 before (21.4 copies at m = 8) and
 2.1 and 2.3 after, at m = 8 and 16 (``max_memory_allocated``, ``benchmarks/results/step_cuda_bf16_vmap_43a9bd7.json``).
@@ -114,7 +115,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     Takes the same arguments as ``Trainer``. ``args`` is kept as passed (``trainer.args is args``): a
     :class:`SAMTrainingArguments`, or any ``TrainingArguments`` (a user's subclass included), whose missing
-    ``sam_*`` fields take the defaults of :class:`~hf_msam.arguments.SAMArguments` (``sam_options``). With
+    ``sam_*`` fields take the defaults of :class:`~hf_msam.training.arguments.SAMArguments` (``sam_options``). With
     ``sam_rho=0`` every step is the stock ``Trainer.training_step``, bit for bit.
 
     Logged with the Trainer's logs (``loss`` is the unperturbed training loss):
@@ -162,7 +163,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     @property
     def sam_options(self) -> SAMArguments:
-        """The mSAM settings, read from ``self.args`` at each use (:func:`~hf_msam.arguments.sam_options_of`): the
+        """The mSAM settings, read from ``self.args`` at each use (:func:`~hf_msam.training.arguments.sam_options_of`): the
         ``sam_*`` fields it has, the defaults of the others. ``self.args`` is the object the user passed, so a change
         to it after the trainer is built counts, as it does for every other field."""
         return sam_options_of(self.args)
@@ -350,7 +351,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         return self._sam
 
     # ------------------------------------------------------------------------------------------------
-    # The vectorised path (hf_msam.vectorized)
+    # The vectorised path (hf_msam.update.vmap)
     # ------------------------------------------------------------------------------------------------
     def _vmap_chosen(self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int]) -> bool:
         """Whether this chunk runs on the vmap path; logs the reason of a fallback once (``"auto"``, or an
@@ -567,8 +568,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     def create_model_card(self, **kwargs) -> None:
         """Write ``output_dir/README.md`` with the mSAM settings, results and curvature report
-        (``hf_msam.modelcard``; also used by ``push_to_hub``). Takes ``Trainer.create_model_card``'s arguments."""
-        from .modelcard import create_model_card
+        (``hf_msam.publish.card``; also used by ``push_to_hub``). Takes ``Trainer.create_model_card``'s arguments."""
+        from ..publish.card import create_model_card
 
         create_model_card(self, **kwargs)
 

@@ -1,6 +1,6 @@
 """Embedding tables treated by rows in the loop path (issue 8): the same update as the dense treatment.
 
-Each case runs the loop of ``hf_msam.msam`` twice, dense and with ``sparse_embedding_gradients``, from the same
+Each case runs the loop of ``hf_msam.update.loop`` twice, dense and with ``sparse_embedding_gradients``, from the same
 random state with dropout on, and compares both with the plain-loop reference (which replays the random state for
 the descent pass). Tables used by the lookup alone must come back sparse; a table tied to an LM head must fall back
 to the dense treatment (its gradient holds the head's part too).
@@ -82,7 +82,7 @@ CASES = {
 
 
 def _loop_gradient(model, batch, micro_batch_size, sparse, sparse_tables=None, **sam_kwargs):
-    """The loop of the ``hf_msam.msam`` docstring (dense, or with the tables treated by rows); returns ``.grad``.
+    """The loop of the ``hf_msam.update.loop`` docstring (dense, or with the tables treated by rows); returns ``.grad``.
 
     ``sparse_tables`` collects the names of the parameters whose ascent gradient came back sparse."""
     names = {id(p): n for n, p in model.named_parameters()}

@@ -9,7 +9,7 @@ Two steps, so that a card can be rebuilt from a finished ``output_dir`` (``hf-ms
    ``extract_hyperparameters_from_trainer``), as in the stock Trainer's card.
 2. :func:`write_model_card` renders ``output_dir/README.md`` from that dict, the curvature report in
    ``output_dir/sharpness.json`` and its plot ``output_dir/sharpness.png`` when present, with the template
-   ``model_cards/msam_model_card.md`` through ``huggingface_hub.ModelCard.from_template`` (YAML metadata:
+   ``model_card_template.md`` (beside this module) through ``huggingface_hub.ModelCard.from_template`` (YAML metadata:
    base model, datasets, licence, library (``peft`` for adapters), tags including ``msam``, model-index with
    the evaluation metrics).
 
@@ -19,6 +19,7 @@ both produce this card.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -30,19 +31,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_fr
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .arguments import micro_batches_per_device, sam_options_of
+from ..training.arguments import micro_batches_per_device, sam_options_of
+from ..training.trainer import MODEL_TAGS
 
-__all__ = ["CARD_DATA_NAME", "MODEL_TAGS", "TEMPLATE_PATH", "base_model_license", "card_data_from_trainer",
+__all__ = ["CARD_DATA_NAME", "TEMPLATE_PATH", "base_model_license", "card_data_from_trainer",
            "create_model_card", "curvature_summary", "load_card_data", "render_model_card", "write_model_card"]
 
 CARD_DATA_NAME = "msam_card.json"
-# The tags SAMTrainer puts on the model (``model.add_model_tags``), so that every push of it carries them.
-MODEL_TAGS = ["msam", "sam", "sharpness-aware-minimization", "hf_msam"]
-_TEMPLATE_NAME = "msam_model_card.md"
-# Installed: package data (hf_msam/model_cards/, mapped from the top-level model_cards/ in pyproject.toml).
-# Source checkout: the top-level model_cards/ itself.
-_INSTALLED_TEMPLATE = Path(__file__).parent / "model_cards" / _TEMPLATE_NAME
-TEMPLATE_PATH = _INSTALLED_TEMPLATE if _INSTALLED_TEMPLATE.is_file() else Path(__file__).parents[1] / "model_cards" / _TEMPLATE_NAME
+TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"  # package data
 # Metric names the Hub's model-index understands (transformers.modelcard.METRIC_TAGS) -> display names.
 _INDEX_METRICS = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "Matthews Correlation",
                   "pearson": "Pearson", "pearsonr": "Pearson", "spearmanr": "Spearmanr", "precision": "Precision",
@@ -151,8 +147,6 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
     label_names = kwargs.get("label_names")
     if label_names is None and config is not None and getattr(config, "id2label", None) and config.num_labels > 1:
         label_names = [config.id2label[i] for i in sorted(config.id2label)]
-    from . import __version__
-
     return {
         "model_name": kwargs.get("model_name") or output_dir.resolve().name,
         "hub_model_id": kwargs.get("hub_model_id") or args.hub_model_id,
@@ -174,7 +168,7 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
         "hyperparameters": hyper,
         "results": _final_results(trainer.state.log_history),
         "training_results": training_results or [],
-        "versions": {"hf_msam": __version__, "transformers": transformers.__version__,
+        "versions": {"hf_msam": importlib.metadata.version("hf_msam"), "transformers": transformers.__version__,
                      "torch": torch.__version__, "huggingface_hub": huggingface_hub.__version__},
     }
 

@@ -148,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from . import modelcard
+    from . import card
 
-    saved = modelcard.load_card_data(output_dir)
+    saved = card.load_card_data(output_dir)
     repo_id = args.hub_model_id or saved.get("hub_model_id")
     token = resolve_token(args.hub_token)
     try:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.no_card and saved:
         saved["hub_model_id"] = repo_id
-        modelcard.write_model_card(output_dir, saved)
+        card.write_model_card(output_dir, saved)
     try:
         url = push_output_dir(output_dir, repo_id, token, private=args.private or None, revision=args.revision,
                               commit_message=args.commit_message)

@@ -17,7 +17,7 @@ import pytest
 
 from recipe_fixtures import save_tiny_bert
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("replicate", REPO / "benchmarks" / "replicate.py")
 replicate = sys.modules["replicate"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
 _spec.loader.exec_module(replicate)

@@ -26,7 +26,7 @@ from recipe_fixtures import (
     write_text_csv,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
         "--learning_rate", "1e-3", "--sam_micro_batch_size", "4", "--logging_steps", "1", "--seed", "0"]
 

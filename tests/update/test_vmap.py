@@ -24,9 +24,9 @@ from trainer_utils import (
 )
 from transformers import TrainingArguments
 
-import hf_msam.trainer as trainer_module
-import hf_msam.vectorized as hf_msam_vectorized
-from hf_msam.vectorized import FlatLayout, VectorizedMicroBatchSAM, stack_micro_batches
+import hf_msam.training.trainer as trainer_module
+import hf_msam.update.vmap as hf_msam_vectorized
+from hf_msam.update.vmap import FlatLayout, VectorizedMicroBatchSAM, stack_micro_batches
 
 # --- tiny models and data --------------------------------------------------------------------------------
 def tiny_bert(seed: int = 0, **overrides):
@@ -578,7 +578,7 @@ def auto_picks_vmap_on_cpu(monkeypatch):
 )
 def test_auto_falls_back_with_its_reason(tmp_path, caplog, auto_picks_vmap_on_cpu, make_model, overrides, reason):
     data = padded_dataset(8, seed=11).remove_columns("attention_mask")
-    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_msam.training.trainer"):
         trainer, auto = _train(tmp_path, make_model, data, "auto", sam_micro_batch_size=2, max_steps=2, **overrides)
     assert not trainer._vmap_verified
     assert sum(reason in r.getMessage() for r in caplog.records) == 1  # once, not once per step
@@ -608,7 +608,7 @@ class DataDependentClassifier(torch.nn.Module):
 def test_auto_falls_back_when_vmap_rejects_the_forward(tmp_path, caplog, auto_picks_vmap_on_cpu):
     """Caught on the first try, logged once, the step (and every later one) runs with the loop, unchanged."""
     data = padded_dataset(8, seed=19).remove_columns("attention_mask")
-    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_msam.training.trainer"):
         trainer, auto = _train(tmp_path, DataDependentClassifier, data, "auto", sam_micro_batch_size=2, max_steps=2)
     assert not trainer._vmap_verified
     assert sum("failed under vmap" in r.getMessage() for r in caplog.records) == 1
@@ -648,7 +648,7 @@ def test_auto_falls_back_when_vmap_fails_after_it_ran(tmp_path, caplog, auto_pic
     param_mb = sum(p.numel() * 4 for p in FailsUnderVmapOnce(3).parameters()) / 2**20  # no input table: all batched
     budget = dict(sam_vmap_memory_budget_mb=2.5 * trainer_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb) if groups_per_chunk == 2 else {}
     common = dict(sam_micro_batch_size=2, max_steps=2, **budget)
-    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_msam.training.trainer"):
         trainer, auto = _train(tmp_path, lambda: FailsUnderVmapOnce(3), data, "auto", **common)
     assert trainer._vmap_verified and trainer._vmap_group_size == 4 // groups_per_chunk
     assert trainer.model.vmapped_calls == 3
@@ -662,7 +662,7 @@ def test_auto_falls_back_when_vmap_fails_after_it_ran(tmp_path, caplog, auto_pic
 
 def test_auto_runs_an_uneven_last_batch_with_the_loop(tmp_path, caplog, auto_picks_vmap_on_cpu):
     data = padded_dataset(14, seed=12)  # steps of 8 (4 + 4: vmap) and 6 (4 + 2: the loop)
-    with caplog.at_level(logging.WARNING, logger="hf_msam.trainer"):
+    with caplog.at_level(logging.WARNING, logger="hf_msam.training.trainer"):
         trainer, auto = _train(tmp_path, lambda: tiny_bert(seed=12), data, "auto", sam_micro_batch_size=4, max_steps=2)
     assert trainer._vmap_verified
     assert sum("unequal sizes [2, 4]" in r.getMessage() for r in caplog.records) == 1
@@ -675,7 +675,7 @@ def test_auto_runs_an_uneven_last_batch_with_the_loop(tmp_path, caplog, auto_pic
 
 def test_auto_keeps_the_loop_on_cpu(tmp_path, caplog):
     data = padded_dataset(8, seed=13)
-    with caplog.at_level(logging.INFO, logger="hf_msam.trainer"):
+    with caplog.at_level(logging.INFO, logger="hf_msam.training.trainer"):
         trainer, _ = _train(tmp_path, lambda: tiny_bert(seed=13), data, "auto", sam_micro_batch_size=2)
     assert trainer._vmap is None
     assert any("runs the loop on cpu" in r.getMessage() for r in caplog.records)

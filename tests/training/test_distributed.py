@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import os
-import sys
+
 
 import pytest
 import torch
-from conftest import run_process_group, tiny_bert, token_dataset
+from conftest import launch_two_processes, tiny_bert, token_dataset
 from safetensors.torch import load_file
 from trainer_utils import SequentialSAMTrainer, lm_dataset_without_labels_in, max_abs_diff, sam_args, tiny_llama
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "msam_ddp.py")
 """The 2-process training script: ``SCRIPT SUITE OUT`` (suites ``bert``, ``lm``, ``vmap``)."""
-
-
-def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> None:
-    """``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo); fails the test with the output."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-        script, *script_args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    launcher = run_process_group(command, timeout=timeout, what="the 2-process run (hung collective?)", env=env)
-    stdout, stderr = launcher.stdout, launcher.stderr
-    assert launcher.returncode == 0, f"exit {launcher.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
-    assert "terminate called" not in stderr
 
 
 @pytest.fixture(scope="module")

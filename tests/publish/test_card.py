@@ -1,4 +1,4 @@
-"""hf_msam.modelcard: the card of a real (tiny) training run, its curvature section, its metadata (base model,
+"""hf_msam.publish.card: the card of a real (tiny) training run, its curvature section, its metadata (base model,
 datasets, licence, library, tags) and its citations."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hf_msam.modelcard import card_data_from_trainer, load_card_data, render_model_card, write_model_card
+from hf_msam.publish.card import card_data_from_trainer, load_card_data, render_model_card, write_model_card
 from recipe_fixtures import save_tiny_bert, write_text_csv
 
 DATA = {

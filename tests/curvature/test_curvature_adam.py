@@ -219,7 +219,7 @@ OTHER_OPTIMIZERS = {
 
 @pytest.mark.parametrize("name", list(OTHER_OPTIMIZERS))
 def test_other_optimizers_get_no_adam_analysis_and_a_reason(name):
-    from hf_msam.reporting import adam_state_of
+    from hf_msam.curvature.hook import adam_state_of
 
     build, reason = OTHER_OPTIMIZERS[name]
     model = _TwoTensorQuadratic()
@@ -240,7 +240,7 @@ def test_other_optimizers_get_no_adam_analysis_and_a_reason(name):
 
 
 def test_plain_sgd_needs_no_adam_reason_and_a_bitsandbytes_state_dict_is_refused():
-    from hf_msam.reporting import adam_state_of
+    from hf_msam.curvature.hook import adam_state_of
 
     model = _TwoTensorQuadratic()
     assert adam_state_of(torch.optim.SGD([model.first, model.second], lr=0.1), model) is None

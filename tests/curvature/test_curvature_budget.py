@@ -252,7 +252,7 @@ def test_hook_budget_follows_the_training_time(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     from hf_msam import SharpnessCallback
-    from hf_msam.reporting import training_seconds
+    from hf_msam.curvature.hook import training_seconds
 
     assert training_seconds([{"loss": 1.0}, {"train_runtime": 12.5, "train_loss": 0.3}]) == 12.5
     assert training_seconds([{"loss": 1.0}]) is None

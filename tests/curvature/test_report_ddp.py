@@ -9,7 +9,7 @@ import os
 import pytest
 from conftest import tiny_bert, token_dataset
 from safetensors.torch import load_file
-from test_distributed import launch_two_processes
+from conftest import launch_two_processes
 from test_report_trainer import SHARPNESS_ARGS, _assert_reports_close, _without_timings
 from trainer_utils import SequentialSAMTrainer, max_abs_diff, sam_args
 

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .curvature.adam import AdamState, adam_state_from_optimizer
-from .curvature.arguments import PREFIX, SharpnessArguments, report_options
-from .curvature.operators import trainable_parameters
-from .curvature.plot import plot_report
-from .curvature.report import SharpnessReport, sharpness_report
+from .adam import AdamState, adam_state_from_optimizer
+from .arguments import PREFIX, SharpnessArguments, report_options
+from .operators import trainable_parameters
+from .plot import plot_report
+from .report import SharpnessReport, sharpness_report
 
 logger = logging.getLogger(__name__)
 

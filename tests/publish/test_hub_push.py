@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from hf_msam import hub
+from hf_msam.publish import hub
 from recipe_fixtures import GOOD_TOKEN, FakeHub, files_containing, online_hub
 
 
