@@ -38,7 +38,7 @@ FAMILIES = ("random", "cluster", "identical", "orthogonal")
 def directions(family: str, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
     """The unit vectors u_i (rows) of the rank-one per-example Hessians H_i = u_i u_i^T of one of ``FAMILIES``:
     random directions in R^d, a cluster (the first 10% of the examples share one direction, the rest are random),
-    all identical, or orthogonal (the n unit vectors of R^n). Also used by tests/test_curvature_train_coherence.py."""
+    all identical, or orthogonal (the n unit vectors of R^n). Also used by tests/curvature/test_curvature_train_coherence.py."""
     if family == "orthogonal":
         return np.eye(n)
     u = rng.standard_normal((n, d))
@@ -121,7 +121,7 @@ def chains_vs_exact(chains: int = 64, steps: int = 600) -> dict:
 
 class LeastSquares(torch.nn.Module):
     """A linear regression head with the transformers interface: loss = mean_i (x_i . w - y_i)^2 (also used by
-    tests/test_curvature_verdict.py)."""
+    tests/curvature/test_curvature_verdict.py)."""
 
     def __init__(self, w: torch.Tensor):
         super().__init__()

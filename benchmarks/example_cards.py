@@ -1,5 +1,5 @@
 """Copy the model card of a finished run (README.md, with the curvature plot and report it links) into
-docs/model_cards/NAME/, where the cards of the reference runs sit beside the template.
+docs/model_cards/NAME/, where the cards of the reference runs sit.
 
     hf-msam glue --output_dir runs/glue && python benchmarks/example_cards.py runs/glue --name glue
     hf-msam vit --output_dir runs/vit && python benchmarks/example_cards.py runs/vit --name vit

@@ -70,7 +70,7 @@ def run(kind: str, device: str, bf16: bool, extra: list[str], example_card: bool
         results = json.loads((out / "all_results.json").read_text())
         card = json.loads((out / "msam_card.json").read_text())
         sharpness = json.loads((out / "sharpness.json").read_text()) if (out / "sharpness.json").is_file() else None
-        if example_card:  # the card of this reference run, beside the template (docs/model_cards/)
+        if example_card:  # the card of this reference run (docs/model_cards/)
             print(f"[run_defaults] example card -> {copy_example(out, RECIPES[kind])}", flush=True)
     record = {
         "recipe": f"hf-msam {RECIPES[kind]} (default: no model, no data)",
