@@ -4,7 +4,8 @@ combines them, and the Trainer hook that writes it."""
 
 from .arguments import SharpnessArguments
 from .hook import SharpnessCallback, SharpnessReportMixin, SharpnessResult
+from .options import ReportOptions
 from .report import SharpnessReport, sharpness_report
 
-__all__ = ["SharpnessArguments", "SharpnessCallback", "SharpnessReport", "SharpnessReportMixin", "SharpnessResult",
+__all__ = ["ReportOptions", "SharpnessArguments", "SharpnessCallback", "SharpnessReport", "SharpnessReportMixin", "SharpnessResult",
            "sharpness_report"]

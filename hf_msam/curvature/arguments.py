@@ -9,14 +9,11 @@ size) are not options: :func:`report_options` takes them from the run itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .gram import parse_sketch
-from .report import MEASURES
-from .stability import PROBE_SAMPLINGS
+from .options import validate_options
 
 PREFIX = "sharpness_"
 
@@ -121,37 +118,9 @@ def option_names() -> list[str]:
 
 
 def validate_sharpness_options(options: Any) -> None:
-    """Refuse options that cannot work, naming the field and the fix (before any training starts)."""
-    positive_ints = ["num_examples", "lanczos_iterations", "top_k", "trace_probes", "m", "probe_steps",
-                     "coherence_examples", "batch_size"]  # fmt: skip
-    for name in positive_ints:
-        value = getattr(options, PREFIX + name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{PREFIX}{name} must be an integer >= 1 (or None for the default), got {value!r}.")
-    for name in ("lanczos_tol", "rho", "coherence_memory_gb"):
-        value = getattr(options, PREFIX + name)
-        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0):
-            raise ValueError(f"{PREFIX}{name} must be a finite number > 0 (or None for the default), got {value!r}.")
-    sketch = options.sharpness_coherence_sketch
-    if sketch is not None:
-        try:
-            parse_sketch(sketch)
-        except ValueError:
-            raise ValueError(f"{PREFIX}coherence_sketch must be 'auto', 'exact' or a sketch dimension (an integer "
-                             f">= 1, e.g. 262144), or None for the default, got {sketch!r}.") from None
-    budget = options.sharpness_max_seconds
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0):
-        raise ValueError(f"{PREFIX}max_seconds must be a number of seconds > 0, inf for no limit (or None for the "
-                         f"default), got {budget!r}.")
-    measures = options.sharpness_measures
-    if measures is not None and (isinstance(measures, str) or not measures or any(m not in MEASURES for m in measures)):
-        raise ValueError(
-            f"{PREFIX}measures must be a non-empty list of measures among {list(MEASURES)} (or None for all), "
-            f"got {measures!r}."
-        )
-    sampling = options.sharpness_probe_sampling
-    if sampling is not None and sampling not in PROBE_SAMPLINGS:
-        raise ValueError(f"{PREFIX}probe_sampling must be one of {list(PROBE_SAMPLINGS)} (or None), got {sampling!r}.")
+    """Refuse options that cannot work, naming the field and the fix (before any training starts); the rules are
+    the report's own (``options.validate_options``)."""
+    validate_options({name: getattr(options, PREFIX + name) for name in option_names()}, prefix=PREFIX)
 
 
 def report_options(
@@ -173,7 +142,7 @@ def report_options(
     left at None are omitted.
 
     The learning rate the verdicts judge (``learning_rate``) is the one in force: ``last_step_rates``, the rates
-    the parameter groups took at the last optimizer step (``reporting.StepRates``), not the schedule's peak
+    the parameter groups took at the last optimizer step (``hook.StepRates``), not the schedule's peak
     ``TrainingArguments.learning_rate`` (``learning_rate_peak``); with a schedule that decays to zero, the
     scheduler's next rate would be 0 after the last step. Before any step the peak stands in; when the groups
     took different rates there is no single one (``learning_rate`` omitted). ``learning_rate_source`` says which.
@@ -185,7 +154,8 @@ def report_options(
             kwargs["rho"] = float(sam_rho)
         if kwargs["m"] is None and hasattr(training_args, "sam_micro_batch_size"):
             kwargs["m"] = _run_micro_batch_size(training_args)
-        kwargs.update(_learning_rates(float(training_args.learning_rate), last_step_rates))
+        kwargs.update(learning_rates(float(training_args.learning_rate), last_step_rates,
+                                     step_source="the rate of the last optimizer step"))
         kwargs["train_batch_size"] = total_train_batch_size(training_args)
         kwargs["num_train_examples"] = num_train_examples
         kwargs["optimizer"] = str(getattr(training_args.optim, "value", training_args.optim))
@@ -194,17 +164,36 @@ def report_options(
     return {name: value for name, value in kwargs.items() if value is not None}
 
 
-def _learning_rates(peak: float, last_step_rates: Sequence[float] | None) -> dict[str, Any]:
-    """``learning_rate`` (the rate in force), ``learning_rate_final``, ``learning_rate_peak``, ``learning_rate_source``."""
-    rates = sorted(set(last_step_rates or ()))
-    if not rates:
-        return {"learning_rate": peak, "learning_rate_peak": peak,
-                "learning_rate_source": "TrainingArguments.learning_rate (no optimizer step taken yet)"}
-    if len(rates) > 1:
-        return {"learning_rate_peak": peak, "learning_rate_source": f"none: the parameter groups took different "
-                f"rates {rates} at the last optimizer step, and the verdicts need one"}
-    return {"learning_rate": rates[0], "learning_rate_final": rates[0], "learning_rate_peak": peak,
-            "learning_rate_source": "the rate of the last optimizer step"}
+def learning_rates(
+    peak: float | None,
+    step_rates: Sequence[float] | None,
+    *,
+    step_source: str,
+    given: float | None = None,
+    given_source: str | None = None,
+) -> dict[str, Any]:
+    """``learning_rate`` (the rate the verdicts judge), ``learning_rate_final``, ``learning_rate_peak`` and
+    ``learning_rate_source`` of the report, for training runs and the command line alike.
+
+    ``step_rates`` are the rates of the optimizer's parameter groups (at the last step; ``step_source`` says
+    where they come from) and ``peak`` the schedule's peak. The rate judged is ``given`` when there is one
+    (``given_source``), else the groups' single rate, else none when the groups took different rates, else the
+    peak (no step taken yet). Unknown values are None.
+    """
+    rates = sorted(set(step_rates or ()))
+    final = rates[0] if len(rates) == 1 else None
+    if given is not None:
+        rate, source = given, given_source
+    elif final is not None:
+        rate, source = final, step_source
+    elif rates:
+        rate, source = None, (f"none: the parameter groups took different rates {rates} at the last optimizer "
+                              "step, and the verdicts need one")
+    else:
+        rate = peak
+        source = None if peak is None else "TrainingArguments.learning_rate (no optimizer step taken yet)"
+    return {"learning_rate": rate, "learning_rate_final": final, "learning_rate_peak": peak,
+            "learning_rate_source": source}
 
 
 def total_train_batch_size(training_args: Any) -> int:

@@ -1,4 +1,4 @@
-"""Fit the curvature report to a time budget (issue 9, item 6).
+"""Fit the curvature report to a time budget (``docs/curvature.md``).
 
 The report's cost is a sum of unit costs times counts, all measured on the model and data before the long
 work starts (``ReportCosts``): a Hessian-vector product costs about ``hvp`` seconds per probe example (Lanczos

@@ -19,7 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .arguments import PREFIX, SharpnessArguments, option_names, report_options
+from .arguments import PREFIX, SharpnessArguments, learning_rates, option_names, report_options
+from .summary import summarise
 
 IMAGE_CONFIG_KEYS = ("num_channels", "image_size")
 
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     kwargs.update(_load_adam_state(args, model))
-    kwargs.update(_learning_rates(args, kwargs.get("adam_state")))
+    kwargs.update(_judged_learning_rate(args, kwargs.get("adam_state")))
     try:
         report = sharpness_report(model, dataset, data_collator=collator, progress=not args.quiet,
                                   device=args.device, **kwargs)
@@ -206,25 +207,22 @@ def _optimizer_state_path(args: argparse.Namespace) -> Path:
     return Path(args.optimizer_state) if args.optimizer_state is not None else Path(args.model_dir) / "optimizer.pt"
 
 
-def _learning_rates(args: argparse.Namespace, adam_state) -> dict[str, Any]:
-    """The rate the verdicts judge: ``--learning_rate``, else the lr of the optimizer state's parameter groups,
-    the rate of the checkpoint's next step (a Trainer checkpoint is saved after the scheduler's step); with the
-    state's peak (``initial_lr``) and rate recorded beside it."""
-    known = {}
-    if adam_state is not None:
-        known = {"learning_rate_peak": adam_state.learning_rate_peak, "learning_rate_final": adam_state.learning_rate}
-    if args.learning_rate is not None:
-        return {**known, "learning_rate": args.learning_rate, "learning_rate_source": "--learning_rate"}
-    if adam_state is None:
-        return known
-    path, rate = _optimizer_state_path(args), adam_state.learning_rate
-    if rate is None or not rate > 0:
+def _judged_learning_rate(args: argparse.Namespace, adam_state) -> dict[str, Any]:
+    """The rate the verdicts judge (``arguments.learning_rates``): ``--learning_rate``, else the lr of the optimizer
+    state's parameter groups, the rate of the checkpoint's next step (a Trainer checkpoint is saved after the
+    scheduler's step); with the state's peak (``initial_lr``) and rate recorded beside it. A state without one
+    usable rate and no ``--learning_rate`` is an error."""
+    path = _optimizer_state_path(args)
+    rate = adam_state.learning_rate if adam_state is not None else None
+    if args.learning_rate is None and adam_state is not None and (rate is None or not rate > 0):
         why = "its parameter groups have different rates" if rate is None else (
             f"its rate is {rate} (the end of a schedule that decays to zero)")
         raise CliError(f"{path}: no learning rate to judge: {why}; pass --learning_rate (e.g. the rate of the last "
                        "step, the last learning_rate in the checkpoint's trainer_state.json)")
-    return {**known, "learning_rate": rate,
-            "learning_rate_source": f"{path}: its parameter groups' lr, the rate of the checkpoint's next step"}
+    return learning_rates(adam_state.learning_rate_peak if adam_state is not None else None,
+                          [rate] if rate is not None else [],
+                          step_source=f"{path}: its parameter groups' lr, the rate of the checkpoint's next step",
+                          given=args.learning_rate, given_source="--learning_rate")
 
 
 def _load_data(args: argparse.Namespace, model, processor, is_image: bool):
@@ -309,12 +307,7 @@ def _interval(values: list[float] | None) -> str:
 def format_table(report: dict[str, Any]) -> str:
     """A readable two-column table of a report (``SharpnessReport.to_dict()``), then the verdict's reason, its
     warnings and errors."""
-    verdict = report.get("stability_verdict") or "no verdict"
-    if report.get("stability_basis"):
-        verdict += f" (by {report['stability_basis']})"
-    headline = report.get("ggn_verdict") or "no verdict"
-    if report.get("ggn_scope"):
-        headline += f" (for {'the training set' if report['ggn_scope'] == 'training_set' else 'the probe'})"
+    summary = summarise(report)
     drift = "none" if report.get("drift_steps") is None else _number(report.get("drift_steps"))
     eigen = report.get("top_eigenvalues")
     level = report.get("coherence_train_confidence")
@@ -335,7 +328,7 @@ def format_table(report: dict[str, Any]) -> str:
                              f"{_number(report.get('num_train_examples'))}"),
         ("critical eta: Theorem 1 / GD (2/lambda_max)",
          f"{_number(report.get('eta_critical_theorem1'))} / {_number(report.get('eta_critical_gd'))}"),
-        ("Gauss-Newton mean-square verdict (headline)", headline),
+        ("Gauss-Newton mean-square verdict (headline)", summary.headline_label),
         ("eta / eta_crit (Gauss-Newton) [eta_crit]",
          f"{_number(report.get('eta_ratio_ggn'))} [{_number(report.get('eta_critical_ggn'))}]"),
         ("mean-square log growth per step", _number(report.get("mean_square_rate"))),
@@ -344,7 +337,7 @@ def format_table(report: dict[str, Any]) -> str:
         ("gradient ratio / at a minimum",
          f"{_number(report.get('gradient_ratio'))} / {_number(report.get('at_minimum'))}"),
         ("linear-stability probe growth rate", _number(report.get("probe_growth_rate"))),
-        ("SGD stability verdict for the training set", verdict),
+        ("SGD stability verdict for the training set", summary.verdict_label),
         ("Adam: lambda_max(P^-1 H) / threshold / ratio",
          f"{_number(report.get('adam_preconditioned_lambda_max'))} / {_number(report.get('adam_stability_threshold'))} / "
          f"{_number(report.get('adam_edge_ratio'))}"),

@@ -11,21 +11,18 @@ and, with the weighted NTK blocks K_ij = Phi_i Phi_j^T = A_i^{1/2} J_i J_j^T A_j
     Tr(H_i H_j) = ||K_ij||_F^2,     lambda_max(H_i) = lambda_max(K_ii),
 
 and the Gauss-Newton matrix of the probe set, G = (1/n) sum_i H_i = (1/n) Phi^T Phi, shares its non-zero
-eigenvalues with K / n (nC x nC): lambda_max(G) = lambda_max(K) / n exactly. ``gram.weighted_ntk_gram``
+eigenvalues with K / n (nC x nC): lambda_max(G) = lambda_max(K) / n exactly. ``gram.WeightedNTK``
 computes K exactly within a memory budget, with the r = rank(A_i) non-null rows of Phi_i per example (an
 orthogonal change of basis within each block, which leaves all of the above unchanged).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .gram import weighted_ntk_gram
 from .heads import psd_sqrt
-from .operators import Batch
 
 
 @dataclass
@@ -174,16 +171,3 @@ def train_coherence(
     high = max(high, estimate)
     return TrainCoherence(estimate / top, (low / top, high / top), probe_sigma, p, num_train_examples, replicates,
                           confidence)
-
-
-def ntk_coherence(
-    model: torch.nn.Module,
-    examples: Sequence[Batch],
-    problem_type: str,
-    *,
-    memory_gb: float = 2.0,
-    resident_examples: int | None = None,
-) -> CoherenceResult:
-    """``coherence_from_blocks`` of the weighted empirical NTK of one-example batches (``gram``)."""
-    k = weighted_ntk_gram(model, examples, problem_type, memory_gb=memory_gb, resident_examples=resident_examples)
-    return coherence_from_blocks(k, len(examples))

@@ -87,7 +87,7 @@ def _cotangents(logits: torch.Tensor, problem_type: str, rows: int) -> torch.Ten
 
 @dataclass(frozen=True)
 class GramPlan:
-    """How ``weighted_ntk_gram`` holds and recomputes rows for n examples."""
+    """How ``WeightedNTK.compute`` holds and recomputes rows for n examples."""
 
     num_examples: int
     rows_per_example: int
@@ -399,24 +399,3 @@ def sketch_error_bound(k: torch.Tensor, rows_per_example: int, sketch_dim: int) 
     between = example[:, None] != example[None, :]
     variance = ((diagonal[:, None] * diagonal[None, :] + k**2) * between).sum() / sketch_dim
     return float(variance.sqrt())
-
-
-def weighted_ntk_gram(
-    model: torch.nn.Module,
-    examples: Sequence[Batch],
-    problem_type: str,
-    *,
-    memory_gb: float = 2.0,
-    resident_examples: int | None = None,
-    stream_examples: int = 8,
-    sketch: str | int = "exact",
-    seed: int = 0,
-) -> torch.Tensor:
-    """K of ``examples`` within ``memory_gb`` of row buffers; ``resident_examples`` overrides the exact plan;
-    ``sketch`` as in ``plan_gram`` (CountSketch ``seed``)."""
-    ntk = WeightedNTK(model, examples, problem_type)
-    plan = ntk.plan(len(examples), memory_gb, stream_examples=stream_examples, sketch=sketch)
-    if resident_examples is not None and not plan.sketch_dim:
-        plan = GramPlan(len(examples), ntk.rows_per_example, ntk.dim, min(resident_examples, len(examples)),
-                        min(stream_examples, len(examples)))
-    return ntk.compute(plan, seed=seed)

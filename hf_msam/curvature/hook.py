@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -117,12 +117,26 @@ def adam_state_of(optimizer: Any, model: torch.nn.Module) -> AdamState | str | N
         return str(error)
 
 
-def _adam_options(optimizer: Any, model: torch.nn.Module) -> dict[str, Any]:
-    """``adam_state`` or ``adam_unavailable`` for ``sharpness_report`` (``adam_state_of``)."""
-    state = adam_state_of(optimizer, model)
-    if state is None:
-        return {}
-    return {"adam_state": state} if isinstance(state, AdamState) else {"adam_unavailable": state}
+def run_report_options(
+    options: SharpnessArguments,
+    args: Any,
+    state: TrainerState,
+    dataset: Any,
+    step_rates: Sequence[float],
+    optimizer: Any,
+    model: torch.nn.Module,
+) -> dict[str, Any]:
+    """The keyword options of ``sharpness_report`` for a training run, for the mixin and the callback alike:
+    ``arguments.report_options`` of the ``sharpness_*`` ``options`` and the run (``args``, the training-set size,
+    its ``train_runtime``, the rates of the last optimizer step, the steps trained), plus ``adam_state`` or
+    ``adam_unavailable`` (:func:`adam_state_of`)."""
+    num_train = len(dataset) if hasattr(dataset, "__len__") else None
+    kwargs = report_options(options, args, num_train, training_seconds(state.log_history), step_rates,
+                            state.global_step)
+    adam = adam_state_of(optimizer, model)
+    if adam is not None:
+        kwargs["adam_state" if isinstance(adam, AdamState) else "adam_unavailable"] = adam
+    return kwargs
 
 
 class StepRates(TrainerCallback):
@@ -242,11 +256,8 @@ class SharpnessReportMixin:
     def _sharpness(self, metric_key_prefix: str) -> SharpnessResult:
         """The report on the current model and the training set (every process calls this)."""
         dataset = self.train_dataset
-        num_train = len(dataset) if hasattr(dataset, "__len__") else None
-        options = report_options(sharpness_options_of(self.args), self.args, num_train,
-                                 training_seconds(self.state.log_history), self._last_step_rates,
-                                 self.state.global_step)
-        options.update(_adam_options(self.optimizer, self.model))
+        options = run_report_options(sharpness_options_of(self.args), self.args, self.state, dataset,
+                                     self._last_step_rates, self.optimizer, self.model)
         return compute_sharpness(
             self.model,
             dataset,
@@ -318,10 +329,7 @@ class SharpnessCallback(StepRates):
         options = replace(self.options or sharpness_options_of(args), **self.overrides)
         dataset = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
-        num_train = len(dataset) if hasattr(dataset, "__len__") else None
-        report_kwargs = report_options(options, args, num_train, training_seconds(state.log_history), self.rates,
-                                       state.global_step)
-        report_kwargs.update(_adam_options(kwargs.get("optimizer"), model))
+        report_kwargs = run_report_options(options, args, state, dataset, self.rates, kwargs.get("optimizer"), model)
         self.result = compute_sharpness(
             model,
             dataset,

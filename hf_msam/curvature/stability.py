@@ -41,8 +41,8 @@ MEAN_SQUARE_MAX_ROWS = 1024  # Gauss-Newton rows (examples x rows per example) t
 def mean_square_examples(num_examples: int, rows_per_example: int) -> int:
     """How many of the first probe examples the mean-square analysis takes: all of them while their factors have at
     most ``MEAN_SQUARE_MAX_ROWS`` rows, else as many as fit. Each product of ``SecondMomentGenerator`` costs
-    O(p C r^2) with r <= p C directions, and Lanczos needs tens to hundreds of them, so p C = 256 takes seconds on a
-    CPU and 2,560 (256 examples of a 10-class head) hours. The verdict then covers those examples (every direction
+    O(p C r^2) with r <= p C directions, and Lanczos needs tens to hundreds of them, so the cost grows with the
+    cube of the rows p C and the limit keeps it bounded. The verdict then covers those examples (every direction
     they curve, no cap within them), which the report states (``mean_square_examples``, ``ggn_scope``)."""
     return max(1, min(num_examples, MEAN_SQUARE_MAX_ROWS // max(1, rows_per_example)))
 

@@ -7,9 +7,9 @@ Two steps, so that a card can be rebuilt from a finished ``output_dir`` (``hf-ms
    saved as ``output_dir/msam_card.json`` (no token, no paths to secrets). The training-results table and
    the hyperparameters come from ``transformers.modelcard`` (``parse_log_history``,
    ``extract_hyperparameters_from_trainer``), as in the stock Trainer's card.
-2. :func:`write_model_card` renders ``output_dir/README.md`` from that dict, the curvature report in
-   ``output_dir/sharpness.json`` and its plot ``output_dir/sharpness.png`` when present, with the template
-   ``model_card_template.md`` (beside this module) through ``huggingface_hub.ModelCard.from_template`` (YAML metadata:
+2. :func:`write_model_card` renders ``output_dir/README.md`` from that dict, the curvature report
+   (``hook.REPORT_JSON``, in words by ``curvature.summary``) and its plot (``hook.REPORT_PLOT``) when present, with
+   the template ``model_card_template.md`` (beside this module) through ``huggingface_hub.ModelCard.from_template`` (YAML metadata:
    base model, datasets, licence, library (``peft`` for adapters), tags including ``msam``, model-index with
    the evaluation metrics).
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,13 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_fr
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from ..curvature.hook import REPORT_JSON, REPORT_PLOT
+from ..curvature.summary import format_value, summarise
 from ..training.arguments import micro_batches_per_device, sam_options_of
 from ..training.trainer import MODEL_TAGS
 
 __all__ = ["CARD_DATA_NAME", "TEMPLATE_PATH", "base_model_license", "card_data_from_trainer",
-           "create_model_card", "curvature_summary", "load_card_data", "render_model_card", "write_model_card"]
+           "create_model_card", "load_card_data", "render_model_card", "write_model_card"]
 
 CARD_DATA_NAME = "msam_card.json"
 TEMPLATE_PATH = Path(__file__).parent / "model_card_template.md"  # package data
@@ -45,25 +46,6 @@ _INDEX_METRICS = {"accuracy": "Accuracy", "f1": "F1", "matthews_correlation": "M
                   "recall": "Recall"}
 _INDEX_TYPES = {"pearson": "pearsonr"}
 _NOT_RESULTS = {"runtime", "samples_per_second", "steps_per_second", "epoch", "step"}
-_BASIS = {
-    "theorem1": "by Theorem 1 of Dexter et al. (2024): lambda_max reaches sigma / (eta sqrt(n/B - 1))",
-    "gd_bound": "by the gradient-descent bound: the learning rate exceeds 2 / lambda_max",
-    "probe": "by the linear-stability probe (the simulated linearised SGD dynamics {grow})",
-}
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
-        if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3):
-            return f"{value:.4g}"
-        return f"{value:.4f}".rstrip("0").rstrip(".")
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_fmt(v) for v in value[:8]) + (" ..." if len(value) > 8 else "")
-    return str(value)
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -241,78 +223,6 @@ def load_card_data(output_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def curvature_summary(report: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
-    """The few numbers of a curvature report (``sharpness.json``) a reader wants, as (quantity, value) rows,
-    and the SGD stability verdict in words (None without one).
-
-    The verdict leads with the headline ``ggn_verdict`` (mean-square stability of linearised SGD on the
-    Gauss-Newton matrices, with eta / eta_crit, the mean-square rate, the Hessian's excess over the Gauss-Newton
-    lambda_max, the drift timescale beside the steps trained and the gradient ratio), then the training-set
-    ``stability_verdict`` ("stable" / "unstable" / "inconclusive") with its ``stability_reason``; older reports
-    without them give ``stable_sgd`` with the rule that decided it (``stability_basis``). Theorem 1 of Dexter et
-    al. (2024) gives the learning rate from which SGD with Bernoulli batches is unstable,
-    eta >= sigma / (lambda_max sqrt(n/B - 1)), here with the estimated training-set sigma; 2 / lambda_max is the
-    gradient-descent bound.
-    """
-    r = report
-    rows: list[tuple[str, str]] = []
-
-    def add(name: str, *keys: str, text: str | None = None) -> None:
-        if all(r.get(k) is not None for k in keys):
-            rows.append((name, text if text is not None else _fmt(r[keys[0]])))
-
-    n, batch, lr = r.get("num_train_examples"), r.get("train_batch_size"), r.get("learning_rate")
-    add("Largest Hessian eigenvalue lambda_max", "lambda_max")
-    add("Hessian trace (Hutchinson)", "trace", "trace_stderr", text=f"{_fmt(r.get('trace'))} ± {_fmt(r.get('trace_stderr'))}")
-    if r.get("trace_stderr") is None:
-        add("Hessian trace (Hutchinson)", "trace")
-    add(f"m-sharpness (rho {_fmt(r.get('m_sharpness_rho'))}, micro-batch size {r.get('m_sharpness_m')})", "m_sharpness")
-    hessian = f" ({r['coherence_hessian']} Hessians)" if r.get("coherence_hessian") else ""
-    add(f"Hessian coherence sigma of the {r.get('coherence_examples')} probe examples{hessian}", "coherence")
-    if r.get("coherence_train_interval"):
-        low, high = r["coherence_train_interval"]
-        add(f"Hessian coherence sigma of the {n} training examples (estimate, interval)", "coherence_train_estimate",
-            text=f"{_fmt(r.get('coherence_train_estimate'))} [{_fmt(low)}, {_fmt(high)}]")
-    else:
-        add(f"Hessian coherence sigma of the {n} training examples (estimate)", "coherence_train_estimate")
-    add(f"Learning rate from which Theorem 1 gives instability (batch size {batch}, estimated sigma)",
-        "eta_critical_theorem1")
-    add("Learning rate above which gradient descent is unstable (2 / lambda_max)", "eta_critical_gd")
-    add("Preconditioned sharpness lambda_max(P^-1 H) of Adam", "adam_preconditioned_lambda_max")
-    add("Adam edge-of-stability threshold (2 + 2 beta1) / ((1 - beta1) eta)", "adam_stability_threshold")
-    add("Preconditioned sharpness / threshold", "adam_edge_ratio")
-
-    at = f" at learning rate {_fmt(lr)} and batch size {batch}" if lr and batch else ""
-    where = "SGD stability verdict for the training set" + at
-    if r.get("stability_verdict"):
-        reason = f" {r['stability_reason']}" if r.get("stability_reason") else ""
-        training = f"{where}: **{r['stability_verdict']}**.{reason}"
-        return rows, (_headline(r, at) + "\n\n" + training) if r.get("ggn_verdict") else training
-    if r.get("stable_sgd") is None:
-        return rows, None
-    growth = r.get("probe_growth_rate")
-    grow = f"{'shrink' if r['stable_sgd'] else 'grow'} by a factor {growth:.6f} per step" if growth is not None else ""
-    basis = _BASIS.get(r.get("stability_basis"), "").format(grow=grow)
-    return rows, f"{where}: **{'stable' if r['stable_sgd'] else 'unstable'}**" + (f", {basis}." if basis else ".")
-
-
-def _headline(r: dict[str, Any], at: str) -> str:
-    """The Gauss-Newton mean-square verdict in words, with the numbers that say whether the quadratic model holds."""
-    scope = "the training set" if r.get("ggn_scope") == "training_set" else "the probe's examples"
-    numbers = [f"eta / eta_crit = {_fmt(r.get('eta_ratio_ggn'))}",
-               f"log E‖v‖² per step {_fmt(r.get('mean_square_rate'))}"]
-    if r.get("lambda_max_gap") is not None:
-        numbers.append(f"lambda_max of the Hessian minus the Gauss-Newton one {_fmt(r['lambda_max_gap'])}")
-    drift = "none" if r.get("drift_steps") is None else f"{_fmt(r['drift_steps'])} steps"
-    trained = f" ({r['steps_trained']} steps trained)" if r.get("steps_trained") is not None else ""
-    numbers.append(f"drift along negative curvature 1/(eta |lambda_min|): {drift}{trained}")
-    if r.get("gradient_ratio") is not None:
-        numbers.append(f"gradient ratio {_fmt(r['gradient_ratio'])}")
-    flag = "; not at a minimum" if r.get("at_minimum") is False else ""
-    return (f"Gauss-Newton mean-square verdict for {scope}{at}: **{r['ggn_verdict']}** ({', '.join(numbers)}"
-            f"{flag}). {r.get('ggn_reason') or ''}").rstrip()
-
-
 def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> str:
     """The card's markdown (YAML metadata included) for ``data`` and the curvature report in ``output_dir``."""
     output_dir = Path(output_dir)
@@ -344,9 +254,9 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
         eval_results=eval_results or None,
     )
 
-    report_path = output_dir / "sharpness.json"
+    report_path = output_dir / REPORT_JSON
     report = json.loads(report_path.read_text()) if report_path.is_file() else None
-    curvature, verdict = curvature_summary(report) if report else ([], None)
+    summary = summarise(report) if report else None
     label_names = data.get("label_names")
     card = ModelCard.from_template(
         card_data,
@@ -365,15 +275,16 @@ def render_model_card(output_dir: str | os.PathLike, data: dict[str, Any]) -> st
         label_names=", ".join(label_names[:20]) + (" ..." if len(label_names) > 20 else "") if label_names else None,
         train_examples=data.get("train_examples", "unknown"),
         eval_examples=data.get("eval_examples", "unknown"),
-        results=[(k.replace("_", " ").title(), _fmt(v)) for k, v in results.items()],
-        msam=[(k, _fmt(v)) for k, v in (data.get("msam") or {}).items()],
-        hyperparameters=[(k, _fmt(v)) for k, v in (data.get("hyperparameters") or {}).items()],
+        results=[(k.replace("_", " ").title(), format_value(v)) for k, v in results.items()],
+        msam=[(k, format_value(v)) for k, v in (data.get("msam") or {}).items()],
+        hyperparameters=[(k, format_value(v)) for k, v in (data.get("hyperparameters") or {}).items()],
         training_table=_training_table(data.get("training_results") or []),
         has_report=report is not None,
-        curvature=curvature,
-        verdict=verdict,
+        report_json=REPORT_JSON,
+        curvature=summary.rows if summary else [],
+        verdict=summary.verdict if summary else None,
         sharpness_note=(report or {}).get("optimizer_note"),
-        sharpness_plot="sharpness.png" if (output_dir / "sharpness.png").is_file() else None,
+        sharpness_plot=REPORT_PLOT if (output_dir / REPORT_PLOT).is_file() else None,
         versions=sorted((data.get("versions") or {}).items()),
     )
     return str(card)

@@ -1,4 +1,4 @@
-"""The report's time budget (issue 9, item 6) and its progress bar over every phase (issue 11), with fake
+"""The report's time budget and its progress bar over every phase, with fake
 clocks: no test times anything real.
 
 The planner is checked against an independent brute force (every common scale factor on a fine grid), the
@@ -27,7 +27,7 @@ from hf_msam.curvature.gram import plan_gram
 
 REQUEST = ReportSizes(num_examples=256, lanczos_iterations=30, trace_probes=20, coherence_examples=256,
                       probe_steps=30, m_sharpness=True, probe_batch_size=32)
-# the user's case of issue 9: one HVP on 256 examples of all-MiniLM-L6-v2 took about 27 s on 2 CPU cores
+# unit costs of the size of a sentence-embedding model on a CPU (all-MiniLM-L6-v2, 256 examples)
 COSTS = ReportCosts(hvp=27 / 256, gradient=9 / 256, coherence_row=0.15, coherence_rows_per_example=1,
                     coherence_dim=11_000_000, gram_flops_per_second=20e9, coherence_memory_gb=2.0)
 
@@ -211,7 +211,7 @@ def test_cut_report_is_the_report_of_the_cut_request():
 
 @pytest.mark.usefixtures("tiny_floors")
 def test_report_bar_moves_during_coherence_and_ends_full(monkeypatch):
-    """Issue 11: the bar used to sit still through the whole coherence phase."""
+    """The bar advances with each coherence row evaluation, not only at the end of the phase."""
     positions: list[tuple[str, float]] = []
     original = ReportProgress.step
 
@@ -287,7 +287,7 @@ def test_cli_takes_max_seconds(tmp_path):
     assert main([*common, "--max_seconds", "0"]) == 2
 
 
-# --- the coherence of a C-class head (issue 9, items 5 and 6 follow-up) -------------------------------------------
+# --- the coherence of a C-class head -------------------------------------------------------------------------------
 
 # the default text run (5 classes: 4 rows per example, ~13M columns kept, 2 GB of row buffers)
 FIVE_CLASS = ReportCosts(hvp=0.07, gradient=0.03, coherence_row=0.25, coherence_rows_per_example=4,

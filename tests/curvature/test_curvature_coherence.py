@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import tiny_bert, token_dataset
 from curvature_models import TinyClassifier, classifier_batches
-from torch.func import functional_call, hessian, jacrev
+from ntk_helpers import dense_jacobian_and_loss_hessian, ntk_gram
 
-from hf_msam.curvature.coherence import coherence_from_hessians, ntk_coherence
+from hf_msam.curvature.coherence import coherence_from_blocks, coherence_from_hessians
 from hf_msam.curvature.heads import infer_problem_type
 
 
@@ -33,26 +33,21 @@ def test_sigma_is_one_for_orthogonal_and_n_for_identical_hessians():
 
 def _dense_ggn_sigma(model, examples, loss_of_logits):
     """sigma and lambda_max(mean H_i) from dense H_i = J_i^T A_i J_i (A_i by torch.func.hessian)."""
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    names = list(params)
     hs = []
-    model.eval()
     for ex in examples:
-        inputs = {k: v for k, v in ex.items() if k != "labels"}
-
-        def logits_of(p):
-            return functional_call(model, p, args=(), kwargs=inputs).logits.reshape(-1)
-
-        jac = jacrev(logits_of)(params)
-        j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in names], dim=1).double()
-        z = logits_of(params).detach().double()
-        a = hessian(lambda zz: loss_of_logits(zz, ex["labels"]))(z)
+        j, a = dense_jacobian_and_loss_hessian(model, ex, loss_of_logits)
         hs.append(j.T @ a @ j)
     h = torch.stack(hs)
     gram = torch.einsum("iab,jba->ij", h, h)
     s = gram.clamp_min(0).sqrt()
     sigma = float(torch.linalg.eigvalsh(s)[-1]) / float(torch.linalg.eigvalsh(h)[:, -1].max())
     return sigma, float(torch.linalg.eigvalsh(h.mean(0))[-1])
+
+
+def ntk_coherence(model, examples, problem_type, *, resident_examples):
+    """Coherence from the weighted-NTK Gram of one-example batches (buffers for ``resident_examples``)."""
+    return coherence_from_blocks(ntk_gram(model, examples, problem_type, resident_examples=resident_examples),
+                                 len(examples))
 
 
 def test_ntk_sigma_equals_dense_gauss_newton_cross_entropy_three_classes():

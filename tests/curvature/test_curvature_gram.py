@@ -13,28 +13,19 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_bert
-from torch.func import functional_call, hessian, jacrev
+from ntk_helpers import dense_jacobian_and_loss_hessian, image_examples, ntk_gram, tiny_vit
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hf_msam.curvature.gram import GramPlan, WeightedNTK, plan_gram, weighted_ntk_gram
+from hf_msam.curvature.gram import GramPlan, WeightedNTK, plan_gram
 from hf_msam.curvature.heads import per_example_loss
 
 
 def _dense_factors(model, examples, problem_type) -> list[torch.Tensor]:
     """A_i^{1/2} J_i (C x d, float64) with J_i over every trainable parameter."""
-    params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
-    model.eval()
     out = []
     for ex in examples:
-        inputs = {k: v for k, v in ex.items() if k != "labels"}
-
-        def logits_of(p):
-            return functional_call(model, p, args=(), kwargs=inputs).logits.reshape(-1)
-
-        jac = jacrev(logits_of)(params)
-        j = torch.cat([jac[k].reshape(jac[k].shape[0], -1) for k in params], dim=1).double()
-        z = logits_of(params).detach().double()
-        a = hessian(lambda zz: per_example_loss(zz[None], ex["labels"].reshape(1, -1), problem_type)[0])(z)
+        j, a = dense_jacobian_and_loss_hessian(
+            model, ex, lambda z, y: per_example_loss(z[None], y.reshape(1, -1), problem_type)[0])
         values, vectors = torch.linalg.eigh(a)
         out.append((vectors * values.clamp_min(0).sqrt()) @ vectors.T @ j)
     return out
@@ -52,7 +43,7 @@ def _invariants(k: torch.Tensor, n: int, count: int):
 
 def _assert_matches_dense(model, examples, problem_type, **kwargs):
     dense = torch.cat(_dense_factors(model, examples, problem_type))
-    k = weighted_ntk_gram(model, examples, problem_type, **kwargs)
+    k = ntk_gram(model, examples, problem_type, **kwargs)
     expected = _invariants(dense @ dense.T, len(examples), k.shape[0])
     got = _invariants(k, len(examples), k.shape[0])
     scale = float(expected[2][0])
@@ -96,17 +87,7 @@ def test_bert_embedding_table_keeps_only_used_rows():
 
 
 def test_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(13)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=16, num_labels=3, hidden_dropout_prob=0.1,
-                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
-    model = ViTForImageClassification(config)
-    g = torch.Generator().manual_seed(0)
-    examples = [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % 3])}
-                for i in range(4)]
-    _assert_matches_dense(model, examples, "single_label_classification", resident_examples=3, stream_examples=2)
+    _assert_matches_dense(tiny_vit(3, seed=13), image_examples(4, 3, seed=0), "single_label_classification", resident_examples=3, stream_examples=2)
 
 
 def test_llama_sequence_classification():
@@ -171,7 +152,7 @@ def test_plan_counts_row_evaluations_and_fits_memory():
     assert plan.resident_examples + plan.stream_examples == int(2.0 * 2**30 // per_example)
 
 
-# --- the CountSketch mode (issue 9, item 5) ---------------------------------------------------------------------
+# --- the CountSketch mode ---------------------------------------------------------------------------------------
 
 from hf_msam.curvature.gram import DEFAULT_SKETCH_DIM, CountSketch, parse_sketch  # noqa: E402
 
@@ -230,10 +211,10 @@ def _sketch_matches_exact(model, examples, sketch_dim, seeds=range(6)):
     """The sketched K against the exact one: diagonal blocks equal, the other entries within the variance bound
     (mean squared standardised error about 1, at most 1.6), and sigma within the report's rms error bound."""
     from hf_msam.curvature.coherence import coherence_from_blocks
-    from hf_msam.curvature.report import sketch_sigma_error
+    from hf_msam.curvature.measures import sketch_sigma_error
 
     n = len(examples)
-    exact = weighted_ntk_gram(model, examples, "single_label_classification", sketch="exact")
+    exact = ntk_gram(model, examples, "single_label_classification", sketch="exact")
     rows = exact.shape[0] // n
     same = torch.arange(n * rows)[:, None] // rows == torch.arange(n * rows)[None, :] // rows
     bound = (exact.diagonal()[:, None] * exact.diagonal()[None, :] + exact**2) / sketch_dim
@@ -241,7 +222,7 @@ def _sketch_matches_exact(model, examples, sketch_dim, seeds=range(6)):
     standardised, covered = [], 0
     errors = []
     for seed in seeds:
-        k = weighted_ntk_gram(model, examples, "single_label_classification", sketch=sketch_dim, seed=seed)
+        k = ntk_gram(model, examples, "single_label_classification", sketch=sketch_dim, seed=seed)
         torch.testing.assert_close(k[same], exact[same], rtol=1e-5, atol=1e-6 * float(exact.diagonal().max()))
         standardised.append(((k - exact)[~same] ** 2 / bound[~same]))
         error = sketch_sigma_error(k, n, sketch_dim)
@@ -259,17 +240,7 @@ def test_sketch_against_exact_gram_on_bert():
 
 
 def test_sketch_against_exact_gram_on_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(22)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=16, num_labels=4, hidden_dropout_prob=0.1,
-                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
-    model = ViTForImageClassification(config)
-    g = torch.Generator().manual_seed(2)
-    examples = [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % 4])}
-                for i in range(8)]
-    _sketch_matches_exact(model, examples, sketch_dim=256)
+    _sketch_matches_exact(tiny_vit(4, seed=22), image_examples(8, 4, seed=2), sketch_dim=256)
 
 
 def test_sketched_compute_evaluates_each_example_once():

@@ -1,4 +1,4 @@
-"""``hf-msam sharpness`` (issue 3, item 4): a tiny saved text model and a tiny CSV give a JSON, a PNG and a
+"""``hf-msam sharpness``: a tiny saved text model and a tiny CSV give a JSON, a PNG and a
 table; images work too; labels follow the model's own label2id; bad input gets a message naming the fix."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 3, item 5: the final report of a 2-process DDP run (gloo on CPU) equals the single-process report of
+"""The final report of a 2-process DDP run (gloo on CPU) equals the single-process report of
 the same training (one process, the doubled per-device batch), and every rank logs the same numbers."""
 
 from __future__ import annotations

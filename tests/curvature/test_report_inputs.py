@@ -1,4 +1,4 @@
-"""Every form a user's rows come in gives the same report (issue 7, item 6): Python scalars, 0-d and 1-d
+"""Every form a user's rows come in gives the same report: Python scalars, 0-d and 1-d
 tensors, NumPy scalars and arrays, and an HF ``Dataset`` in the python, torch and numpy formats, through
 ``sharpness_report``, the ``hf-msam sharpness`` command line and the Trainer hook.
 

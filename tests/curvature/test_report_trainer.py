@@ -1,4 +1,4 @@
-"""The curvature report inside training (issue 3, item 3): log_history, TensorBoard, sharpness.json, the
+"""The curvature report inside training: log_history, TensorBoard, sharpness.json, the
 model card, the model saved first, the stock Trainer + callback, and bf16 training with an fp32 report.
 
 The reference for every number is ``sharpness_report`` run directly on a fresh float32 model loaded from the
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from trainer_utils import sam_args
 from transformers import Trainer, TrainingArguments
 
-import hf_msam.curvature.hook as reporting
+import hf_msam.curvature.hook as hook
 from hf_msam import SAMTrainer, SharpnessCallback, sharpness_report
 
 # Cheap but complete enough: Lanczos, Hutchinson and m-sharpness on 8 probe examples.
@@ -143,7 +143,7 @@ def test_failing_report_keeps_the_saved_model_and_warns(tmp_path, monkeypatch, c
         seen_model_file.append(os.path.isfile(tmp_path / "model.safetensors"))
         raise RuntimeError("estimator exploded")
 
-    monkeypatch.setattr(reporting, "sharpness_report", broken)
+    monkeypatch.setattr(hook, "sharpness_report", broken)
     (tmp_path / "sharpness.json").write_text("{}")  # a previous run's report must not survive
     args = sam_args(tmp_path, sam_rho=0.1, sharpness_report=True, **SHARPNESS_ARGS)
     trainer = SAMTrainer(model=tiny_bert(seed=7), args=args, train_dataset=token_dataset(16, seed=7),

@@ -10,7 +10,7 @@ import torch
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "..")]
 from conftest import tiny_bert, token_dataset  # noqa: E402
 from test_report_trainer import SHARPNESS_ARGS  # noqa: E402
 from trainer_utils import SequentialSAMTrainer, sam_args  # noqa: E402
