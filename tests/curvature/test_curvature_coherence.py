@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
-from curvature_models import TinyClassifier, classifier_batches
+from builders import TinyClassifier, classifier_batches, tiny_bert, token_dataset
 from torch.func import functional_call, hessian, jacrev
 
 from hf_msam.curvature.coherence import coherence_from_hessians, ntk_coherence

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
+from builders import tiny_bert, tiny_llama_config, tiny_vit
 from torch.func import functional_call, hessian, jacrev
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_msam.curvature.gram import GramPlan, WeightedNTK, plan_gram, weighted_ntk_gram
 from hf_msam.curvature.heads import per_example_loss
+
+SMALL_VIT = dict(hidden_size=8, intermediate_size=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+"""The ViT of these tests: hidden 8, with dropout (the dense reference runs in eval mode, where it does nothing)."""
 
 
 def _dense_factors(model, examples, problem_type) -> list[torch.Tensor]:
@@ -96,13 +99,7 @@ def test_bert_embedding_table_keeps_only_used_rows():
 
 
 def test_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(13)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=16, num_labels=3, hidden_dropout_prob=0.1,
-                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
-    model = ViTForImageClassification(config)
+    model = tiny_vit(3, seed=13, **SMALL_VIT)
     g = torch.Generator().manual_seed(0)
     examples = [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % 3])}
                 for i in range(4)]
@@ -110,12 +107,11 @@ def test_vit():
 
 
 def test_llama_sequence_classification():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(14)
-    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, num_labels=2,
-                         pad_token_id=0, attention_dropout=0.1, attn_implementation="eager")
+    config = tiny_llama_config(vocab_size=32, hidden_size=8, intermediate_size=16, num_key_value_heads=1,
+                               max_position_embeddings=16, num_labels=2, pad_token_id=0, attention_dropout=0.1)
     model = LlamaForSequenceClassification(config)
     g = torch.Generator().manual_seed(1)
     examples = [{"input_ids": torch.randint(1, 32, (1, 3 + i), generator=g), "labels": torch.tensor([i % 2])}
@@ -171,7 +167,7 @@ def test_plan_counts_row_evaluations_and_fits_memory():
     assert plan.resident_examples + plan.stream_examples == int(2.0 * 2**30 // per_example)
 
 
-# --- the CountSketch mode (issue 9, item 5) ---------------------------------------------------------------------
+# --- the CountSketch mode --------------------------------------------------------------------------------------
 
 from hf_msam.curvature.gram import DEFAULT_SKETCH_DIM, CountSketch, parse_sketch  # noqa: E402
 
@@ -259,13 +255,7 @@ def test_sketch_against_exact_gram_on_bert():
 
 
 def test_sketch_against_exact_gram_on_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(22)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=16, num_labels=4, hidden_dropout_prob=0.1,
-                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
-    model = ViTForImageClassification(config)
+    model = tiny_vit(4, seed=22, **SMALL_VIT)
     g = torch.Generator().manual_seed(2)
     examples = [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % 4])}
                 for i in range(8)]
