@@ -59,8 +59,9 @@ stage probe compile.log 150 python3 benchmarks/probe_compile_vmap.py --device cu
 # every other tensor (vmap_dense_m{m}): step time and extra memory in parameter copies, one round.
 stage rows rows.log 200 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
   --configs sam,vmap_m8,vmap_dense_m8,vmap_m16,vmap_dense_m16 --out "$OUT/step_cuda_bf16_vmap_rows.json"
-# Issue 7: the GPU variants of the correctness tests; the benchmarks on the GPU; both defaults in bf16.
-stage tests gpu_tests.log 100 python3 -m pytest -q -p no:cacheprovider tests/training/test_gpu.py
+# The GPU parametrisations of the correctness tests (``device`` = cuda, and the tests marked ``cuda``); the
+# benchmarks on the GPU; both defaults in bf16.
+stage tests gpu_tests.log 100 python3 -m pytest -q -p no:cacheprovider tests/training/test_trainer.py tests/update/test_loop.py -k cuda
 stage step bench.log 120 python3 benchmarks/bench_step.py --device cuda --rounds 2 --steps 8
 stage curvature bench.log 150 python3 benchmarks/bench_curvature.py --device cuda
 stage text bench.log 200 python3 benchmarks/run_defaults.py --bf16 --only text

@@ -1,6 +1,6 @@
 """Shared by the coherence and Gram tests: the dense per-example Jacobian and loss Hessian built independently
 with torch.func (``jacrev`` of the logits, ``hessian`` of the loss in the logits), the Gram K of one-example
-batches through ``WeightedNTK`` with a chosen buffer plan, and a tiny ViT classifier with image examples."""
+batches through ``WeightedNTK`` with a chosen buffer plan."""
 
 from __future__ import annotations
 
@@ -36,21 +36,3 @@ def ntk_gram(model, examples, problem_type, *, memory_gb: float = 2.0, resident_
         plan = GramPlan(len(examples), ntk.rows_per_example, ntk.dim, min(resident_examples, len(examples)),
                         min(stream_examples, len(examples)))
     return ntk.compute(plan, seed=seed)
-
-
-def tiny_vit(num_labels: int, seed: int):
-    """A one-layer ViT classifier on 8 x 8 one-channel images, dropout on (eval mode turns it off)."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=16, num_labels=num_labels, hidden_dropout_prob=0.1,
-                       attention_probs_dropout_prob=0.1, attn_implementation="eager")
-    return ViTForImageClassification(config)
-
-
-def image_examples(n: int, num_labels: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """``n`` one-example batches of random 8 x 8 images with labels cycling through the classes."""
-    g = torch.Generator().manual_seed(seed)
-    return [{"pixel_values": torch.randn(1, 1, 8, 8, generator=g), "labels": torch.tensor([i % num_labels])}
-            for i in range(n)]

@@ -11,8 +11,8 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
-from curvature_models import TinyClassifier, classifier_batches, dense_hessian
+from builders import TinyClassifier, classifier_batches, tiny_bert, tiny_vit, token_dataset
+from references import dense_hessian
 
 from hf_msam.curvature.adam import (
     NOT_ANALYSED,
@@ -89,13 +89,7 @@ def test_checkpoint_optimizer_state_equals_the_live_optimizer(tmp_path):
 
 
 def _tiny_vit():
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0, attn_implementation="eager")
-    torch.manual_seed(1)
-    return ViTForImageClassification(config)
+    return tiny_vit(3, seed=1, num_channels=3)
 
 
 def _images(n: int = 8):
@@ -295,7 +289,7 @@ def _linear_schedule_rate(s: int) -> float:
 @pytest.mark.parametrize("entry", ["mixin", "callback"])
 def test_a_trainer_report_judges_the_learning_rate_of_the_last_step(tmp_path, entry):
     from transformers import Trainer, TrainingArguments
-    from trainer_utils import sam_args
+    from builders import sam_args
 
     from hf_msam import SAMTrainer, SharpnessCallback
 
@@ -323,14 +317,14 @@ def test_a_trainer_report_judges_the_learning_rate_of_the_last_step(tmp_path, en
 
 
 def test_cli_takes_the_learning_rate_in_force_from_the_checkpoint(tmp_path, capsys):
-    from test_report_cli import _save_text_model, _write_csv
+    from builders import save_text_classifier, write_review_csv
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from hf_msam.curvature.cli import main
 
-    model, tokenizer = _save_text_model(tmp_path / "base")
+    model, tokenizer = save_text_classifier(tmp_path / "base")
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["0", "1"])
+    write_review_csv(data, ["0", "1"])
     encoded = tokenizer(["good film"] * 4 + ["bad plot"] * 4)
     train = [{"input_ids": ids, "labels": i % 2} for i, ids in enumerate(encoded["input_ids"])]
     args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, save_strategy="steps",
@@ -403,7 +397,7 @@ def test_adam_with_coupled_weight_decay_is_judged_on_the_objective_it_descends()
 
 
 def test_a_report_at_an_evaluation_judges_the_step_just_taken(tmp_path):
-    from trainer_utils import sam_args
+    from builders import sam_args
 
     from hf_msam import SAMTrainer
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import replace
 
 import pytest
-from conftest import tiny_bert, token_dataset
+from builders import tiny_bert, token_dataset
 
 import hf_msam
 from hf_msam.curvature import budget, report as report_module
@@ -268,14 +268,14 @@ def test_hook_budget_follows_the_training_time(tmp_path):
 
 
 def test_cli_takes_max_seconds(tmp_path):
-    from test_report_cli import _save_text_model, _write_csv
+    from builders import save_text_classifier, write_review_csv
 
     from hf_msam.curvature.cli import main
 
     folder = tmp_path / "model"
-    _save_text_model(folder)
+    save_text_classifier(folder)
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["0", "1"], rows=6)
+    write_review_csv(data, ["0", "1"], rows=6)
     output = tmp_path / "report.json"
     common = [str(folder), "--data", str(data), "--text_column", "review", "--label_column", "sentiment",
               "--output", str(output), "--num_examples", "6", "--measures", "eigenvalues", "--lanczos_iterations",

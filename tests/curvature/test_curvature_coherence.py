@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
-from curvature_models import TinyClassifier, classifier_batches
+from builders import TinyClassifier, classifier_batches, tiny_bert, token_dataset
 from ntk_helpers import dense_jacobian_and_loss_hessian, ntk_gram
 
 from hf_msam.curvature.coherence import coherence_from_blocks, coherence_from_hessians

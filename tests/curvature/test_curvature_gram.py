@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
-from ntk_helpers import dense_jacobian_and_loss_hessian, image_examples, ntk_gram, tiny_vit
+from builders import image_examples, tiny_bert, tiny_llama_config, tiny_vit
+from ntk_helpers import dense_jacobian_and_loss_hessian, ntk_gram
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_msam.curvature.gram import GramPlan, WeightedNTK, plan_gram
 from hf_msam.curvature.heads import per_example_loss
+
+SMALL_VIT = dict(hidden_size=8, intermediate_size=16, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+"""The ViT of these tests: hidden 8, with dropout (the dense reference runs in eval mode, where it does nothing)."""
 
 
 def _dense_factors(model, examples, problem_type) -> list[torch.Tensor]:
@@ -87,16 +90,15 @@ def test_bert_embedding_table_keeps_only_used_rows():
 
 
 def test_vit():
-    _assert_matches_dense(tiny_vit(3, seed=13), image_examples(4, 3, seed=0), "single_label_classification", resident_examples=3, stream_examples=2)
+    _assert_matches_dense(tiny_vit(3, seed=13, **SMALL_VIT), image_examples(4, 3, seed=0), "single_label_classification", resident_examples=3, stream_examples=2)
 
 
 def test_llama_sequence_classification():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(14)
-    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16, num_labels=2,
-                         pad_token_id=0, attention_dropout=0.1, attn_implementation="eager")
+    config = tiny_llama_config(vocab_size=32, hidden_size=8, intermediate_size=16, num_key_value_heads=1,
+                               max_position_embeddings=16, num_labels=2, pad_token_id=0, attention_dropout=0.1)
     model = LlamaForSequenceClassification(config)
     g = torch.Generator().manual_seed(1)
     examples = [{"input_ids": torch.randint(1, 32, (1, 3 + i), generator=g), "labels": torch.tensor([i % 2])}
@@ -240,7 +242,7 @@ def test_sketch_against_exact_gram_on_bert():
 
 
 def test_sketch_against_exact_gram_on_vit():
-    _sketch_matches_exact(tiny_vit(4, seed=22), image_examples(8, 4, seed=2), sketch_dim=256)
+    _sketch_matches_exact(tiny_vit(4, seed=22, **SMALL_VIT), image_examples(8, 4, seed=2), sketch_dim=256)
 
 
 def test_sketched_compute_evaluates_each_example_once():

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
+from builders import tiny_bert, token_dataset
 
 import hf_msam
 from hf_msam.curvature.msharpness import m_sharpness
@@ -111,7 +111,7 @@ def test_m_sharpness_matches_plain_loop_and_restores_weights_exactly():
 def test_bad_input_errors_name_the_field():
     from transformers import BertModel
 
-    from conftest import tiny_bert_config
+    from builders import tiny_bert_config
 
     ds = token_dataset(8, 6, 2)
     with pytest.raises(ValueError, match="loss"):

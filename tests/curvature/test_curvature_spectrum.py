@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
-from curvature_models import TinyClassifier, classifier_batches, dense_hessian
+from builders import TinyClassifier, classifier_batches, tiny_bert, token_dataset
+from references import dense_hessian
 
 from hf_msam.curvature.operators import HessianOperator, flatten, trainable_parameters
 from hf_msam.curvature.spectrum import hutchinson_trace, lanczos

@@ -5,56 +5,30 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_bert_config
+from builders import save_text_classifier, tiny_bert, tiny_vit, write_review_csv
 from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from hf_msam.cli import main as hf_msam_main
 from hf_msam.curvature.cli import main
 from hf_msam.curvature.report import sharpness_report
 
-WORDS = "good bad great awful fine poor nice sad happy dull film plot cast story acting".split()
 CHEAP = ["--num_examples", "6", "--measures", "eigenvalues", "trace", "--lanczos_iterations", "3", "--top_k", "2",
          "--trace_probes", "2", "--quiet"]
-
-
-def _save_text_model(folder, label2id: dict[str, int] | None = None, num_labels: int = 2):
-    vocab = folder / "vocab.txt"
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab=str(vocab))
-    overrides = {}
-    if label2id is not None:
-        overrides = dict(label2id=label2id, id2label={v: k for k, v in label2id.items()})
-    torch.manual_seed(3)
-    model = BertForSequenceClassification(tiny_bert_config(num_labels, **overrides))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return model, tokenizer
-
-
-def _write_csv(path, labels, rows: int = 10) -> None:
-    rng = random.Random(0)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["review", "sentiment"])
-        for i in range(rows):
-            writer.writerow([" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6))), labels[i % len(labels)]])
 
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model")
-    _save_text_model(folder, label2id={"pos": 0, "neg": 1})  # not the sorted order of the names
+    save_text_classifier(folder, label2id={"pos": 0, "neg": 1})  # not the sorted order of the names
     return folder
 
 
 def test_cli_writes_json_png_and_prints_a_table(text_model, tmp_path, capsys):
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["neg", "pos"])
+    write_review_csv(data, ["neg", "pos"])
     output = tmp_path / "out" / "report.json"
     status = hf_msam_main(["sharpness", str(text_model), "--data", str(data), "--text_column", "review",
                            "--label_column", "sentiment", "--learning_rate", "0.1", "--train_batch_size", "4",
@@ -73,7 +47,7 @@ def test_cli_matches_labels_to_the_model_label2id(text_model, tmp_path):
     """Rows labelled "pos" must be class 0 of this model (sorted order would make them 1): the probe loss is
     that of the model's classes, computed here by hand."""
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["pos"], rows=6)
+    write_review_csv(data, ["pos"], rows=6)
     output = tmp_path / "report.json"
     assert main([str(text_model), "--data", str(data), "--text_column", "review", "--label_column", "sentiment",
                  "--output", str(output), *CHEAP]) == 0
@@ -89,14 +63,11 @@ def test_cli_matches_labels_to_the_model_label2id(text_model, tmp_path):
 
 def test_cli_on_an_image_model(tmp_path):
     from PIL import Image
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTImageProcessor
 
     folder = tmp_path / "vit"
-    config = ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=2, hidden_dropout_prob=0.0,
-                       attention_probs_dropout_prob=0.0, label2id={"cat": 0, "dog": 1}, id2label={0: "cat", 1: "dog"})
-    torch.manual_seed(0)
-    ViTForImageClassification(config).save_pretrained(folder)
+    tiny_vit(2, seed=0, num_channels=3, attn_implementation=None, label2id={"cat": 0, "dog": 1},
+             id2label={0: "cat", 1: "dog"}).save_pretrained(folder)
     ViTImageProcessor(size={"height": 8, "width": 8}).save_pretrained(folder)
     images = tmp_path / "images"
     for label in ("cat", "dog"):
@@ -114,7 +85,7 @@ def test_cli_report_equals_the_python_entry_point(text_model, tmp_path):
     """Same model file, same tokenized examples (the whole file as the probe set, so the loader's row order
     does not matter): the command line adds nothing to the numbers."""
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["0", "1"], rows=8)
+    write_review_csv(data, ["0", "1"], rows=8)
     output = tmp_path / "report.json"
     assert main([str(text_model), "--data", str(data), "--text_column", "review", "--label_column", "sentiment",
                  "--output", str(output), *CHEAP, "--num_examples", "8"]) == 0
@@ -141,7 +112,7 @@ def _error(capsys, argv) -> str:
 
 def test_cli_bad_input_names_the_problem(text_model, tmp_path, capsys):
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["neg", "pos"])
+    write_review_csv(data, ["neg", "pos"])
     out = ["--output", str(tmp_path / "r.json")]
     assert "missing.csv" in _error(capsys, [str(text_model), "--data", str(tmp_path / "missing.csv"), *out])
     message = _error(capsys, [str(text_model), "--data", str(data), "--text_column", "body", "--label_column",
@@ -160,14 +131,14 @@ def test_cli_bad_input_names_the_problem(text_model, tmp_path, capsys):
 
 def test_cli_refuses_labels_the_model_does_not_have(tmp_path, capsys):
     regression = tmp_path / "regression"
-    _save_text_model(regression, num_labels=1)
+    save_text_classifier(regression, num_labels=1)
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["neg", "pos"])
+    write_review_csv(data, ["neg", "pos"])
     args = ["--data", str(data), "--text_column", "review", "--label_column", "sentiment", "--output",
             str(tmp_path / "r.json")]
     assert "regression model" in _error(capsys, [str(regression), *args])
     classifier = tmp_path / "classifier"
-    _save_text_model(classifier, label2id={"good": 0, "bad": 1})
+    save_text_classifier(classifier, label2id={"good": 0, "bad": 1})
     message = _error(capsys, [str(classifier), *args])
     assert "not among the classes" in message and "good" in message
 
@@ -178,7 +149,7 @@ def test_cli_refuses_pickled_weights(tmp_path, capsys):
     model.config.save_pretrained(folder)
     torch.save(model.state_dict(), folder / "pytorch_model.bin")
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["0", "1"])
+    write_review_csv(data, ["0", "1"])
     message = _error(capsys, [str(folder), "--data", str(data), "--output", str(tmp_path / "r.json")])
     assert "safetensors" in message
 
@@ -186,9 +157,9 @@ def test_cli_refuses_pickled_weights(tmp_path, capsys):
 def test_cli_reads_a_checkpoint_optimizer_state_and_prints_the_verdict(tmp_path, capsys):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-    model, tokenizer = _save_text_model(tmp_path / "base")
+    model, tokenizer = save_text_classifier(tmp_path / "base")
     data = tmp_path / "reviews.csv"
-    _write_csv(data, ["0", "1"])
+    write_review_csv(data, ["0", "1"])
     rows = list(csv.DictReader(open(data)))
     encoded = tokenizer([r["review"] for r in rows], truncation=True, max_length=16)
     train = [{"input_ids": ids, "labels": int(r["sentiment"])} for ids, r in zip(encoded["input_ids"], rows)]

@@ -4,21 +4,17 @@ the same training (one process, the doubled per-device batch), and every rank lo
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from conftest import tiny_bert, token_dataset
+from builders import SequentialSAMTrainer, sam_args, tiny_bert, token_dataset
+from processes import REPORT_DDP, launch_two_processes
+from references import max_abs_diff
 from safetensors.torch import load_file
-from conftest import launch_two_processes
 from test_report_trainer import SHARPNESS_ARGS, _assert_reports_close, _without_timings
-from trainer_utils import SequentialSAMTrainer, max_abs_diff, sam_args
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "report_ddp.py")
-
 
 @pytest.mark.slow
 def test_two_process_report_equals_single_process(tmp_path):
-    launch_two_processes(SCRIPT, str(tmp_path / "ddp"))
+    launch_two_processes(REPORT_DDP, str(tmp_path / "ddp"))
     ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     with open(tmp_path / "ddp" / "run" / "sharpness.json") as handle:
         distributed = _without_timings(json.load(handle))

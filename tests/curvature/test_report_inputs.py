@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_bert
+from builders import tiny_bert
 from transformers import Trainer, TrainingArguments
 
 from hf_msam import SharpnessCallback, sharpness_report
@@ -84,15 +84,15 @@ def test_trainer_hook_on_a_formatted_dataset(tmp_path, fmt):
 
 def test_cli_reads_numeric_json_lines_labels(tmp_path):
     """JSON-lines with integer labels (a NumPy/Arrow int64 column once loaded) through ``hf-msam sharpness``."""
-    from test_report_cli import WORDS, _save_text_model
+    from builders import REVIEW_WORDS, save_text_classifier
     from transformers import BertForSequenceClassification, BertTokenizerFast
 
     from hf_msam.curvature.cli import main
 
     folder = tmp_path / "model"
-    _save_text_model(folder)
+    save_text_classifier(folder)
     data = tmp_path / "reviews.jsonl"
-    lines = [{"text": " ".join(WORDS[i : i + 3 + i % 2]), "label": i % 2} for i in range(6)]
+    lines = [{"text": " ".join(REVIEW_WORDS[i : i + 3 + i % 2]), "label": i % 2} for i in range(6)]
     data.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     output = tmp_path / "report.json"
     assert main([str(folder), "--data", str(data), "--output", str(output), "--num_examples", "6", "--measures",
@@ -110,10 +110,10 @@ def test_cli_reads_numeric_json_lines_labels(tmp_path):
 @pytest.mark.parametrize("fmt", ["torch", "numpy"])
 def test_report_with_a_tokenizer_on_a_formatted_dataset(tmp_path, fmt):
     """``tokenizer=`` (``DataCollatorWithPadding``) on ragged rows of a formatted Dataset."""
-    from test_report_cli import WORDS, _save_text_model
+    from builders import REVIEW_WORDS, save_text_classifier
 
-    model, tokenizer = _save_text_model(tmp_path / "model")
-    rows = [{**tokenizer(" ".join(WORDS[i : i + 2 + i % 3])), "labels": i % 2} for i in range(6)]
+    model, tokenizer = save_text_classifier(tmp_path / "model")
+    rows = [{**tokenizer(" ".join(REVIEW_WORDS[i : i + 2 + i % 3])), "labels": i % 2} for i in range(6)]
     kwargs = dict(tokenizer=tokenizer, num_examples=6, measures=["eigenvalues", "coherence"], lanczos_iterations=3,
                   top_k=1)
     expected = sharpness_report(model, rows, **kwargs)

@@ -13,9 +13,8 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
+from builders import sam_args, tiny_bert, token_dataset
 from safetensors.torch import load_file
-from trainer_utils import sam_args
 from transformers import Trainer, TrainingArguments
 
 import hf_msam.curvature.hook as hook

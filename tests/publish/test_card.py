@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from hf_msam.publish.card import card_data_from_trainer, load_card_data, render_model_card, write_model_card
-from recipe_fixtures import save_tiny_bert, write_text_csv
+from builders import save_tiny_bert, write_text_csv
 
 DATA = {
     "model_name": "minilm-bbc", "hub_model_id": "tester/minilm-bbc",
@@ -192,7 +192,7 @@ def test_citations_are_bibtex_entries_of_the_three_papers(tmp_path):
 
 
 def _trainer(tmp_path, model, **args):
-    from conftest import token_dataset
+    from builders import token_dataset
     from hf_msam import SAMTrainer, SAMTrainingArguments
 
     arguments = SAMTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=1,
@@ -201,7 +201,7 @@ def _trainer(tmp_path, model, **args):
 
 
 def test_trainer_tags_the_model_so_that_any_push_carries_the_tags(tmp_path):
-    from conftest import tiny_bert
+    from builders import tiny_bert
 
     model = tiny_bert()
     _trainer(tmp_path, model)
@@ -214,7 +214,7 @@ def test_trainer_tags_the_model_so_that_any_push_carries_the_tags(tmp_path):
 def test_lora_model_card_is_a_peft_card_with_the_base_model(tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from conftest import tiny_bert
+    from builders import tiny_bert
 
     model = tiny_bert()
     model.config._name_or_path = "prajjwal1/bert-tiny"
@@ -245,7 +245,7 @@ def test_licence_taken_from_the_base_model_card(tmp_path):
 
 def test_licence_of_a_hub_base_model_in_the_local_cache(tmp_path, monkeypatch):
     """A Hub id whose card is in the local Hugging Face cache (no network): its licence is used."""
-    from conftest import tiny_bert
+    from builders import tiny_bert
 
     cache = tmp_path / "hub"
     snapshot = cache / "models--org--base" / "snapshots" / ("a" * 40)
@@ -262,7 +262,7 @@ def test_licence_of_a_hub_base_model_in_the_local_cache(tmp_path, monkeypatch):
 
 
 def test_hyperparameters_of_the_trainer(tmp_path):
-    from conftest import tiny_bert
+    from builders import tiny_bert
 
     data = card_data_from_trainer(_trainer(tmp_path, tiny_bert(), learning_rate=3e-4, seed=7,
                                            gradient_accumulation_steps=2, warmup_steps=2))
@@ -282,9 +282,9 @@ def test_hyperparameters_of_the_trainer(tmp_path):
     ("llama", "text-generation", 'pipeline("text-generation"'),
 ])
 def test_task_follows_the_model_head(tmp_path, architecture, task, usage):
-    from conftest import tiny_bert
-    from recipe_fixtures import save_tiny_vit
-    from trainer_utils import tiny_llama
+    from builders import tiny_bert
+    from builders import save_tiny_vit
+    from builders import tiny_llama
     from transformers import ViTForImageClassification
 
     model = {"bert": tiny_bert, "llama": tiny_llama,

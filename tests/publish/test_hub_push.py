@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from hf_msam.publish import hub
-from recipe_fixtures import GOOD_TOKEN, FakeHub, files_containing, online_hub
+from fake_hub import GOOD_TOKEN, FakeHub, files_containing, online_hub
 
 
 def _finished_run(directory):
@@ -106,7 +106,7 @@ def test_model_push_outside_the_recipes_carries_the_msam_tags(tmp_path, monkeypa
     """``SAMTrainer`` tags the model (``add_model_tags``), so ``model.push_to_hub`` writes them into the card."""
     import yaml
 
-    from conftest import tiny_bert
+    from builders import tiny_bert
     from hf_msam import SAMTrainer, SAMTrainingArguments
 
     model = tiny_bert()

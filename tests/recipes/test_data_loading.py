@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hf_msam.data import DataError, image_transform, load_image_dataset, load_text_dataset, tokenize
-from recipe_fixtures import write_image_folder, write_text_csv, write_vocab
+from builders import write_image_folder, write_text_csv, write_vocab
 
 
 def test_csv_with_string_labels_and_a_fixed_split(tmp_path):

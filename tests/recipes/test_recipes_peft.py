@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from hf_msam.recipes import common, glue, vit
-from recipe_fixtures import GOOD_TOKEN, FakeHub, online_hub, save_tiny_bert, save_tiny_vit, write_image_folder, write_text_csv
+from builders import save_tiny_bert, save_tiny_vit, write_image_folder, write_text_csv
+from fake_hub import GOOD_TOKEN, FakeHub, online_hub
 
 FAST = ["--num_train_epochs", "2", "--per_device_train_batch_size", "8", "--learning_rate", "5e-3",
         "--sam_micro_batch_size", "4", "--logging_steps", "1", "--seed", "0", "--save_strategy", "no",

@@ -14,17 +14,9 @@ import pytest
 import torch
 
 from hf_msam.recipes import glue, vit
-from conftest import run_process_group
-from recipe_fixtures import (
-    GOOD_TOKEN,
-    FakeHub,
-    files_containing,
-    online_hub,
-    save_tiny_bert,
-    save_tiny_vit,
-    write_image_folder,
-    write_text_csv,
-)
+from builders import save_tiny_bert, save_tiny_vit, write_image_folder, write_text_csv
+from fake_hub import GOOD_TOKEN, FakeHub, files_containing, online_hub
+from processes import run_process_group
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recipe_fixtures import save_tiny_bert
+from builders import save_tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("replicate", REPO / "benchmarks" / "replicate.py")

@@ -1,24 +1,18 @@
-"""Issue 2, item 3e: two gloo processes give the weights of one process with the doubled batch."""
+"""Two gloo processes give the weights of one process with the doubled batch."""
 
 from __future__ import annotations
 
-import os
-
-
 import pytest
 import torch
-from conftest import launch_two_processes, tiny_bert, token_dataset
+from builders import SequentialSAMTrainer, lm_dataset_without_labels_in, sam_args, tiny_bert, tiny_llama, token_dataset
+from processes import MSAM_DDP, launch_two_processes
+from references import max_abs_diff
 from safetensors.torch import load_file
-from trainer_utils import SequentialSAMTrainer, lm_dataset_without_labels_in, max_abs_diff, sam_args, tiny_llama
-
-SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "msam_ddp.py")
-"""The 2-process training script: ``SCRIPT SUITE OUT`` (suites ``bert``, ``lm``, ``vmap``)."""
-
 
 @pytest.fixture(scope="module")
 def ddp_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    launch_two_processes(SCRIPT, "bert", str(out))
+    launch_two_processes(MSAM_DDP, "bert", str(out))
     return out
 
 
@@ -52,11 +46,11 @@ def test_ascent_gradient_is_not_all_reduced_without_sam_global(ddp_weights):
     assert max_abs_diff(per_device, global_sam) > 1e-4
 
 
-# --- issue 7, item 2: processes with unequal supervised tokens, and a process with none ------------------
+# --- processes with unequal supervised tokens, and a process with none ------------------
 @pytest.fixture(scope="module")
 def lm_ddp_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_lm")
-    launch_two_processes(SCRIPT, "lm", str(out), timeout=240)
+    launch_two_processes(MSAM_DDP, "lm", str(out), timeout=240)
     return out
 
 

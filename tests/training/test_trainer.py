@@ -1,4 +1,6 @@
-"""SAMTrainer semantics (issue 2, item 3): each test compares with an independent reference."""
+"""SAMTrainer semantics: each test compares with an independent reference. Tests that take ``device`` also run
+on the GPU when there is one; those marked ``cuda`` (a real GradScaler, mixed precision with gradient accumulation)
+run only there."""
 
 from __future__ import annotations
 
@@ -6,18 +8,20 @@ import math
 
 import pytest
 import torch
-from conftest import image_dataset, tiny_bert, tiny_bert_lora, tiny_vit, token_dataset
-from msam_reference import reference_msam_gradient, reference_sgd_step
-from trainer_utils import (
+from builders import (
     SequentialSAMTrainer,
     SequentialTrainer,
+    image_dataset,
     lm_dataset,
-    max_abs_diff,
     sam_args,
-    snapshot,
     tensor_batch,
+    tiny_bert,
+    tiny_bert_lora,
     tiny_llama,
+    tiny_vit,
+    token_dataset,
 )
+from references import max_abs_diff, reference_msam_gradient, reference_sgd_step, snapshot
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_msam import SAMTrainer, SAMTrainingArguments
@@ -29,14 +33,17 @@ from hf_msam import SAMTrainer, SAMTrainingArguments
     [(None, False), (4, False), (2, False), (3, False), (3, True)],
     ids=["sam-m1", "m2", "m4", "uneven-3-3-2", "asam-uneven"],
 )
-def test_one_step_matches_reference(tmp_path, micro_batch_size, adaptive):
+def test_one_step_matches_reference(tmp_path, device, micro_batch_size, adaptive):
     data = token_dataset(8, seed=1)
     model = tiny_bert(seed=1)
-    reference = tiny_bert(seed=1)
-    args = sam_args(tmp_path, sam_rho=0.2, sam_micro_batch_size=micro_batch_size, sam_adaptive=adaptive, sam_adaptive_eta=0.05)
-    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
+    reference = tiny_bert(seed=1).to(device)
+    args = sam_args(tmp_path, device, sam_rho=0.2, sam_micro_batch_size=micro_batch_size, sam_adaptive=adaptive,
+                    sam_adaptive_eta=0.05)
+    trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data)
+    assert trainer.args.device.type == device
+    trainer.train()
 
-    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, 8), micro_batch_size, 0.2, adaptive, 0.05)
+    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, 8, device), micro_batch_size, 0.2, adaptive, 0.05)
     reference_sgd_step(reference, gradient, lr=0.5)
     assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
     assert max_abs_diff(snapshot(model), snapshot(tiny_bert(seed=1))) > 1e-3  # it did train
@@ -91,42 +98,62 @@ def test_zero_learning_rate_leaves_weights_exactly(tmp_path, optim):
 
 
 # --- d. gradient accumulation 2 x 8 equals 1 x 16 ---------------------------------------------------
-def _train_ga(tmp_path, make_model, data, ga, batch, steps=2):
+def _train_ga(tmp_path, make_model, data, ga, batch, steps=2, device="cpu", **overrides):
     model = make_model()
-    args = sam_args(tmp_path / f"ga{ga}", per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
-                    sam_rho=0.1, sam_micro_batch_size=4, max_steps=steps)
-    SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
-    return snapshot(model)
+    args = sam_args(tmp_path / f"ga{ga}", device, per_device_train_batch_size=batch, gradient_accumulation_steps=ga,
+                    sam_rho=0.1, sam_micro_batch_size=4, max_steps=steps, **overrides)
+    trainer = SequentialSAMTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    return snapshot(model), trainer
 
 
-def test_gradient_accumulation_bert_head(tmp_path):
+def _reference_steps(make_model, data, device, token_level=False):
+    """Two plain-loop mSAM steps of 16 examples (micro-batches of 4, rho 0.1); ``token_level``: each micro-batch
+    weighted by its supervised shifted labels (a causal LM's)."""
+    reference = make_model().to(device)
+    for step in range(2):
+        batch = tensor_batch(data, 16 * step, 16 * step + 16, device)
+        weights = None
+        if token_level:
+            items = [int(batch["labels"][k : k + 4, 1:].ne(-100).sum()) for k in range(0, 16, 4)]
+            weights = [i / sum(items) for i in items]
+            assert len(set(items)) > 1  # the token weighting is really exercised
+        reference_sgd_step(reference, reference_msam_gradient(reference, batch, 4, 0.1, weights=weights), lr=0.5)
+    return snapshot(reference)
+
+
+def test_gradient_accumulation_bert_head(tmp_path, device):
     """BERT heads accept **kwargs but return a plain mean (transformers#47688): no inflated GA step."""
     data = token_dataset(32, seed=4)
-    with_ga = _train_ga(tmp_path, lambda: tiny_bert(seed=4), data, ga=2, batch=8)
-    without = _train_ga(tmp_path, lambda: tiny_bert(seed=4), data, ga=1, batch=16)
+    with_ga, _ = _train_ga(tmp_path, lambda: tiny_bert(seed=4), data, ga=2, batch=8, device=device)
+    without, _ = _train_ga(tmp_path, lambda: tiny_bert(seed=4), data, ga=1, batch=16, device=device)
     assert max_abs_diff(with_ga, without) < 1e-6
     # and both equal the reference mSAM step (so neither is scaled by GA)
-    reference = tiny_bert(seed=4)
-    for step in range(2):
-        batch = tensor_batch(data, 16 * step, 16 * step + 16)
-        reference_sgd_step(reference, reference_msam_gradient(reference, batch, 4, 0.1), lr=0.5)
-    assert max_abs_diff(with_ga, snapshot(reference)) < 1e-6
+    assert max_abs_diff(with_ga, _reference_steps(lambda: tiny_bert(seed=4), data, device)) < 1e-6
 
 
-def test_gradient_accumulation_token_level_loss(tmp_path):
+def test_gradient_accumulation_token_level_loss(tmp_path, device):
     """A causal LM whose loss uses num_items_in_batch; micro-batches hold unequal numbers of tokens."""
     data = lm_dataset(32, seed=5)
-    with_ga = _train_ga(tmp_path, lambda: tiny_llama(seed=5), data, ga=2, batch=8)
-    without = _train_ga(tmp_path, lambda: tiny_llama(seed=5), data, ga=1, batch=16)
+    with_ga, _ = _train_ga(tmp_path, lambda: tiny_llama(seed=5), data, ga=2, batch=8, device=device)
+    without, _ = _train_ga(tmp_path, lambda: tiny_llama(seed=5), data, ga=1, batch=16, device=device)
     assert max_abs_diff(with_ga, without) < 1e-6
-    reference = tiny_llama(seed=5)
-    for step in range(2):
-        batch = tensor_batch(data, 16 * step, 16 * step + 16)
-        items = [int(batch["labels"][k : k + 4, 1:].ne(-100).sum()) for k in range(0, 16, 4)]
-        weights = [i / sum(items) for i in items]
-        assert len(set(items)) > 1  # the token weighting is really exercised
-        reference_sgd_step(reference, reference_msam_gradient(reference, batch, 4, 0.1, weights=weights), lr=0.5)
-    assert max_abs_diff(with_ga, snapshot(reference)) < 1e-6
+    assert max_abs_diff(with_ga, _reference_steps(lambda: tiny_llama(seed=5), data, device, token_level=True)) < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("make_model, make_data", [(tiny_bert, token_dataset), (tiny_llama, lm_dataset)], ids=["bert", "llama"])
+def test_gradient_accumulation_under_mixed_precision(tmp_path, precision, make_model, make_data):
+    """Gradient accumulation 2 x 8 equals 1 x 16 under bf16 autocast and under fp16 with a real GradScaler."""
+    data = make_data(32, seed=4)
+    results = []
+    for ga, batch in [(2, 8), (1, 16)]:
+        weights, trainer = _train_ga(tmp_path, lambda: make_model(seed=4), data, ga=ga, batch=batch, device="cuda",
+                                     bf16=precision == "bf16", fp16=precision == "fp16")
+        assert (trainer.accelerator.scaler is not None) == (precision == "fp16")
+        results.append(weights)
+    assert max_abs_diff(*results) < 1e-6
 
 
 # --- f. bf16 trains; a non-finite ascent gradient under fp16 is skipped -----------------------------
@@ -138,9 +165,9 @@ def _learnable_dataset(n=64, seed=6):
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 2).tolist()})
 
 
-def test_bf16_autocast_trains(tmp_path):
+def test_bf16_autocast_trains(tmp_path, device):
     data = _learnable_dataset()
-    args = sam_args(tmp_path, bf16=True, optim="adamw_torch", learning_rate=3e-3, max_steps=40, sam_rho=0.05,
+    args = sam_args(tmp_path, device, bf16=True, optim="adamw_torch", learning_rate=3e-3, max_steps=40, sam_rho=0.05,
                     sam_micro_batch_size=4, per_device_train_batch_size=16)
     trainer = SequentialSAMTrainer(model=tiny_bert(seed=6, hidden_size=32, intermediate_size=64), args=args, train_dataset=data)
     assert trainer.accelerator.mixed_precision == "bf16"
@@ -183,6 +210,33 @@ def test_non_finite_ascent_gradient_is_skipped_under_fp16(tmp_path):
     gradient = reference_msam_gradient(reference, tensor_batch(data, 0, 8), 4, rho=0.0)
     reference_sgd_step(reference, gradient, lr=0.5)
     assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
+
+
+@pytest.mark.cuda
+def test_fp16_overflowing_ascent_is_skipped_with_grad_scaler(tmp_path):
+    """With the real GradScaler: the skipped run equals a run whose perturbation is numerically nothing.
+
+    The loop path, whose forwards alternate ascent/descent as the hook counts them (the vmap path's skip is
+    tested in ``tests/update/test_vmap.py``)."""
+    data = token_dataset(8, seed=7)
+    calls = {"n": 0}
+
+    def overflow_on_ascent(module, inputs, output):
+        calls["n"] += 1
+        return _InfiniteGradient.apply(output) if calls["n"] % 2 == 1 else output
+
+    skipped_model, tiny_rho_model = tiny_bert(seed=7), tiny_bert(seed=7)
+    skipped_model.classifier.register_forward_hook(overflow_on_ascent)
+    common = dict(fp16=True, sam_micro_batch_size=4, sam_micro_batch_mode="loop")
+    trainer = SequentialSAMTrainer(model=skipped_model, args=sam_args(tmp_path / "a", "cuda", sam_rho=0.3, **common),
+                                   train_dataset=data)
+    assert trainer.accelerator.scaler is not None
+    trainer.train()
+    assert trainer.state.log_history[0]["sam_skipped"] == 2
+    assert all(torch.isfinite(p).all() for p in skipped_model.parameters())
+    SequentialSAMTrainer(model=tiny_rho_model, args=sam_args(tmp_path / "b", "cuda", sam_rho=1e-30, **common),
+                         train_dataset=data).train()
+    assert max_abs_diff(snapshot(skipped_model), snapshot(tiny_rho_model)) < 1e-6
 
 
 # --- g. PEFT LoRA: only adapters move --------------------------------------------------------------
@@ -325,21 +379,22 @@ def test_batchnorm_statistics_are_updated_by_the_ascent_pass_only(tmp_path):
     torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=1e-7)
 
 
-# --- issue 7, item 1: a ViT with one example per micro-batch (shared gradient storage) ---------------
+# --- a ViT with one example per micro-batch (shared gradient storage) ---------------
 @pytest.mark.parametrize("n, micro_batch_size", [(8, 1), (7, 3)], ids=["micro-batch-1", "uneven-3-3-1"])
-def test_vit_one_example_micro_batches_match_reference(tmp_path, n, micro_batch_size):
+def test_vit_one_example_micro_batches_match_reference(tmp_path, device, n, micro_batch_size):
     data = image_dataset(n, seed=15)
-    model, reference = tiny_vit(seed=15), tiny_vit(seed=15)
-    args = sam_args(tmp_path, sam_rho=0.05, sam_micro_batch_size=micro_batch_size, per_device_train_batch_size=n)
+    model, reference = tiny_vit(seed=15), tiny_vit(seed=15).to(device)
+    args = sam_args(tmp_path, device, sam_rho=0.05, sam_micro_batch_size=micro_batch_size, per_device_train_batch_size=n)
     SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()
-    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, n), micro_batch_size, 0.05)
+    gradient = reference_msam_gradient(reference, tensor_batch(data, 0, n, device), micro_batch_size, 0.05)
     reference_sgd_step(reference, gradient, lr=0.5)
     assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
 
 
-# --- issue 7, item 4: dropout masks are shared by the two passes of a micro-batch ------------------------
+# --- dropout masks are shared by the two passes of a micro-batch ------------------------
 def _relative_update_difference(start, a, b):
-    """``||(a - start) - (b - start)|| / ||b - start||`` over all parameters."""
+    """``||(a - start) - (b - start)|| / ||b - start||`` over all parameters, on the CPU."""
+    a, b = ({k: v.cpu() for k, v in weights.items()} for weights in (a, b))
     diff = math.sqrt(sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in start))
     step = math.sqrt(sum(float(((b[k] - start[k]).double() ** 2).sum()) for k in start))
     return diff / step
@@ -354,8 +409,8 @@ DROPOUT_CASES = {
 }
 
 
-def _stock_run(tmp_path, model, data, **overrides):
-    values = dict(sam_args(tmp_path, **overrides).to_dict())
+def _stock_run(tmp_path, model, data, device="cpu", **overrides):
+    values = dict(sam_args(tmp_path, device, **overrides).to_dict())
     args = TrainingArguments(**{k: v for k, v in values.items() if k in TrainingArguments.__dataclass_fields__
                                 and k not in ("hub_token",)})
     SequentialTrainer(model=model, args=args, train_dataset=data).train()
@@ -363,15 +418,17 @@ def _stock_run(tmp_path, model, data, **overrides):
 
 
 @pytest.mark.parametrize("case", DROPOUT_CASES)
-def test_dropout_tiny_rho_equals_stock_step(tmp_path, case):
-    """With rho -> 0 the SAM step tends to the stock step only if the descent pass draws the stock pass's masks."""
+def test_dropout_tiny_rho_equals_stock_step(tmp_path, device, case):
+    """With rho -> 0 the SAM step tends to the stock step only if the descent pass draws the stock pass's masks
+    (on the GPU the CUDA generator draws them)."""
     make_model, make_data = DROPOUT_CASES[case]
     data = make_data()
     common = dict(per_device_train_batch_size=8, max_steps=2)
     start = snapshot(make_model())
     sam_model, stock_model = make_model(), make_model()
-    SequentialSAMTrainer(model=sam_model, args=sam_args(tmp_path / "sam", sam_rho=1e-7, **common), train_dataset=data).train()
-    stock = _stock_run(tmp_path / "stock", stock_model, data, **common)
+    SequentialSAMTrainer(model=sam_model, args=sam_args(tmp_path / "sam", device, sam_rho=1e-7, **common),
+                         train_dataset=data).train()
+    stock = _stock_run(tmp_path / "stock", stock_model, data, device, **common)
     assert _relative_update_difference(start, snapshot(sam_model), stock) < 1e-5
 
 
@@ -394,7 +451,7 @@ def test_dropout_step_matches_reference_that_replays_the_rng(tmp_path, case):
     assert max((a - b).abs().max().item() for a, b in zip(gradient, unreplayed)) > 1e-4  # the masks matter
 
 
-# --- issue 7, Also: the loss weighting of the mSAM path against the stock Trainer ------------------------
+# --- the loss weighting of the mSAM path against the stock Trainer ------------------------
 def test_tiny_rho_equals_stock_trainer_token_loss_with_accumulation(tmp_path):
     """rho = 1e-7, no dropout: a causal LM with -100 holes, micro-batches of 4 and gradient accumulation 2 gives the
     stock step (which counts the step's tokens itself), so every micro-batch's weight is right."""
@@ -411,7 +468,7 @@ def test_tiny_rho_equals_stock_trainer_token_loss_with_accumulation(tmp_path):
     assert len(set(items)) > 1  # unequal micro-batches: equal weights would not give the stock step
 
 
-# --- issue 7, item 3: the first sam_perturbed_loss after a resume covers one logging window --------------
+# --- the first sam_perturbed_loss after a resume covers one logging window --------------
 def test_perturbed_loss_logged_after_resume_equals_uninterrupted_run(tmp_path):
     data = token_dataset(64, seed=18)
     common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, sam_rho=0.1, sam_micro_batch_size=4)

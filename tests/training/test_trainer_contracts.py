@@ -7,20 +7,21 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from conftest import tiny_bert, token_dataset
-from msam_reference import reference_msam_gradient, reference_sgd_step
-from trainer_utils import (
+from builders import (
     SequentialSAMTrainer,
     SequentialTrainer,
     lm_dataset,
-    max_abs_diff,
+    padded_lm_dataset,
     sam_args,
-    snapshot,
     summed_token_loss,
     tensor_batch,
+    tiny_bert,
+    tiny_gpt2,
     tiny_llama,
+    token_dataset,
     token_loss_func,
 )
+from references import max_abs_diff, reference_msam_gradient, reference_sgd_step, snapshot
 from transformers import TrainingArguments
 
 from hf_msam import SAMTrainer
@@ -146,35 +147,11 @@ def test_custom_loss_normalised_by_num_items_matches_reference(tmp_path, how):
 
 
 # --- every causal LM's items are its shifted labels ------------------------------------------------------
-def _tiny_gpt2(seed: int):
-    """A 2-layer GPT-2 language model (no dropout), whose ``loss_type`` is unset."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, attn_implementation="eager")
-    return GPT2LMHeadModel(config)
-
-
-def _padded_lm_dataset(n: int, seed: int):
-    """Sequences of lengths 3 to 8, right-padded to 8 (pad labels -100), with random -100 holes in the labels."""
-    import datasets
-
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, 9, (n,), generator=g)
-    ids = torch.randint(1, 64, (n, 8), generator=g)
-    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
-    ids = ids * mask
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[torch.rand(n, 8, generator=g) < 0.25] = -100
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
-
-
 def test_gpt2_micro_batches_are_weighted_by_shifted_tokens(tmp_path):
     """GPT-2 has no ``loss_type``; its loss averages the shifted labels, so each micro-batch weighs its shifted count:
     the plain-loop reference with those weights (micro-batches of 4, gradient accumulation 2, padded lengths 3..8)."""
-    data = _padded_lm_dataset(32, seed=34)
-    model, reference = _tiny_gpt2(34), _tiny_gpt2(34)
+    data = padded_lm_dataset(32, seed=34)
+    model, reference = tiny_gpt2(34), tiny_gpt2(34)
     args = sam_args(tmp_path, sam_rho=0.1, sam_micro_batch_size=4, per_device_train_batch_size=8,
                     gradient_accumulation_steps=2, max_steps=2)
     SequentialSAMTrainer(model=model, args=args, train_dataset=data).train()

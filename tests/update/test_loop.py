@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import image_dataset, tiny_bert, tiny_vit
-from msam_reference import reference_msam_gradient
+from builders import image_dataset, tiny_bert, tiny_vit
+from references import reference_msam_gradient
 
 from hf_msam import MicroBatchSAM, RandomState, split_micro_batches
 
@@ -125,18 +125,19 @@ def test_expanded_gradient_of_a_sum_matches_reference():
 
 
 # --- dropout: both passes of a micro-batch draw the same masks (issue 7, item 4) ------------------------
-def test_random_state_replays_dropout_masks_and_ends_where_one_pass_ends():
-    x = torch.ones(1000)
+def test_random_state_replays_dropout_masks_and_ends_where_one_pass_ends(device):
+    get_rng_state = torch.cuda.get_rng_state if device == "cuda" else torch.get_rng_state
+    x = torch.ones(1000, device=device)
     torch.manual_seed(10)
     single_pass = torch.nn.functional.dropout(x, 0.5)
-    after_single_pass = torch.get_rng_state()
+    after_single_pass = get_rng_state()
     torch.manual_seed(10)
     randomness = RandomState.capture()
     first = torch.nn.functional.dropout(x, 0.5)
     randomness.restore()
     second = torch.nn.functional.dropout(x, 0.5)
     assert torch.equal(first, second) and torch.equal(second, single_pass)
-    assert torch.equal(torch.get_rng_state(), after_single_pass)
+    assert torch.equal(get_rng_state(), after_single_pass)
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,8 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_bert, tiny_vit
-from msam_reference import reference_msam_gradient
-from trainer_utils import SequentialSAMTrainer, max_abs_diff, sam_args, snapshot, tiny_llama
+from builders import SequentialSAMTrainer, sam_args, tiny_bert, tiny_llama, tiny_vit
+from references import max_abs_diff, reference_msam_gradient, snapshot
 
 from hf_msam import MicroBatchSAM, RandomState, sparse_embedding_gradients, split_micro_batches, trainable_embeddings
 
@@ -41,7 +40,7 @@ def _images(n=8, seed=0):
 
 
 def _bert_mlm(tied: bool):
-    from conftest import tiny_bert_config
+    from builders import tiny_bert_config
     from transformers import BertForMaskedLM
 
     torch.manual_seed(3)

@@ -10,18 +10,16 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import tiny_bert as one_layer_bert
-from msam_reference import reference_msam_gradient, reference_sgd_step
-from trainer_utils import (
+from builders import (
     SequentialSAMTrainer,
-    lm_dataset_without_labels_in,
     SequentialTrainer,
     lm_dataset,
-    max_abs_diff,
+    lm_dataset_without_labels_in,
     sam_args,
-    snapshot,
     tensor_batch,
+    tiny_bert as one_layer_bert,
 )
+from references import max_abs_diff, reference_msam_gradient, reference_sgd_step, snapshot
 from transformers import TrainingArguments
 
 import hf_msam.training.trainer as trainer_module
@@ -831,7 +829,7 @@ def two_length_dataset(n: int = 32, seed: int = 25):
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     """2 gloo processes on the vmap path (per-device batch 8) equal one process with batch 16."""
-    from test_distributed import SCRIPT, launch_two_processes
+    from processes import MSAM_DDP as SCRIPT, launch_two_processes
     from safetensors.torch import load_file
 
     launch_two_processes(SCRIPT, "vmap", str(tmp_path))

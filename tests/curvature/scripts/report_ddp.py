@@ -6,14 +6,13 @@ import json
 import os
 import sys
 
-import torch
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
-sys.path[:0] = [os.path.join(os.path.dirname(__file__), ".."), os.path.join(os.path.dirname(__file__), "..", "..")]
-from conftest import tiny_bert, token_dataset  # noqa: E402
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [TESTS, os.path.join(TESTS, "curvature")]  # builders.py and test_report_trainer.py
+from builders import SequentialSAMTrainer, sam_args, tiny_bert, token_dataset  # noqa: E402
 from test_report_trainer import SHARPNESS_ARGS  # noqa: E402
-from trainer_utils import SequentialSAMTrainer, sam_args  # noqa: E402
 
 
 def main(out_dir: str) -> None:

@@ -23,15 +23,17 @@ import hf_msam.training.trainer
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import test_vectorized  # noqa: E402
-from conftest import tiny_bert, token_dataset  # noqa: E402
-from trainer_utils import (  # noqa: E402
+TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [TESTS, os.path.join(TESTS, "update")]  # builders.py and test_vmap.py
+import test_vmap  # noqa: E402
+from builders import (  # noqa: E402
     SequentialSAMTrainer,
     lm_dataset,
     lm_dataset_without_labels_in,
     sam_args,
+    tiny_bert,
     tiny_llama,
+    token_dataset,
     token_loss_func,
 )
 from transformers import TrainerCallback  # noqa: E402
@@ -55,13 +57,13 @@ SUITES = {
         "empty_global": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_global=True)),
     },
     "vmap": {
-        "bert": (lambda: test_vectorized.tiny_bert(seed=15), lambda: test_vectorized.padded_dataset(32, seed=15), VMAP),
-        "llama": (lambda: test_vectorized.tiny_llama(seed=15), lambda: lm_dataset(32, seed=15), VMAP),
-        "unused": (test_vectorized.LengthBranchClassifier, test_vectorized.two_length_dataset, VMAP),
-        "buffer_changed": (test_vectorized.LengthBranchClassifier, test_vectorized.two_length_dataset, VMAP),
-        "empty": (lambda: test_vectorized.tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), VMAP),
-        "fails_on_one": (lambda: test_vectorized.FailsUnderVmapOnce(1, rank=1),
-                         lambda: test_vectorized.padded_dataset(32, seed=24).remove_columns("attention_mask"),
+        "bert": (lambda: test_vmap.tiny_bert(seed=15), lambda: test_vmap.padded_dataset(32, seed=15), VMAP),
+        "llama": (lambda: test_vmap.tiny_llama(seed=15), lambda: lm_dataset(32, seed=15), VMAP),
+        "unused": (test_vmap.LengthBranchClassifier, test_vmap.two_length_dataset, VMAP),
+        "buffer_changed": (test_vmap.LengthBranchClassifier, test_vmap.two_length_dataset, VMAP),
+        "empty": (lambda: test_vmap.tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), VMAP),
+        "fails_on_one": (lambda: test_vmap.FailsUnderVmapOnce(1, rank=1),
+                         lambda: test_vmap.padded_dataset(32, seed=24).remove_columns("attention_mask"),
                          dict(VMAP, sam_micro_batch_mode="auto")),
     },
 }

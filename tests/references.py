@@ -1,12 +1,12 @@
-"""An independent plain-loop implementation of the mSAM equations of docs/design.md section 2.1, for tests.
-
-Written without ``hf_msam``: per-tensor Python loops, fresh copies, float64 accumulation of the averaged
-descent gradient. Slow and obvious on purpose.
+"""What the tests compare against, written without ``hf_msam``: the plain-loop mSAM step of docs/design.md
+section 2.1 (per-tensor Python loops, fresh copies, float64 accumulation of the averaged descent gradient; slow and
+obvious on purpose), the dense Hessian by ``torch.func``, and the weight comparisons.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.func import functional_call, hessian
 
 
 def loss_of(model, batch):
@@ -72,3 +72,34 @@ def reference_sgd_step(model: torch.nn.Module, gradient: list[torch.Tensor], lr:
     with torch.no_grad():
         for p, g in zip([p for p in model.parameters() if p.requires_grad], gradient):
             p.sub_(lr * g)
+
+
+def dense_hessian(model: torch.nn.Module, batches: list[dict]) -> torch.Tensor:
+    """The Hessian of the example-weighted mean loss over the trainable parameters, by torch.func.hessian."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    shapes = [p.shape for name, p in model.named_parameters() if p.requires_grad]
+    flat0 = torch.cat([p.detach().reshape(-1) for name, p in model.named_parameters() if p.requires_grad])
+    sizes = [int(b["labels"].shape[0]) for b in batches]
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            count = int(torch.Size(shape).numel())
+            params[name] = flat[offset : offset + count].view(shape)
+            offset += count
+        total = sum(s * functional_call(model, params, args=(), kwargs=b).loss for s, b in zip(sizes, batches))
+        return total / sum(sizes)
+
+    model.eval()
+    return hessian(loss)(flat0).detach()
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest elementwise difference of two weight dicts with the same keys, compared on the CPU (either may
+    come from a GPU run)."""
+    assert a.keys() == b.keys()
+    return max((a[k].float().cpu() - b[k].float().cpu()).abs().max().item() for k in a)

@@ -1,88 +1,15 @@
-"""Helpers for the recipe, data, hub and model-card tests: tiny saved models, tiny data files, and a fake
-Hugging Face Hub on 127.0.0.1 that answers the few API calls ``huggingface_hub`` makes to push a folder
-(whoami, create repo, preupload, commit) and records what arrives."""
+"""A fake Hugging Face Hub on 127.0.0.1 that answers the few API calls ``huggingface_hub`` makes to push a folder
+(whoami, create repo, preupload, commit) and records what arrives, for the recipe and publishing tests."""
 
 from __future__ import annotations
 
 import base64
-import csv
 import json
-import random
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 GOOD_TOKEN = "hf_testtoken_0123456789abcdef"
-WORDS = "good great fine nice bad awful poor sad the a movie film plot acting was is very not".split()
-POSITIVE = {"good", "great", "fine", "nice"}
-
-
-def write_vocab(path: Path) -> Path:
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    return path
-
-
-def save_tiny_bert(directory: Path, num_labels: int = 2) -> Path:
-    """A 1-layer BERT and its tokenizer (``BertTokenizerFast(vocab=PATH)``; ``vocab_file=`` would be ignored)."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = write_vocab(directory / "vocab_src.txt")
-    tokenizer = BertTokenizerFast(vocab=str(vocab), model_max_length=32)
-    assert tokenizer("good movie")["input_ids"][1] != tokenizer.unk_token_id
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def save_tiny_vit(directory: Path, image_size: int = 8) -> Path:
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32, num_labels=2,
-                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    ViTForImageClassification(config).save_pretrained(directory)
-    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3).save_pretrained(directory)
-    return directory
-
-
-def sentences(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(5)]
-        rows.append((" ".join(words), "pos" if POSITIVE & set(words) else "neg"))
-    return rows
-
-
-def write_text_csv(path: Path, n: int = 32, seed: int = 0, delimiter: str = ",", columns=("text", "label")) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, delimiter=delimiter)
-        writer.writerow(columns)
-        writer.writerows(sentences(n, seed))
-    return path
-
-
-def write_image_folder(root: Path, per_class: int = 12, size: int = 8, seed: int = 0) -> Path:
-    """Two classes: dark and bright noise images."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for label, (low, high) in {"dark": (0, 100), "bright": (155, 255)}.items():
-        folder = root / label
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(low, high, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 class FakeHub:
