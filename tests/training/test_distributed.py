@@ -1,4 +1,4 @@
-"""Issue 2, item 3e: two gloo processes give the weights of one process with the doubled batch."""
+"""Two gloo processes give the weights of one process with the doubled batch."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def test_ascent_gradient_is_not_all_reduced_without_sam_global(ddp_weights):
     assert max_abs_diff(per_device, global_sam) > 1e-4
 
 
-# --- issue 7, item 2: processes with unequal supervised tokens, and a process with none ------------------
+# --- processes with unequal supervised tokens, and a process with none ------------------
 @pytest.fixture(scope="module")
 def lm_ddp_weights(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_lm")

@@ -1,4 +1,4 @@
-"""Issue 2, item 5: tests a, d and f on a CUDA GPU (fp32, bf16, fp16 with a real GradScaler); issue 7: shared gradient
+"""The trainer tests on a CUDA GPU (fp32, bf16, fp16 with a real GradScaler), shared gradient
 storage and dropout masks on the GPU generator. Skipped without a GPU."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SAMTrainer semantics (issue 2, item 3): each test compares with an independent reference."""
+"""SAMTrainer semantics: each test compares with an independent reference."""
 
 from __future__ import annotations
 
@@ -325,7 +325,7 @@ def test_batchnorm_statistics_are_updated_by_the_ascent_pass_only(tmp_path):
     torch.testing.assert_close(bn.running_var, ref_bn.running_var, rtol=0, atol=1e-7)
 
 
-# --- issue 7, item 1: a ViT with one example per micro-batch (shared gradient storage) ---------------
+# --- a ViT with one example per micro-batch (shared gradient storage) ---------------
 @pytest.mark.parametrize("n, micro_batch_size", [(8, 1), (7, 3)], ids=["micro-batch-1", "uneven-3-3-1"])
 def test_vit_one_example_micro_batches_match_reference(tmp_path, n, micro_batch_size):
     data = image_dataset(n, seed=15)
@@ -337,7 +337,7 @@ def test_vit_one_example_micro_batches_match_reference(tmp_path, n, micro_batch_
     assert max_abs_diff(snapshot(model), snapshot(reference)) < 1e-6
 
 
-# --- issue 7, item 4: dropout masks are shared by the two passes of a micro-batch ------------------------
+# --- dropout masks are shared by the two passes of a micro-batch ------------------------
 def _relative_update_difference(start, a, b):
     """``||(a - start) - (b - start)|| / ||b - start||`` over all parameters."""
     diff = math.sqrt(sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in start))
@@ -394,7 +394,7 @@ def test_dropout_step_matches_reference_that_replays_the_rng(tmp_path, case):
     assert max((a - b).abs().max().item() for a, b in zip(gradient, unreplayed)) > 1e-4  # the masks matter
 
 
-# --- issue 7, Also: the loss weighting of the mSAM path against the stock Trainer ------------------------
+# --- the loss weighting of the mSAM path against the stock Trainer ------------------------
 def test_tiny_rho_equals_stock_trainer_token_loss_with_accumulation(tmp_path):
     """rho = 1e-7, no dropout: a causal LM with -100 holes, micro-batches of 4 and gradient accumulation 2 gives the
     stock step (which counts the step's tokens itself), so every micro-batch's weight is right."""
@@ -411,7 +411,7 @@ def test_tiny_rho_equals_stock_trainer_token_loss_with_accumulation(tmp_path):
     assert len(set(items)) > 1  # unequal micro-batches: equal weights would not give the stock step
 
 
-# --- issue 7, item 3: the first sam_perturbed_loss after a resume covers one logging window --------------
+# --- the first sam_perturbed_loss after a resume covers one logging window --------------
 def test_perturbed_loss_logged_after_resume_equals_uninterrupted_run(tmp_path):
     data = token_dataset(64, seed=18)
     common = dict(optim="adamw_torch", learning_rate=1e-2, max_steps=4, sam_rho=0.1, sam_micro_batch_size=4)

@@ -19,12 +19,14 @@ Suites:
 import os
 import sys
 
-import hf_msam.training.trainer
+import hf_msam.training.path
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import test_vectorized  # noqa: E402
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "update"))
+import test_vmap as test_vectorized  # noqa: E402
 from conftest import tiny_bert, token_dataset  # noqa: E402
 from trainer_utils import (  # noqa: E402
     SequentialSAMTrainer,
@@ -77,7 +79,7 @@ class ChangeBufferOnSecondProcess(TrainerCallback):
 
 def main(suite: str, out_dir: str) -> None:
     if suite == "vmap":
-        hf_msam.training.trainer.AUTO_VMAP_DEVICE_TYPES = ("cpu",)  # "auto" picks the vmap path on these CPU processes
+        hf_msam.training.path.AUTO_VMAP_DEVICE_TYPES = ("cpu",)  # "auto" picks the vmap path on these CPU processes
     for name, (make_model, make_data, settings) in SUITES[suite].items():
         model = make_model()
         overrides = dict(settings)
