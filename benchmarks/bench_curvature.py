@@ -225,7 +225,7 @@ def coherence_case(args) -> dict:
 
     from hf_msam.curvature.coherence import coherence_from_blocks
     from hf_msam.curvature.gram import WeightedNTK
-    from hf_msam.curvature.report import sketch_sigma_error
+    from hf_msam.curvature.measures import sketch_sigma_error
 
     if args.case == "default_text":
         model, examples = default_text_examples(args.device, args.coherence_examples)

@@ -155,7 +155,6 @@ class _Sync:
 
 
 def run_trainer(config: str, a, model, ds, out: dict) -> list[float]:
-    import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_msam import SAMTrainer, SAMTrainingArguments
@@ -372,9 +371,9 @@ def run_floor(a, model, ds, out: dict) -> None:
         del g
 
     def vec_norm():
-        from hf_msam.update.loop import _global_norm
+        from hf_msam.update.rule import global_norm
 
-        _global_norm(grads_template)
+        global_norm(grads_template)
 
     def vec_perturb_and_restore():  # norm, w + e_k built in the gradient buffers, pointer swap back
         sam.perturb_with([g.clone() for g in grads_template])
@@ -716,7 +715,7 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
         result["floor"] = floor
 
     device_type = a.device.split(":")[0]
-    from hf_msam.training.trainer import AUTO_VMAP_DEVICE_TYPES
+    from hf_msam.training.path import AUTO_VMAP_DEVICE_TYPES
 
     auto = "vmap" if device_type in AUTO_VMAP_DEVICE_TYPES else "loop"  # what sam_micro_batch_mode="auto" runs
     limits = {"cpu": {8: 1.10, 16: 1.20}, "cuda": {8: 1.30, 16: 1.50}}.get(device_type, {8: 1.10, 16: 1.20})

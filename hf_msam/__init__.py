@@ -34,12 +34,15 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from .curvature import (SharpnessArguments, SharpnessCallback, SharpnessReport, SharpnessReportMixin,
-                            SharpnessResult, sharpness_report)
-    from .training import SAMArguments, SAMTrainer, SAMTrainingArguments
-    from .update import (MicroBatchSAM, Perturbation, RandomState, VectorizedMicroBatchSAM, sparse_embedding_gradients,
-                         split_micro_batches, trainable_embeddings)
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ loads the names
+    from .curvature import (  # noqa: F401
+        SharpnessArguments, SharpnessCallback, SharpnessReport, SharpnessReportMixin, SharpnessResult, sharpness_report,
+    )
+    from .training import SAMArguments, SAMTrainer, SAMTrainingArguments  # noqa: F401
+    from .update import (  # noqa: F401
+        MicroBatchSAM, Perturbation, RandomState, VectorizedMicroBatchSAM, sparse_embedding_gradients,
+        split_micro_batches, trainable_embeddings,
+    )
 
 
 def __getattr__(name: str) -> Any:

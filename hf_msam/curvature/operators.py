@@ -16,22 +16,14 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..update.loop import batch_size_of as batch_size  # noqa: F401 - imported from here by the curvature modules
+
 Batch = Mapping[str, Any]
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters curvature is taken over: those with ``requires_grad`` (adapters only under PEFT)."""
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def batch_size(batch: Batch) -> int:
-    """Number of examples of a dict batch: the first dimension of ``labels``, else of its first tensor."""
-    if isinstance(batch.get("labels"), torch.Tensor):
-        return int(batch["labels"].shape[0])
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    raise ValueError("batch: no tensor in the batch to count its examples")
 
 
 def to_device(batch: Batch, device: torch.device) -> dict[str, Any]:

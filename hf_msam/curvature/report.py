@@ -23,14 +23,13 @@ import torch
 from .budget import ReportCosts, ReportPlan, ReportProgress, ReportSizes, default_max_seconds, plan_report
 from .gram import WeightedNTK
 from .heads import infer_problem_type, per_example_loss
-from .measures import MEASURE_STEPS, MeasureContext, gradient, sketch_sigma_error, verdict
+from .measures import MEASURE_STEPS, MeasureContext, gradient, verdict
 from .operators import Batch, HessianOperator, curvature_mode, model_device, output_field, to_device, trainable_parameters
 from .options import MEASURES, ReportOptions
 from .probe_set import Collator, ProbeSet, draw_probe_set
 from .summary import CurvatureSummary, summarise
 
-__all__ = ["MEASURES", "OPTIMIZER_NOTE", "SCHEMA_VERSION", "ReportOptions", "SharpnessReport", "sharpness_report",
-           "sketch_sigma_error"]
+__all__ = ["MEASURES", "OPTIMIZER_NOTE", "SCHEMA_VERSION", "ReportOptions", "SharpnessReport", "sharpness_report"]
 
 SCHEMA_VERSION = 1
 VERDICT_CODES = {"stable": 1, "inconclusive": 0, "unstable": -1}

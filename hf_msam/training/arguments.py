@@ -5,13 +5,14 @@ are saved with the other arguments (``training_args.bin``, ``trainer_state.json`
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
 
 from ..curvature.arguments import SharpnessArguments
+from ..update.rule import SAMRule
+from .distributed import check_backend
 
 
 @dataclass
@@ -41,9 +42,8 @@ class SAMArguments:
         sam_vmap_compile (`bool`, *optional*, defaults to `False`):
             Compile the two vectorised passes of the vmap path with ``torch.compile`` (inductor with eager's random
             operations, so the dropout masks are those of the uncompiled vmap path, and no kernel fusion; ``hf_msam.update.vmap``). The same
-            update; on one H200 (bf16, all-MiniLM-L6-v2, batch 32) it took the vmap step from 1.86x SAM's to 0.99x
-            at m = 8, and to 1.19x at m = 16 (``docs/speed.md``). The first two steps pay the compilation (about
-            75 s there), and each new sequence length compiles again (up to 8 per pass, then eager): pad to a fixed
+            update with less host work per step (``docs/speed.md``). The first two steps pay the compilation, and each
+            new sequence length compiles again (up to 8 per pass, then eager): pad to a fixed
             length or a multiple (``pad_to_multiple_of``; the glue recipe pads to a multiple of 8 then,
             ``--pad_to_max_length`` to one). Needs ``sam_micro_batch_mode`` ``"vmap"`` or ``"auto"``.
         sam_adaptive (`bool`, *optional*, defaults to `False`):
@@ -123,7 +123,7 @@ class SAMArguments:
         default=False,
         metadata={
             "help": "Compile the two vectorised passes of the vmap path with torch.compile (inductor, eager's random "
-            "ops, no fusion): the same update with less host work per step (one H200: mSAM m=8 at SAM's cost); the "
+            "ops, no fusion): the same update with less host work per step (docs/speed.md); the "
             "first steps pay the compilation, again per new sequence length. Needs sam_micro_batch_mode 'vmap' or 'auto'."
         },
     )
@@ -170,6 +170,11 @@ def sam_options_of(args: Any) -> SAMArguments:
     of :class:`SAMArguments` otherwise."""
     defaults = SAMArguments()
     return SAMArguments(**{f.name: getattr(args, f.name, getattr(defaults, f.name)) for f in fields(SAMArguments)})
+
+
+def sam_rule_of(sam: SAMArguments) -> SAMRule:
+    """The perturbation rule of the settings, the one both engines are built with (:mod:`hf_msam.update.rule`)."""
+    return SAMRule(sam.sam_rho, sam.sam_adaptive, sam.sam_adaptive_eta)
 
 
 def micro_batches_per_device(sam: SAMArguments, per_device_train_batch_size: int) -> int:
@@ -232,15 +237,4 @@ def validate_sam_arguments(sam: SAMArguments, args: TrainingArguments) -> None:
             "sam_global=True needs the whole mini-batch in one pass: set gradient_accumulation_steps=1, "
             "or drop sam_global to use per-micro-batch perturbations (mSAM)."
         )
-    uses_deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if uses_deepspeed:
-        raise ValueError(
-            "deepspeed: SAMTrainer does not support DeepSpeed yet (its engine steps inside backward, "
-            "which breaks the two passes of SAM). Remove --deepspeed, or train with DDP via accelerate launch."
-        )
-    uses_fsdp = bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if uses_fsdp:
-        raise ValueError(
-            "fsdp: SAMTrainer does not support FSDP yet (gradient norms would need reducing across "
-            "shards). Remove --fsdp, or train with DDP via accelerate launch."
-        )
+    check_backend(args)

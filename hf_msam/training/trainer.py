@@ -28,10 +28,11 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
   modules set to ``sparse=True``, so the ascent gradient of a table holds only the rows the micro-batch looks up,
   those rows alone are perturbed (in place) and restored, and the descent rows are added into the table's dense
   ``.grad`` in place (one process; under DDP the descent stays dense for the reducer). A table tied to an LM
-  head gets a dense gradient and the dense treatment; the update is the same either way. On CPU this removes
-  most of the per-micro-batch parameter-sized work for all-MiniLM-L6-v2, half of whose parameters are its word
-  embedding (``benchmarks/results/step_cpu_sparse.json``). The vmap path treats the model's input table by rows
-  too (``hf_msam.update.vmap.InputTableRows``), so the table gets no copy per micro-batch.
+  head gets a dense gradient and the dense treatment; the update is the same either way. A micro-batch of ``b``
+  sequences of length ``L`` reaches at most ``b * L`` rows, so this removes most of the per-micro-batch
+  parameter-sized work for a model whose word embedding holds much of its parameters. The vmap path treats the
+  model's input table by rows too (``hf_msam.update.vmap.InputTableRows``), so the table gets no copy per
+  micro-batch.
 * A chunk with nothing supervised (all labels -100) has no micro-batch, but still runs the synced backward (of
   zero, like the stock step) and, under ``sam_global``, the ascent all-reduce: every process takes part in the
   same collectives in every step.
@@ -41,18 +42,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 from transformers import DataCollatorWithFlattening, GenerationMixin, Trainer, TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.trainer_utils import unwrap_peft_model
 
-from .arguments import SAMArguments, sam_options_of, validate_sam_arguments
+from . import path
+from .arguments import SAMArguments, sam_options_of, sam_rule_of, validate_sam_arguments
+from .distributed import all_reduce_gradients_mean_, all_reduce_mean_, check_backend, sync_buffers
 from ..update.loop import (
     MicroBatchSAM,
     Perturbation,
@@ -69,46 +70,6 @@ logger = logging.getLogger(__name__)
 
 # The tags SAMTrainer puts on the model (``model.add_model_tags``), so that every push of it carries them.
 MODEL_TAGS = ["msam", "sam", "sharpness-aware-minimization", "hf_msam"]
-AUTO_VMAP_DEVICE_TYPES = ("cuda",)
-"""Device types on which ``sam_micro_batch_mode="auto"`` picks the vmap path (when the model is eligible).
-
-CPU, measured (``benchmarks/results/step_cpu_vmap_table_rows.json``: all-MiniLM-L6-v2, batch 32, length 64, 2 threads
-on a shared 2-core machine, the input table by rows on both paths): the loop took 1.18x SAM's step at m = 8 and 1.40x
-at m = 16, the vmap path 1.17x and 1.49x with 1.1 to 1.2 parameter copies more per micro-batch, so "auto" keeps the
-loop there (the same time at m = 8, faster at m = 16, far less memory); with glibc keeping freed memory
-(``benchmarks/results/step_cpu_malloc_tuned.json``) the loop took 1.13x and 1.31x, vmap 1.17x and 1.43x.
-CUDA, measured on one H200 (bf16, the same model and batch, torch 2.11): at m = 8 the vmap path took 85.5 ms a
-step against the loop's 387 ms (``benchmarks/results/step_cuda_bf16_vmap.json``), so "auto" picks it there for
-m >= 2; at m = 1 (SAM) the loop is faster (see ``AUTO_VMAP_MIN_MICRO_BATCHES``). "auto" does not compile: with
-``sam_vmap_compile`` the vmap step at m = 8 cost 0.99x SAM's against 1.86x eager
-(``benchmarks/results/step_cuda_bf16_vmap_compiled_43a9bd7.json``, ``step_cuda_bf16_vmap_43a9bd7.json``), but its
-compilation took about 75 s per sequence length."""
-
-AUTO_VMAP_MIN_MICRO_BATCHES = 2
-"""Fewest micro-batches in a chunk for which ``sam_micro_batch_mode="auto"`` picks the vmap path: SAM (m = 1)
-keeps the loop on every device. H200, bf16: SAM took 66 ms a step on the loop against 126 ms on vmap (round 0
-of ``benchmarks/results/step_cuda_bf16_vmap_mathsdpa.json``)."""
-
-VMAP_COPIES_PER_MICRO_BATCH = 5
-"""Copies of the trainable parameters the vmap path holds per micro-batch at its peak (the ascent gradient, the
-perturbed point and its gradient, the batched embedding gradient), used to size the groups to
-``sam_vmap_memory_budget_mb``. Measured: the extra peak memory of vmap over the loop in
-``benchmarks/results/step_cpu_issue8.json`` is 4.5, 4.2 and 3.7 parameter copies per micro-batch at m = 4, 8,
-16 (peak RSS); rounded up. Since the ascent points are broadcast views of the weights and the ascent gradients
-lie in rows (``hf_msam.update.vmap``), the extra over SAM was 2.1 and 2.3 copies per micro-batch at m = 4 and 8,
-against 3.3 and 3.3 for the code before (``benchmarks/results/step_cpu_vmap_rows.json`` and
-``step_cpu_vmap_775bf69.json``, one run each, 2 threads); the H200 gave 2.7 before (21.4 copies at m = 8) and
-2.1 and 2.3 after, at m = 8 and 16 (``max_memory_allocated``, ``benchmarks/results/step_cuda_bf16_vmap_43a9bd7.json``).
-The budget is left at 5, for models whose per-micro-batch share differs from this BERT's (only it was measured).
-Since the input table is treated by rows on the vmap path, the copies are counted of the batched parameters (all
-but that table); on a CPU the extra over SAM was then 1.1 and 1.2 copies of all parameters per micro-batch at m = 8
-and 16, 2.3 and 2.4 copies of the batched ones (``benchmarks/results/step_cpu_vmap_table_rows.json``)."""
-
-_UNSUPPORTED = {
-    DistributedType.DEEPSPEED: "DeepSpeed (its engine steps inside backward, which breaks the two passes of SAM)",
-    DistributedType.FSDP: "FSDP (gradient norms would need reducing across shards)",
-}
-
 
 class SAMTrainer(SharpnessReportMixin, Trainer):
     """A ``transformers.Trainer`` that trains with micro-batch sharpness-aware minimization (mSAM).
@@ -127,16 +88,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if args is not None:  # SAMTrainingArguments checked themselves when built; a plain TrainingArguments did not
             validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
-        if self.accelerator.distributed_type in _UNSUPPORTED:
-            raise ValueError(
-                f"SAMTrainer does not support {_UNSUPPORTED[self.accelerator.distributed_type]} yet: "
-                "launch with DDP (accelerate launch --multi_gpu) instead."
-            )
-        if self.args.n_gpu > 1:
-            raise ValueError(
-                f"SAMTrainer does not support torch.nn.DataParallel over {self.args.n_gpu} GPUs in one process: "
-                "launch one process per GPU with `accelerate launch --multi_gpu` (or torchrun)."
-            )
+        check_backend(self.args, self.accelerator.distributed_type, self.args.n_gpu)
         micro_batch_size = self.sam_options.sam_micro_batch_size
         if micro_batch_size is not None and isinstance(self.data_collator, DataCollatorWithFlattening):
             raise ValueError(_packed_batch_error(micro_batch_size))
@@ -222,14 +174,14 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         vmap = self._vmap_chosen(model, split, counts)
         by_hand = world > 1 and self._vmap_reduces_by_hand(model)  # the vmap path's all-reduce, whichever path runs
         if by_hand:  # no pass runs the wrapper's forward, which broadcasts the buffers (broadcast_buffers)
-            _sync_buffers(model)
+            sync_buffers(model)
         if vmap:
             done = self._vmap_step(model, split, counts, items_step, grad_scale, clean_loss)
             split, counts = split[done:], counts[done:]  # "auto" met an error vmap cannot run: the loop does the rest
         micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
         if not micro_batches and not vmap and not by_hand:  # nothing supervised: still take part in every collective
             if options.sam_global and world > 1:
-                _all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
+                all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
             self._zero_loss_backward(model, inputs)
             return clean_loss
         for index, (micro_batch, items) in enumerate(micro_batches):
@@ -241,7 +193,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             clean_loss += weight * loss_at_w.detach().float()
             grads = sam.ascent_gradients(loss_at_w * grad_scale if scaler is not None else loss_at_w)
             if options.sam_global and world > 1:
-                _all_reduce_mean_(grads, weight / world)
+                all_reduce_mean_(grads, weight / world)
             perturbation = sam.perturb_with(grads, grad_scale=grad_scale)
             del grads
 
@@ -328,12 +280,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         module = self._unwrapped(model)
         if self._sam is None or self._sam_module is not module:
             options = self.sam_options
-            self._sam = MicroBatchSAM(
-                module.parameters(),
-                rho=options.sam_rho,
-                adaptive=options.sam_adaptive,
-                adaptive_eta=options.sam_adaptive_eta,
-            )
+            self._sam = MicroBatchSAM(module.parameters(), rule=sam_rule_of(options))
             self._sam_module = module
             self._batchnorms = [
                 m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
@@ -357,16 +304,10 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         """Whether this chunk runs on the vmap path; logs the reason of a fallback once (``"auto"``, or an
         uneven chunk), raises with it for ``"vmap"`` when the model itself cannot take the path."""
         mode = self.sam_options.sam_micro_batch_mode
-        if mode == "loop":
-            return False
-        if mode == "auto" and self.args.device.type not in AUTO_VMAP_DEVICE_TYPES:
-            self._log_fallback_once(
-                f"sam_micro_batch_mode='auto' runs the loop on {self.args.device.type}: the vmap path was measured "
-                f"slower there (it is picked on {', '.join(AUTO_VMAP_DEVICE_TYPES)}).",
-                level=logging.INFO,
-            )
-            return False
-        if mode == "auto" and len(micro_batches) < AUTO_VMAP_MIN_MICRO_BATCHES:
+        declined, reason = path.auto_declines(mode, self.args.device.type, len(micro_batches))
+        if reason is not None:
+            self._log_fallback_once(reason, level=logging.INFO)
+        if declined:
             return False
         module = self._unwrapped(model)
         if self._vmap_ineligible is None and (self._vmap is None or self._vmap.module is not module):
@@ -379,14 +320,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                 raise ValueError(f"sam_micro_batch_mode='vmap' cannot run this training: {reason}. Use 'auto' or 'loop'.")
             self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {reason}.")
             return False
-        sizes = {batch_size_of(mb) for mb in micro_batches}
-        if len(sizes) > 1:
-            self._log_fallback_once(
-                f"micro-batches of unequal sizes {sorted(sizes)} (an uneven last batch) run with the loop, not vmap."
-            )
-            return False
-        if min(counts) == 0:
-            self._log_fallback_once("a micro-batch with no supervised item (all labels -100) runs with the loop, not vmap.")
+        reason = path.chunk_declines(micro_batches, counts)
+        if reason is not None:
+            self._log_fallback_once(reason)
             return False
         return True
 
@@ -407,13 +343,12 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         elif unsupported_reason(module) is not None:
             reason = unsupported_reason(module)
         else:
+            options = self.sam_options
             self._vmap = VectorizedMicroBatchSAM(
                 module,
-                rho=self.sam_options.sam_rho,
-                adaptive=self.sam_options.sam_adaptive,
-                adaptive_eta=self.sam_options.sam_adaptive_eta,
-                compile=self.sam_options.sam_vmap_compile,
-                table_rows=self.sam_options.sam_sparse_embeddings,
+                rule=sam_rule_of(options),
+                compile=options.sam_vmap_compile,
+                table_rows=options.sam_sparse_embeddings,
             )
             self._vmap_group_size = None
             return
@@ -469,26 +404,20 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         return self._vmap is not None and self._vmap.module is self._unwrapped(model) and self._vmap_ineligible is None
 
     def _vmap_all_reduce(self) -> None:
-        """The step's all-reduce of the gradients by hand (:func:`_all_reduce_gradients_mean_`), which also tells every
+        """The step's all-reduce of the gradients by hand (:func:`~hf_msam.training.distributed.all_reduce_gradients_mean_`), which also tells every
         process whether one of them left the vmap path (a failed group under ``"auto"``): then all run the loop from
         the next step on."""
-        failed = _all_reduce_gradients_mean_(self._vmap.params, self.accelerator.num_processes, self._vmap_failed is not None)
+        failed = all_reduce_gradients_mean_(self._vmap.params, self.accelerator.num_processes, self._vmap_failed is not None)
         if failed:
             self._vmap_ineligible = self._vmap_failed or "the vmap step failed on another process"
             self._log_fallback_once(f"sam_micro_batch_mode='auto' runs the loop: {self._vmap_ineligible}.")
         self._vmap_failed = None
 
     def _group_size_for_budget(self, num_micro_batches: int) -> int:
-        """Micro-batches per vectorised group: as many as ``sam_vmap_memory_budget_mb`` holds copies of the
-        batched parameters (``VMAP_COPIES_PER_MICRO_BATCH`` each: every trainable tensor but an input table treated by
-        rows, whose rows take what one activation takes); default budget: half the free device memory. Activations
-        need no budget: a group of g micro-batches of size b holds those of one g*b batch, at most the per-device
-        batch that the stock step holds."""
-        budget_mb = self.sam_options.sam_vmap_memory_budget_mb
-        if budget_mb is None:
-            budget_mb = _free_memory_mb(self.args.device) / 2
-        param_mb = sum(p.numel() * p.element_size() for p in self._vmap.batched_params) / 2**20
-        self._vmap_group_size = max(1, min(num_micro_batches, int(budget_mb // (VMAP_COPIES_PER_MICRO_BATCH * param_mb))))
+        """Micro-batches per vectorised group within ``sam_vmap_memory_budget_mb`` (:func:`.path.group_size_for_budget`)."""
+        self._vmap_group_size = path.group_size_for_budget(
+            self._vmap.batched_params, num_micro_batches, self.sam_options.sam_vmap_memory_budget_mb, self.args.device
+        )
         return self._vmap_group_size
 
     def _log_fallback_once(self, message: str, level: int = logging.WARNING) -> None:
@@ -498,26 +427,23 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
 
     def _item_counts(self, micro_batches: list[dict[str, Any]]) -> list[int]:
         """:meth:`_count_items` of every micro-batch, with one host sync for all of them."""
-        counts = [self._count_items_tensor(mb) for mb in micro_batches]
+        counts = [self._count_items(mb, sync=False) for mb in micro_batches]
         if all(isinstance(c, int) for c in counts):
             return counts
         return [int(c) for c in torch.stack([torch.as_tensor(c, device=self.args.device) for c in counts]).tolist()]
 
-    def _count_items(self, batch: dict[str, Any]) -> int:
+    def _count_items(self, batch: dict[str, Any], sync: bool = True) -> int | torch.Tensor:
         """Supervised items of a batch, counted like the Trainer's ``num_items_in_batch``: labels that are not
-        -100 (shifted for causal-LM losses); the number of examples when the batch has no labels."""
-        return int(self._count_items_tensor(batch))
-
-    def _count_items_tensor(self, batch: dict[str, Any]) -> torch.Tensor | int:
-        """Supervised items of a batch, counted like the Trainer's ``num_items_in_batch``: labels that are not
-        -100 (shifted for causal-LM losses); the number of examples when the batch has no labels."""
+        -100 (shifted for causal-LM losses); the number of examples when the batch has no labels. ``sync=False``
+        leaves a count of labels on the device (a tensor)."""
         labels = batch.get("shift_labels")
         if labels is None:
             labels = batch.get("labels")
             if isinstance(labels, torch.Tensor) and self._sam_loss_shifts_labels:
                 labels = labels[..., 1:]
         if isinstance(labels, torch.Tensor) and labels.dim() > 0:
-            return labels.ne(-100).sum()
+            count = labels.ne(-100).sum()
+            return int(count) if sync else count
         return batch_size_of(batch)
 
     # ------------------------------------------------------------------------------------------------
@@ -620,47 +546,6 @@ class _RecordingBackward:
     def __call__(self, loss: torch.Tensor) -> None:
         self.called = True
         self.backward(loss)
-
-
-def _all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
-    """Global SAM: replace each process's ascent gradient ``g_r`` by ``sum_r weight_r * g_r`` over processes, in one
-    all-reduce (with ``weight_r = items_r / items_step`` that is the gradient of the whole mini-batch's mean loss)."""
-    flat = torch._utils._flatten_dense_tensors(tensors).mul_(weight)
-    torch.distributed.all_reduce(flat)
-    for tensor, reduced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
-        tensor.copy_(reduced)
-
-
-def _all_reduce_gradients_mean_(params: Sequence[torch.Tensor], world: int, flag: bool = False) -> bool:
-    """What the DDP reducer does at the synced backward, for the vmap path (which runs on the unwrapped module):
-    ``.grad`` of every trainable parameter becomes its mean over processes, in one all-reduce. A parameter without a
-    gradient here (unused by this process's batches) gets a zero one first, as the reducer gives it, so that every
-    process reduces the same buffer. One more number in the buffer carries ``flag``; returns whether any process
-    raised it (one host read)."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
-    flags = torch.full((1,), float(flag) * world, dtype=grads[0].dtype, device=grads[0].device)
-    flat = torch._utils._flatten_dense_tensors([*grads, flags]).div_(world)
-    torch.distributed.all_reduce(flat)
-    reduced = torch._utils._unflatten_dense_tensors(flat, [*grads, flags])
-    for grad, mean in zip(grads, reduced):
-        grad.copy_(mean)
-    return bool(reduced[-1].item() > 0.5)
-
-
-def _sync_buffers(model: nn.Module) -> None:
-    """What the DDP wrapper's forward does first: broadcast process 0's buffers (when ``broadcast_buffers``)."""
-    if isinstance(model, nn.parallel.DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
-        model._sync_buffers()
-
-
-def _free_memory_mb(device: torch.device) -> float:
-    """Free memory of the device in MiB (CUDA: ``torch.cuda.mem_get_info``; CPU: ``MemAvailable``)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2**20
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 @contextlib.contextmanager

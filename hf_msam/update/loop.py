@@ -1,36 +1,18 @@
-"""The mSAM update, in plain torch (no Trainer, no accelerate).
+"""The loop engine: the mSAM update one micro-batch at a time, in plain torch (no Trainer, no accelerate).
 
-This module is the mathematics of ``docs/design.md`` section 2 and nothing else. Per optimizer step the
-mini-batch ``D`` is cut into disjoint micro-batches ``D_1 .. D_m``; with ``w`` the current weights and
-``L_k`` the loss on ``D_k``::
+Per micro-batch ``D_k`` of the mini-batch ``D`` (``docs/design.md`` section 2; Behdin et al., 2023)::
 
-    g_k    = grad L_k(w)                                   ascent gradient, local to the micro-batch
-    e_k    = rho * g_k / (||g_k|| + 1e-12)                  SAM (Foret et al., 2021)
-    e_k    = rho * T^2 g_k / (||T g_k|| + 1e-12),           ASAM (Kwon et al., 2021), T = |w| + eta
-    d_k    = grad L_k(w + e_k)                             descent gradient at the perturbed point
+    g_k    = grad L_k(w)                                    ascent gradient, local to the micro-batch
+    e_k    = rho * T^2 g_k / (||T g_k|| + EPS)               the rule of :mod:`.rule` (SAM: T = 1; ASAM: T = |w| + eta)
+    d_k    = grad L_k(w + e_k)                              descent gradient at the perturbed point
     update = base_optimizer.step( sum_k (|D_k| / |D|) d_k )     weights restored to w first
 
-``m = 1`` is SAM; ``rho = 0`` is the base optimizer. Only trainable tensors (``requires_grad``) are
-perturbed and enter ``||g_k||``. ASAM's ``T = |w| + eta`` applies to every trainable tensor, biases and
-LayerNorm weights included, as in davda54/sam and pytorch-optimizer (the ASAM authors' code applies it to
-weight matrices only). The restore is exact (bit for bit: the parameters get their original tensors back)
-and a non-finite ascent gradient leaves the weights untouched (``e_k = 0``). The extra memory is one
-parameter-sized buffer (the ascent gradient, turned into ``w + e_k`` in place) and only while a micro-batch
-is in flight; a gradient that autograd shares between tensors (or returns expanded) is copied first.
-
-Embedding tables (:func:`sparse_embedding_gradients`): a micro-batch of ``b`` sequences of length ``L`` reaches at
-most ``b * L`` rows of a word embedding. Run the forward passes with the ``nn.Embedding`` modules set to
-``sparse=True`` and autograd returns those rows only (a sparse COO gradient), for a table that the embedding
-lookup alone uses; a table used elsewhere too (tied to an LM head) gets the sum, a dense gradient, and the dense
-treatment. The rows of a sparse gradient are perturbed in place (``w[rows] += e_k[rows]``, the old rows kept
-aside and copied back bit for bit by :meth:`MicroBatchSAM.restore`); every other row has ``g_k = 0``, hence
-``e_k = 0``, and ``||g_k||`` over all trainable tensors is the same number. The descent backward of a table whose
-``.grad`` already holds a dense tensor then adds its rows into it in place instead of allocating, filling and
-adding a table-sized gradient.
-
-Dropout: both passes of a micro-batch must see the same function, so the descent pass replays the random
-state the ascent pass started from (:class:`RandomState`), as the reference SAM implementation evaluates
-both gradients under one random key. The generators then end where one pass would have left them.
+``m = 1`` is SAM; ``rho = 0`` is the base optimizer. Only trainable tensors are perturbed and enter the norm.
+The restore is exact (the parameters get their original tensors back), so the update does not drift with the
+number of micro-batches; the extra memory is one parameter-sized buffer, the ascent gradient turned into
+``w + e_k`` in place. Embedding tables can take sparse ascent gradients (:func:`sparse_embedding_gradients`): only
+the looked-up rows are perturbed and restored, the norm is the same number. Dropout: the descent pass replays the
+random state of the ascent pass (:class:`RandomState`), so both evaluate the same function.
 
 Use it in any training loop::
 
@@ -54,7 +36,6 @@ Use it in any training loop::
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,8 +44,7 @@ import torch
 from torch import nn
 from torch._prims_common import is_non_overlapping_and_dense_or_false
 
-EPS = 1e-12
-"""The constant in the denominator of the perturbation, as in Foret et al. (2021)."""
+from .rule import FollowsRule, SAMRule, global_norm
 
 
 @dataclass(frozen=True)
@@ -81,17 +61,16 @@ class Perturbation:
     skipped: bool
 
 
-class MicroBatchSAM:
+class MicroBatchSAM(FollowsRule):
     """Per-micro-batch SAM perturbation and exact restore for a fixed list of trainable tensors.
 
     Args:
         params: the model's parameters; those with ``requires_grad=False`` (frozen base weights under
             PEFT/LoRA) are ignored.
         rho: radius of the perturbation, ``rho >= 0``.
-        adaptive: ASAM (Kwon et al., 2021): ``e_k = rho * T^2 g_k / ||T g_k||`` with ``T = |w| + adaptive_eta``
-            elementwise, on every trainable tensor (biases and LayerNorm weights included, as davda54/sam and
-            pytorch-optimizer do; the ASAM authors' code applies ``T`` to weight matrices only).
+        adaptive: ASAM (Kwon et al., 2021), ``T = |w| + adaptive_eta`` (:mod:`hf_msam.update.rule`).
         adaptive_eta: the ``eta`` of ASAM.
+        rule: the rule itself, in place of ``rho``, ``adaptive`` and ``adaptive_eta``.
     """
 
     def __init__(
@@ -100,17 +79,13 @@ class MicroBatchSAM:
         rho: float = 0.05,
         adaptive: bool = False,
         adaptive_eta: float = 0.01,
+        *,
+        rule: SAMRule | None = None,
     ) -> None:
-        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho >= 0):
-            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}.")
-        if adaptive_eta < 0 or not math.isfinite(adaptive_eta):
-            raise ValueError(f"adaptive_eta must be a finite number >= 0, got {adaptive_eta!r}.")
+        self.rule = rule if rule is not None else SAMRule(rho, adaptive, adaptive_eta)
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("MicroBatchSAM got no trainable parameters (none has requires_grad=True).")
-        self.rho = float(rho)
-        self.adaptive = adaptive
-        self.adaptive_eta = float(adaptive_eta)
         # Per parameter: the tensor it held at w (dense), or (rows, their values at w) for a sparse gradient.
         self._saved: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -171,21 +146,9 @@ class MicroBatchSAM:
         weights = [p.detach().index_select(0, rows[i]) if i in rows else p.detach() for i, p in enumerate(self.params)]
         grads = [tables[i].values() if i in tables else g for i, g in enumerate(grads)]
         grads = _private_buffers(grads, weights)
-        if self.adaptive:
-            # T g_k, then T^2 g_k in place: e_k = rho * T^2 g_k / ||T g_k||.
-            scale_t = torch._foreach_abs(weights)
-            torch._foreach_add_(scale_t, self.adaptive_eta)
-            torch._foreach_mul_(grads, scale_t)
-            norm = _global_norm(grads)
-            if not math.isfinite(norm):
-                return Perturbation(norm / grad_scale, skipped=True)
-            torch._foreach_mul_(grads, scale_t)
-            del scale_t
-        else:
-            norm = _global_norm(grads)
-            if not math.isfinite(norm):
-                return Perturbation(norm / grad_scale, skipped=True)
-        torch._foreach_mul_(grads, self.rho / (norm + EPS * grad_scale))
+        norm, finite = self.rule.perturb_(grads, lambda: weights, global_norm, grad_scale)
+        if not finite:
+            return Perturbation(norm / grad_scale, skipped=True)
         torch._foreach_add_(grads, weights)  # grads now hold w + e_k (of the rows, for a table)
         self._saved = [(rows[i], weights[i]) if i in rows else p.data for i, p in enumerate(self.params)]
         for i, (p, perturbed) in enumerate(zip(self.params, grads)):
@@ -293,12 +256,6 @@ def _private_buffers(grads: list[torch.Tensor], weights: list[torch.Tensor]) -> 
         seen.add(storage)
         private.append(grad)
     return private
-
-
-def _global_norm(tensors: list[torch.Tensor]) -> float:
-    """``||concat(tensors)||_2`` as a Python float (one device sync: the finiteness check needs it)."""
-    norms = torch._foreach_norm(tensors, 2.0)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0).item()
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:

@@ -5,15 +5,14 @@ With ``W_i = w_i + 0`` broadcast to ``[m, ...]`` for every trainable tensor ``w_
 
     L_k     = loss of functional_call(model, {W_i[k]}) on D_k      one vmap forward for all k
     G       = [d (sum_k L_k) / d W_i[k]  for all i]                one backward, outside vmap; rows [m, n]
-    e_k     = where(isfinite(||G[k]||), rho * G[k] / (||G[k]|| + 1e-12), 0)    on the device, no host sync
+    e_k     = the rule of :mod:`.rule` on each row G[k]            on the device, no host sync
     loss    = sum_k weight_k * L_k(w + e_k)                        one vmap forward at w + e_k
     .grad  += d loss / d w                                         one ordinary backward
 
-ASAM uses ``T = |w| + eta``: ``e_k = rho * T^2 G[k] / (||T G[k]|| + 1e-12)``. ``G`` lays the ascent gradients of
+``G`` lays the ascent gradients of
 all ``n`` trainable numbers end to end (one ``[m, n]`` buffer per dtype and device, :class:`FlatLayout`), so the
 norms, the scale and the perturbation are a handful of operations whatever the number of tensors (tensor by
-tensor they were several hundred for a 6-layer BERT, and on a GPU each is a launch the host pays for:
-``benchmarks/profile_host_overhead.py``). The points stay one ``[m, *shape]`` tensor per parameter, the layout
+tensor they would be several per tensor, and on a GPU each is a launch the host pays for). The points stay one ``[m, *shape]`` tensor per parameter, the layout
 the batched matrix products want; those of the ascent are ``w_i`` broadcast (stride 0 along ``m``), so they cost
 no memory. The backward of both passes runs outside ``vmap`` (no batching rules for backward are needed), and the
 weights ``w`` are never modified: the perturbed point is a separate tensor, so there is nothing to restore. The
@@ -30,7 +29,7 @@ Traps handled here (transformers 5.x):
   pass, so both passes of each micro-batch see the same masks, and the generator ends where one pass
   would leave it.
 * ``scaled_dot_product_attention`` runs its math backend inside ``vmap``: the fused kernels have no batching
-  rule on a CPU (``vmap`` runs them slice by slice), and on CUDA (torch 2.11, H200) the memory-efficient
+  rule on a CPU (``vmap`` runs them slice by slice), and on CUDA the memory-efficient
   kernel's backward fails on the batched layout ("LSE is not correctly aligned (strideH)"). The math
   backend is the same composite computation as eager attention.
 * An embedding's ``padding_idx`` row gets no gradient in the stock layer, but its batched backward gives
@@ -71,15 +70,15 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .loop import EPS, RandomState, trainable_embeddings
+from .loop import RandomState, trainable_embeddings
+from .rule import FollowsRule, SAMRule, row_norms
 
 
 COMPILE_OPTIONS = {"fallback_random": True, "max_fusion_size": 1}
 """Inductor settings of ``VectorizedMicroBatchSAM(compile=True)``. ``fallback_random``: eager's random operations,
 so that the dropout masks are those of the eager passes and of the loop. ``max_fusion_size=1``: no fusion; with
-dropout inside SDPA (BERT's default attention) the fused CPU code returned NaN losses under vmap (torch 2.13),
-while the unfused code was exact and about as fast on a host-bound model (3.9 against 9.2 ms eager, the ascent
-pass in ``benchmarks/results/compile_vmap_cpu.json``)."""
+dropout inside SDPA (BERT's default attention) the fused CPU code returns NaN losses under vmap, while the
+unfused code is exact (``docs/speed.md``)."""
 
 
 @dataclass
@@ -152,12 +151,13 @@ class FlatLayout:
         raise IndexError(index)
 
 
-class VectorizedMicroBatchSAM:
+class VectorizedMicroBatchSAM(FollowsRule):
     """Both passes of mSAM for ``m`` stacked micro-batches of equal size, for one model.
 
     Args:
         module: the (unwrapped) model; its forward must return the loss (``labels`` in the batch).
-        rho, adaptive, adaptive_eta: as in :class:`hf_msam.update.loop.MicroBatchSAM`.
+        rho, adaptive, adaptive_eta, rule: as in :class:`hf_msam.update.loop.MicroBatchSAM` (``rule`` in place of the
+            other three; one of ``rho`` and ``rule`` is needed).
         compile: run the vmapped loss of both passes through ``torch.compile`` (:data:`COMPILE_OPTIONS`).
         table_rows: treat the model's input embedding table by the rows looked up (:class:`InputTableRows`) where
             it can be; False: it gets a batched point like every other tensor.
@@ -172,16 +172,18 @@ class VectorizedMicroBatchSAM:
     def __init__(
         self,
         module: nn.Module,
-        rho: float,
+        rho: float | None = None,
         adaptive: bool = False,
         adaptive_eta: float = 0.01,
         compile: bool = False,
         table_rows: bool = True,
+        *,
+        rule: SAMRule | None = None,
     ) -> None:
+        if rule is None and rho is None:
+            raise TypeError("VectorizedMicroBatchSAM needs rho (or rule).")
         self.module = module
-        self.rho = float(rho)
-        self.adaptive = adaptive
-        self.adaptive_eta = float(adaptive_eta)
+        self.rule = rule if rule is not None else SAMRule(rho, adaptive, adaptive_eta)
         self.params = tuple(p for p in module.parameters() if p.requires_grad)
         # Every name of each trainable tensor (a tied LM head is the word embedding under a second name), so that
         # functional_call need not search the module for tied weights on every call (tie_weights=False).
@@ -309,33 +311,22 @@ class VectorizedMicroBatchSAM:
             return vmap(loss_of_one, randomness="different")(points, tensors)
 
     def _perturbations(self, grads: list[torch.Tensor], grad_scale: float, rows: TableGradient | None = None):
-        """``G -> e`` in place (rows ``[m, n]`` per bucket, and the table's rows), with ``||g_k||`` and its finiteness,
-        all on the device."""
-        if self.adaptive:
-            weights = [p.detach().unsqueeze(0) for p in self.batched_params]
-            scales = [r.abs_().add_(self.adaptive_eta) for r in self.layout.rows(weights)]
-            for g, t in zip(grads, scales):  # T = |w| + eta, [1, n]
-                g.mul_(t)  # T g_k
-            if rows is not None:
-                table_scale = self.table.weight.detach()[rows.table_rows].abs_().add_(self.adaptive_eta)
-                rows.values.mul_(table_scale)
-        pieces = [torch.linalg.vector_norm(g, dim=1, dtype=torch.promote_types(g.dtype, torch.float32)).float() for g in grads]
-        if rows is not None:
-            pieces.append(rows.norms())
-        norms = torch.linalg.vector_norm(torch.stack(pieces), dim=0)
-        finite = torch.isfinite(norms)
-        factor = torch.where(finite, self.rho / (norms + EPS * grad_scale), torch.zeros_like(norms)).unsqueeze(1)
-        for i, g in enumerate(grads):
-            if self.adaptive:
-                g.mul_(scales[i])  # T^2 g_k
-            g.mul_(factor.to(g.dtype))
-            g.masked_fill_(~finite.unsqueeze(1), 0.0)  # inf * 0 is nan: clear skipped rows explicitly
-        if rows is not None:
-            if self.adaptive:
-                rows.values.mul_(table_scale)
-            rows.values.mul_(factor[rows.micro_batches].to(rows.values.dtype))
-            rows.values.masked_fill_(~finite[rows.micro_batches].unsqueeze(1), 0.0)
-        return norms, finite
+        """``G -> e`` in place by the rule (rows ``[m, n]`` per bucket, and the table's rows), with ``||g_k||`` and its
+        finiteness, all on the device."""
+        tensors = list(grads) if rows is None else [*grads, rows.values]
+
+        def weights() -> list[torch.Tensor]:  # w in the layout of tensors: rows [1, n], and the table's looked-up rows
+            flat = self.layout.rows([p.detach().unsqueeze(0) for p in self.batched_params])
+            return flat if rows is None else [*flat, self.table.weight.detach()[rows.table_rows]]
+
+        def norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return row_norms(tensors[: len(grads)], () if rows is None else (rows.norms(),))
+
+        def spread(values: torch.Tensor) -> list[torch.Tensor]:  # [m] -> per row of each tensor
+            per_row = [values.unsqueeze(1)] * len(grads)
+            return per_row if rows is None else [*per_row, values[rows.micro_batches].unsqueeze(1)]
+
+        return self.rule.perturb_(tensors, weights, norm, grad_scale, spread)
 
     def _zero_padding_columns(self, grads: list[torch.Tensor]) -> None:
         for bucket, columns in self._padding_columns:

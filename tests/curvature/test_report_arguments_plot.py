@@ -12,7 +12,6 @@ from transformers import HfArgumentParser, TrainingArguments
 from hf_msam import SAMTrainingArguments, SharpnessArguments
 from hf_msam.curvature.arguments import option_names, report_options
 from hf_msam.curvature.plot import plot_report, report_figure
-from hf_msam.curvature.report import sharpness_report
 
 
 def _args(**overrides) -> SAMTrainingArguments:

@@ -39,6 +39,16 @@ def _images(n, seed=0):
     return {k: torch.tensor(v) for k, v in data[:].items()}
 
 
+def _assert_matches_reference(model, batch, micro_batch_size, rho, adaptive):
+    """The module's mSAM gradient equals the reference's, and differs from the plain gradient (the test has teeth)."""
+    expected = reference_msam_gradient(model, batch, micro_batch_size, rho=rho, adaptive=adaptive, eta=0.05)
+    got = _msam_gradient_with_module(model, batch, micro_batch_size, rho=rho, adaptive=adaptive, adaptive_eta=0.05)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    plain = reference_msam_gradient(model, batch, micro_batch_size, rho=0.0)
+    assert max((a - b).abs().max().item() for a, b in zip(got, plain)) > 1e-4
+
+
 @pytest.mark.parametrize(
     "micro_batch_size, adaptive",
     [(None, False), (5, False), (3, False), (2, False), (4, True), (None, True)],
@@ -47,16 +57,10 @@ def _images(n, seed=0):
 def test_module_matches_plain_loop_reference(micro_batch_size, adaptive):
     batch = _batch()
     model = tiny_bert(seed=1)
-    expected = reference_msam_gradient(model, batch, micro_batch_size, rho=0.3, adaptive=adaptive, eta=0.05)
-    got = _msam_gradient_with_module(model, batch, micro_batch_size, rho=0.3, adaptive=adaptive, adaptive_eta=0.05)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    # and it differs from the plain gradient, so the comparison has teeth
-    plain = reference_msam_gradient(model, batch, micro_batch_size, rho=0.0)
-    assert max((a - b).abs().max().item() for a, b in zip(got, plain)) > 1e-4
+    _assert_matches_reference(model, batch, micro_batch_size, 0.3, adaptive)
 
 
-# --- ascent gradients that share storage (issue 7, item 1) ----------------------------------------------
+# --- ascent gradients that share storage ----------------------------------------------
 @pytest.mark.parametrize("n, micro_batch_size", [(4, 1), (7, 3)], ids=["micro-batch-1", "uneven-3-3-1"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["sam", "asam"])
 def test_vit_with_one_example_per_micro_batch_matches_reference(n, micro_batch_size, adaptive):
@@ -64,12 +68,7 @@ def test_vit_with_one_example_per_micro_batch_matches_reference(n, micro_batch_s
     gradient storage, so in-place arithmetic on one corrupts the other unless the gradients are made private."""
     batch = _images(n, seed=7)
     model = tiny_vit(seed=7)
-    expected = reference_msam_gradient(model, batch, micro_batch_size, rho=0.05, adaptive=adaptive, eta=0.05)
-    got = _msam_gradient_with_module(model, batch, micro_batch_size, rho=0.05, adaptive=adaptive, adaptive_eta=0.05)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    plain = reference_msam_gradient(model, batch, micro_batch_size, rho=0.0)
-    assert max((a - b).abs().max().item() for a, b in zip(got, plain)) > 1e-4
+    _assert_matches_reference(model, batch, micro_batch_size, 0.05, adaptive)
 
 
 def test_perturbation_of_shared_gradient_storage_has_norm_rho():
@@ -124,7 +123,7 @@ def test_expanded_gradient_of_a_sum_matches_reference():
     assert all(p.is_contiguous() for p in model.parameters())  # the weights keep their layout
 
 
-# --- dropout: both passes of a micro-batch draw the same masks (issue 7, item 4) ------------------------
+# --- dropout: both passes of a micro-batch draw the same masks ------------------------
 def test_random_state_replays_dropout_masks_and_ends_where_one_pass_ends(device):
     get_rng_state = torch.cuda.get_rng_state if device == "cuda" else torch.get_rng_state
     x = torch.ones(1000, device=device)

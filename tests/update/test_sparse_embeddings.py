@@ -1,4 +1,4 @@
-"""Embedding tables treated by rows in the loop path (issue 8): the same update as the dense treatment.
+"""Embedding tables treated by rows in the loop path: the same update as the dense treatment.
 
 Each case runs the loop of ``hf_msam.update.loop`` twice, dense and with ``sparse_embedding_gradients``, from the same
 random state with dropout on, and compares both with the plain-loop reference (which replays the random state for

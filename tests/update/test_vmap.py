@@ -22,7 +22,7 @@ from builders import (
 from references import max_abs_diff, reference_msam_gradient, reference_sgd_step, snapshot
 from transformers import TrainingArguments
 
-import hf_msam.training.trainer as trainer_module
+import hf_msam.training.path as path_module
 import hf_msam.update.vmap as hf_msam_vectorized
 from hf_msam.update.vmap import FlatLayout, VectorizedMicroBatchSAM, stack_micro_batches
 
@@ -167,7 +167,7 @@ def test_padded_bert_matches_loop_and_reference(tmp_path, micro_batch_size, atte
 
 @pytest.mark.parametrize("micro_batch_size", [2, 1])
 def test_vit_matches_loop_and_reference(tmp_path, micro_batch_size):
-    """Micro-batch 1: autograd hands cls_token and position_embeddings one gradient buffer (issue 7)."""
+    """Micro-batch 1: autograd hands cls_token and position_embeddings one gradient buffer."""
     data = image_dataset(8, seed=2)
     trainer, vmap_weights = _train(tmp_path, lambda: tiny_vit(seed=2), data, "vmap", sam_micro_batch_size=micro_batch_size)
     assert trainer._vmap_verified
@@ -235,19 +235,30 @@ def test_masks_the_path_cannot_hand_in_are_refused():
     assert max((p.grad - e).abs().max().item() for p, e in zip(model.parameters(), expected)) < 1e-6
 
 
-class MaskedMeanClassifier(torch.nn.Module):
-    """Averages its embeddings over the attended positions of a 2D ``attention_mask``: no attention module."""
+class _EmbeddingClassifier(torch.nn.Module):
+    """An embedding and a linear head on a pooled embedding (``pool``), seeded."""
+
+    seed = 0
 
     def __init__(self):
         super().__init__()
-        torch.manual_seed(23)
+        torch.manual_seed(self.seed)
         self.embed = torch.nn.Embedding(64, 8)
         self.head = torch.nn.Linear(8, 2)
 
+    def classify(self, hidden, labels):
+        logits = self.head(hidden)
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class MaskedMeanClassifier(_EmbeddingClassifier):
+    """Averages its embeddings over the attended positions of a 2D ``attention_mask``: no attention module."""
+
+    seed = 23
+
     def forward(self, input_ids, attention_mask, labels):
         weights = attention_mask.unsqueeze(-1).float()
-        logits = self.head((self.embed(input_ids) * weights).sum(1) / weights.sum(1))
-        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+        return self.classify((self.embed(input_ids) * weights).sum(1) / weights.sum(1), labels)
 
 
 def test_causal_lm_with_label_holes_and_gradient_accumulation(tmp_path):
@@ -563,7 +574,7 @@ class BatchNormClassifier(torch.nn.Module):
 
 @pytest.fixture
 def auto_picks_vmap_on_cpu(monkeypatch):
-    monkeypatch.setattr(trainer_module, "AUTO_VMAP_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(path_module, "AUTO_VMAP_DEVICE_TYPES", ("cpu",))
 
 
 @pytest.mark.parametrize(
@@ -586,21 +597,16 @@ def test_auto_falls_back_with_its_reason(tmp_path, caplog, auto_picks_vmap_on_cp
         _train(tmp_path, make_model, data, "vmap", sam_micro_batch_size=2, **overrides)
 
 
-class DataDependentClassifier(torch.nn.Module):
+class DataDependentClassifier(_EmbeddingClassifier):
     """A forward with Python control flow on a tensor value, which vmap rejects."""
 
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(19)
-        self.embed = torch.nn.Embedding(64, 8)
-        self.head = torch.nn.Linear(8, 2)
+    seed = 19
 
     def forward(self, input_ids, labels):
         hidden = self.embed(input_ids).mean(1)
         if hidden.abs().max() > 100:  # data-dependent branch
             hidden = hidden / 100
-        logits = self.head(hidden)
-        return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+        return self.classify(hidden, labels)
 
 
 def test_auto_falls_back_when_vmap_rejects_the_forward(tmp_path, caplog, auto_picks_vmap_on_cpu):
@@ -644,7 +650,7 @@ def test_auto_falls_back_when_vmap_fails_after_it_ran(tmp_path, caplog, auto_pic
     logged once, and the weights are the loop's: nothing was added to .grad twice or lost."""
     data = padded_dataset(16, seed=24).remove_columns("attention_mask")
     param_mb = sum(p.numel() * 4 for p in FailsUnderVmapOnce(3).parameters()) / 2**20  # no input table: all batched
-    budget = dict(sam_vmap_memory_budget_mb=2.5 * trainer_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb) if groups_per_chunk == 2 else {}
+    budget = dict(sam_vmap_memory_budget_mb=2.5 * path_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb) if groups_per_chunk == 2 else {}
     common = dict(sam_micro_batch_size=2, max_steps=2, **budget)
     with caplog.at_level(logging.WARNING, logger="hf_msam.training.trainer"):
         trainer, auto = _train(tmp_path, lambda: FailsUnderVmapOnce(3), data, "auto", **common)
@@ -697,7 +703,7 @@ def test_memory_budget_sets_the_group_size(tmp_path):
     model = tiny_bert(seed=14)
     word_embedding = model.get_input_embeddings().weight
     param_mb = sum(p.numel() * 4 for p in model.parameters() if p is not word_embedding) / 2**20
-    budget = 2.5 * trainer_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb
+    budget = 2.5 * path_module.VMAP_COPIES_PER_MICRO_BATCH * param_mb
     trainer, grouped = _train(tmp_path, lambda: tiny_bert(seed=14), data, "vmap", sam_micro_batch_size=1,
                               sam_vmap_memory_budget_mb=budget)
     assert trainer._vmap_group_size == 2

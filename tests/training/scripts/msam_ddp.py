@@ -19,7 +19,7 @@ Suites:
 import os
 import sys
 
-import hf_msam.training.trainer
+import hf_msam.training.path
 from hf_msam.recipes.common import shutdown_distributed
 from safetensors.torch import save_file
 
@@ -79,7 +79,7 @@ class ChangeBufferOnSecondProcess(TrainerCallback):
 
 def main(suite: str, out_dir: str) -> None:
     if suite == "vmap":
-        hf_msam.training.trainer.AUTO_VMAP_DEVICE_TYPES = ("cpu",)  # "auto" picks the vmap path on these CPU processes
+        hf_msam.training.path.AUTO_VMAP_DEVICE_TYPES = ("cpu",)  # "auto" picks the vmap path on these CPU processes
     for name, (make_model, make_data, settings) in SUITES[suite].items():
         model = make_model()
         overrides = dict(settings)
