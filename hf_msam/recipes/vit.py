@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from ..training.arguments import SAMTrainingArguments
-from ..data import DataError, image_transform, load_image_dataset
+from ..data import image_transform, load_image_dataset
 from ..metrics import compute_metrics_fn
 from ..training.trainer import SAMTrainer
 from . import common
@@ -110,22 +110,15 @@ def _default_run(parsed) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the recipe; every process of a distributed run leaves together (``common.shutdown_distributed``)."""
-    status = _run(argv)
-    common.shutdown_distributed()
-    return status
+    return common.run_recipe(_run, argv)
 
 
 def _run(argv: list[str] | None) -> int:
     start = time.time()
-    try:
-        (model_args, data_args, peft_args, training_args), given = common.parse_args(
-            argv, (ModelArguments, DataArguments, common.PeftArguments, SAMTrainingArguments),
-            {**common.RECIPE_DEFAULTS, **LORA_DEFAULTS}, _default_run,
-        )
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    (model_args, data_args, peft_args, training_args), given = common.parse_args(
+        argv, (ModelArguments, DataArguments, common.PeftArguments, SAMTrainingArguments),
+        {**common.RECIPE_DEFAULTS, **LORA_DEFAULTS}, _default_run,
+    )
     common.setup_logging(training_args)
     training_args.remove_unused_columns = False  # the transform reads the image column lazily
 
@@ -145,23 +138,19 @@ def _run(argv: list[str] | None) -> int:
     set_seed(training_args.seed)
 
     # --- Data ----------------------------------------------------------------------------------------------
-    try:
-        data = load_image_dataset(
-            data_source,
-            validation_data=data_args.validation_dir,
-            dataset_config_name=data_args.dataset_config_name,
-            image_column=data_args.image_column_name,
-            label_column=data_args.label_column_name,
-            validation_split=data_args.train_val_split,
-            seed=training_args.seed,
-            max_train_samples=data_args.max_train_samples,
-            max_eval_samples=data_args.max_eval_samples,
-            cache_dir=model_args.cache_dir,
-            token=model_args.token,
-        )
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    data = load_image_dataset(
+        data_source,
+        validation_data=data_args.validation_dir,
+        dataset_config_name=data_args.dataset_config_name,
+        image_column=data_args.image_column_name,
+        label_column=data_args.label_column_name,
+        validation_split=data_args.train_val_split,
+        seed=training_args.seed,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        cache_dir=model_args.cache_dir,
+        token=model_args.token,
+    )
     if data_source is None:
         data_slug = data.dataset_name or "images"
         if "output_dir" not in given:
@@ -194,11 +183,7 @@ def _run(argv: list[str] | None) -> int:
         processor = AutoImageProcessor.from_pretrained(
             model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
         )
-    try:
-        model = peft_args.wrap(model)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    model = peft_args.wrap(model)
 
     augmentation = not from_config if data_args.train_augmentation is None else data_args.train_augmentation
     train_dataset, eval_dataset = data.train, data.validation
