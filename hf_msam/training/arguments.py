@@ -237,4 +237,4 @@ def validate_sam_arguments(sam: SAMArguments, args: TrainingArguments) -> None:
             "sam_global=True needs the whole mini-batch in one pass: set gradient_accumulation_steps=1, "
             "or drop sam_global to use per-micro-batch perturbations (mSAM)."
         )
-    check_backend(args)
+    check_backend(args, sam)

@@ -1,10 +1,18 @@
-"""What each distributed backend does under mSAM, and what is refused: the one table and the collectives.
+"""What each distributed backend does under mSAM, and what is refused: the one table, the collectives, and the
+perturbation of sharded parameters.
 
-DDP is supported: the ascent pass runs on the unwrapped module (no all-reduce, per-process perturbations), and
-the vmap path, which never runs the wrapper's forward, reduces by hand what the reducer would
-(``docs/design.md`` section 2.4). DeepSpeed and FSDP are refused, when the arguments are built and again when the
-trainer sees the accelerator, by :func:`check_backend`. The ascent norm needs no reduction: each process perturbs
-with its own micro-batches' gradients (``sam_global`` all-reduces the gradient itself, before the norm).
+DDP: the ascent pass runs on the unwrapped module (no all-reduce, per-process perturbations), and the vmap path,
+which never runs the wrapper's forward, reduces by hand what the reducer would (``docs/design.md`` section 2.4).
+The ascent norm needs no reduction: each process perturbs with its own micro-batches' gradients (``sam_global``
+all-reduces the gradient itself, before the norm).
+
+FSDP2 (``fully_shard``): each process holds a shard of every parameter, so one process cannot perturb the whole
+weights by a gradient of its own. Micro-batch k of the step is the union of the processes' k-th micro-batches,
+perturbed by its gradient: the ascent gradient is reduce-scattered (each process receives its shard of the mean),
+``||g_k||`` (``||T g_k||`` for ASAM) is one all-reduce of the shards' sums of squares, and each process moves its
+own shard in place by ``e_k`` (:class:`ShardedPerturbation`); the descent gradient accumulates as usual and the
+shards are copied back bit for bit (``docs/design.md`` section 2.6). DeepSpeed and FSDP version 1 are refused,
+when the arguments are built and again when the trainer sees the accelerator, by :func:`check_backend`.
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
+
+from ..update.loop import Perturbation
+from ..update.rule import SAMRule
 
 
 @dataclass(frozen=True)
@@ -34,21 +45,60 @@ class Refused:
 REFUSED = (
     Refused("deepspeed", "DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED,
             "its engine steps inside backward, which breaks the two passes of SAM"),
-    Refused("fsdp", "FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP,
-            "gradient norms would need reducing across shards"),
 )
 
 
-def check_backend(args: Any, distributed_type: DistributedType | None = None, n_gpu: int = 1) -> None:
+def fsdp_version(args: Any, distributed_type: DistributedType | None = None) -> int | None:
+    """The FSDP version asked for: ``fsdp_config``'s ``version`` when ``args.fsdp`` is set (transformers strips the
+    ``fsdp_`` prefix and defaults to 2), else accelerate's environment (``FSDP_VERSION``, default 1) when it asks
+    for FSDP or the accelerator runs it; None without FSDP."""
+    if getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None) or {}
+        return int(config.get("version", config.get("fsdp_version", 2)))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or distributed_type == DistributedType.FSDP:
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def check_backend(args: Any, sam: Any, distributed_type: DistributedType | None = None, n_gpu: int = 1) -> None:
     """Raise, naming the field and the way out, for a backend in :data:`REFUSED` (asked for by ``args`` or the
-    environment, or the accelerator's ``distributed_type``) and for ``torch.nn.DataParallel`` (``n_gpu > 1``)."""
+    environment, or the accelerator's ``distributed_type``), for FSDP other than version 2, for what mSAM cannot do
+    on sharded parameters (``sam`` the mSAM options: ``sam_global``, the vmap path), and for
+    ``torch.nn.DataParallel`` (``n_gpu > 1``)."""
+    version = fsdp_version(args, distributed_type)
+    if version is not None and version != 2:
+        raise ValueError(
+            f"fsdp_config: SAMTrainer supports FSDP version 2 (fully_shard) only, got version {version}: set "
+            "fsdp_config={'fsdp_version': 2}, or fsdp_version: 2 in the accelerate config "
+            "(recipes/accelerate/fsdp2.yaml)."
+        )
+    if version == 2 and sam.sam_global:
+        raise ValueError(
+            "sam_global=True under FSDP: sharded micro-batch perturbations are already global (micro-batch k of "
+            "every process is perturbed by their joint gradient). Unset sam_global and set sam_micro_batch_size "
+            "to the per-process micro-batch (SAM: the per-device batch)."
+        )
+    asked = [name for name in ("sharpness_report", "sharpness_at_eval") if getattr(args, name, False)]
+    if version == 2 and asked:
+        raise ValueError(
+            f"{asked[0]}=True under FSDP: the curvature report differentiates the full model on one process, and "
+            f"FSDP shards it. Set --{asked[0]} false, train with the full state dict saved (fsdp_state_dict_type "
+            "FULL_STATE_DICT, as recipes/accelerate/fsdp2.yaml), then run `hf-msam sharpness OUTPUT_DIR --data DATA "
+            "--output REPORT.json` in one process (docs/curvature.md)."
+        )
+    if version == 2 and sam.sam_micro_batch_mode == "vmap":
+        raise ValueError(
+            "sam_micro_batch_mode='vmap' under FSDP: the vmap path batches functional copies of the full weights, "
+            "which sharded parameters do not hold. Use sam_micro_batch_mode='loop' (or 'auto', which picks it)."
+        )
     for refused in REFUSED:
         asked = bool(getattr(args, refused.field, None))
         asked = asked or os.environ.get(refused.environment, "false").lower() == "true"
         if asked or distributed_type == refused.distributed_type:
             raise ValueError(
                 f"{refused.field}: SAMTrainer does not support {refused.name} yet ({refused.reason}). "
-                f"Remove --{refused.field}, or train with DDP via accelerate launch (--multi_gpu)."
+                f"Remove --{refused.field}; train with FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP "
+                "(accelerate launch --multi_gpu)."
             )
     if n_gpu > 1:
         raise ValueError(
@@ -89,3 +139,80 @@ def sync_buffers(model: nn.Module) -> None:
     """What the DDP wrapper's forward does first: broadcast process 0's buffers (when ``broadcast_buffers``)."""
     if isinstance(model, nn.parallel.DistributedDataParallel) and model._check_sync_bufs_pre_fwd():
         model._sync_buffers()
+
+
+class ShardedPerturbation:
+    """Per-micro-batch SAM perturbation of FSDP2-sharded parameters (DTensors), the same rule as the loop's.
+
+    The ascent gradient is read from ``.grad`` (FSDP2 reduce-scatters it there: each process holds its shard of
+    the gradient of the micro-batch's joint loss), so the accumulated descent gradient is held aside meanwhile
+    (:meth:`hold_gradients`, :meth:`give_back_gradients`). The norm is global (:func:`sharded_norm`), so every
+    process scales by the same factor and skips together. Each process moves its own shard in place (FSDP2
+    all-gathers from its sharded storage at the next forward; swapping ``p.data`` would be ignored) and copies
+    the shard it held back afterwards, bit for bit.
+    """
+
+    def __init__(self, params: list[nn.Parameter], rule: SAMRule) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.rule = rule
+        self._held: list[torch.Tensor | None] = []
+        self._saved: list[torch.Tensor] | None = None
+
+    def hold_gradients(self) -> None:
+        """Set the accumulated ``.grad`` aside, so that the next backward leaves the ascent gradient alone there."""
+        self._held = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def give_back_gradients(self) -> None:
+        for p, held in zip(self.params, self._held):
+            p.grad = held
+        self._held = []
+
+    def _shards(self) -> list[torch.Tensor]:
+        return [p.to_local() if hasattr(p, "to_local") else p.data for p in self.params]
+
+    @torch.no_grad()
+    def perturb(self, grad_scale: float = 1.0) -> Perturbation:
+        """``w -> w + e_k`` shard by shard, for the ascent gradient now in ``.grad``."""
+        shards = self._shards()
+        grads = [
+            (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).clone() if p.grad is not None
+            else torch.zeros_like(w)
+            for p, w in zip(self.params, shards)
+        ]
+        norm, finite = self.rule.perturb_(grads, lambda: shards, sharded_norm, grad_scale)
+        if not finite:
+            return Perturbation(norm / grad_scale, skipped=True)
+        self._saved = [w.clone() for w in shards]
+        torch._foreach_add_(shards, grads)
+        return Perturbation(norm / grad_scale, skipped=False)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """``w + e_k -> w``: each shard gets back the values it held, copied (not ``w - e_k``)."""
+        if self._saved is None:
+            return
+        torch._foreach_copy_(self._shards(), self._saved)
+        self._saved = None
+
+
+def sharded_norm(shards: list[torch.Tensor]) -> float:
+    """``||g||`` over every process's shards: the local sum of squares (float64), one all-reduce, a square root."""
+    local = torch.zeros((), dtype=torch.float64, device=shards[0].device)
+    for shard in shards:
+        local += shard.double().pow(2).sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(local)
+    return float(local.sqrt())
+
+
+def global_counts(counts: list[int], device: torch.device) -> list[float]:
+    """The supervised items of each micro-batch index summed over processes, padded to the most micro-batches any
+    process has (a process with fewer runs empty passes, so that every process meets the same collectives)."""
+    size = torch.tensor([len(counts)], device=device)
+    torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
+    padded = torch.zeros(int(size), dtype=torch.float64, device=device)
+    padded[: len(counts)] = torch.tensor(counts, dtype=torch.float64)
+    torch.distributed.all_reduce(padded)
+    return padded.tolist()

@@ -53,7 +53,14 @@ from transformers.trainer_utils import unwrap_peft_model
 
 from . import path
 from .arguments import SAMArguments, sam_options_of, sam_rule_of, validate_sam_arguments
-from .distributed import all_reduce_gradients_mean_, all_reduce_mean_, check_backend, sync_buffers
+from .distributed import (
+    ShardedPerturbation,
+    all_reduce_gradients_mean_,
+    all_reduce_mean_,
+    check_backend,
+    global_counts,
+    sync_buffers,
+)
 from ..update.loop import (
     MicroBatchSAM,
     Perturbation,
@@ -88,13 +95,15 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if args is not None:  # SAMTrainingArguments checked themselves when built; a plain TrainingArguments did not
             validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
-        check_backend(self.args, self.accelerator.distributed_type, self.args.n_gpu)
+        check_backend(self.args, self.sam_options, self.accelerator.distributed_type, self.args.n_gpu)
         micro_batch_size = self.sam_options.sam_micro_batch_size
         if micro_batch_size is not None and isinstance(self.data_collator, DataCollatorWithFlattening):
             raise ValueError(_packed_batch_error(micro_batch_size))
         if hasattr(self.model, "add_model_tags"):  # as TRL's trainers do: any push of this model carries the tags
             self.model.add_model_tags(MODEL_TAGS)
         self._sam: MicroBatchSAM | None = None
+        self._sharded: ShardedPerturbation | None = None  # the FSDP2 path's perturbation state
+        self._sharded_module: nn.Module | None = None
         self._sam_module: nn.Module | None = None  # the module self._sam was built for
         self._last_unwrapped: tuple[nn.Module, nn.Module] | None = None  # (model as passed, its unwrapped module)
         self._batchnorms: list[nn.Module] = []
@@ -171,6 +180,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         split = [mb for mb, _ in split_micro_batches(inputs, size)]
         counts = self._item_counts(split)
         clean_loss = torch.zeros((), device=args.device)
+        if self.is_fsdp_enabled:
+            return self._sharded_msam_step(model, split, counts, items_step, grad_scale, clean_loss)
         vmap = self._vmap_chosen(model, split, counts)
         by_hand = world > 1 and self._vmap_reduces_by_hand(model)  # the vmap path's all-reduce, whichever path runs
         if by_hand:  # no pass runs the wrapper's forward, which broadcasts the buffers (broadcast_buffers)
@@ -213,6 +224,59 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if by_hand and self.accelerator.sync_gradients:
             self._vmap_all_reduce()
         return clean_loss
+
+    def _sharded_msam_step(self, model: nn.Module, split: list[dict[str, Any]], counts: list[int], items_step: float,
+                           grad_scale: float, clean_loss: torch.Tensor) -> torch.Tensor:
+        """mSAM under FSDP2: micro-batch k is the union of every process's k-th micro-batch, perturbed by its joint
+        gradient (:class:`ShardedPerturbation`; ``docs/design.md`` section 2.6).
+
+        Every pass reduce-scatters (gradient sync on, also within gradient accumulation): the ascent gradient must
+        be the joint one, and the descent gradients then accumulate in the sharded ``.grad``. The ascent loss of
+        process r is weighted ``world * items_r / items_k`` (``items_k`` over all processes), so that the mean the
+        reduce-scatter takes is the gradient of micro-batch k's mean loss; the descent weight is the loop's.
+        """
+        world = self.accelerator.num_processes
+        if self._sharded is None or self._sharded_module is not model:
+            self._sharded = ShardedPerturbation(list(model.parameters()), sam_rule_of(self.sam_options))
+            self._sharded_module = model
+            self._batchnorms = [m for m in model.modules()
+                                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        sam = self._sharded
+        model.set_requires_gradient_sync(True)
+        totals = global_counts(counts, self.args.device)
+        for index, total in enumerate(totals):
+            if total == 0:  # no process has anything supervised in micro-batch k: no pass anywhere
+                continue
+            micro_batch, items = (split[index], counts[index]) if index < len(split) else (split[-1], 0)
+            sam.hold_gradients()
+            randomness = RandomState.capture()
+            ascent_weight = world * items / total * grad_scale  # the loss scale by hand: no scaler step follows
+            loss_at_w = self._sharded_pass(model, micro_batch, items, ascent_weight, torch.Tensor.backward)
+            clean_loss += world * items / items_step * loss_at_w
+            perturbation = sam.perturb(grad_scale=grad_scale)
+            sam.give_back_gradients()
+            randomness.restore()
+            weight = world * items / items_step
+            try:
+                with _frozen_batchnorm_statistics(self._batchnorms):
+                    loss_at_w_plus_e = self._sharded_pass(model, micro_batch, items, weight, self.accelerator.backward)
+            finally:
+                sam.restore()
+            self._record(perturbation, weight / world * loss_at_w_plus_e)
+        return clean_loss
+
+    def _sharded_pass(self, model: nn.Module, micro_batch: dict[str, Any], items: int, weight: float,
+                      backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        """Forward and ``backward(weight * L_k)`` through the FSDP2 model (its all-gathers and reduce-scatter); a
+        micro-batch without supervised items back-propagates a zero, so that every process meets the same
+        collectives. Returns ``L_k`` (0 without items), detached, in float32."""
+        if items == 0:
+            self._zero_loss_backward(model, micro_batch)
+            return torch.zeros((), device=self.args.device)
+        with self.compute_loss_context_manager():
+            loss = self._micro_batch_loss(model, micro_batch, items)
+        backward(weight * loss)
+        return loss.detach().float()
 
     def _micro_batch_loss(self, model: nn.Module, micro_batch: dict[str, Any], items: int) -> torch.Tensor:
         """``L_k``, the mean loss of one micro-batch over its ``items`` supervised items: ``compute_loss`` with

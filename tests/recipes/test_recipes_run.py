@@ -282,12 +282,16 @@ def test_accelerate_launch_vit_two_processes(image_assets, tmp_path):
     _one_model_one_card(out)
 
 
-@pytest.mark.parametrize("name, processes, machines", [("single_process", 1, 1), ("multi_gpu", 8, 1), ("multi_node", 16, 2)])
+@pytest.mark.parametrize("name, processes, machines", [("single_process", 1, 1), ("multi_gpu", 8, 1), ("multi_node", 16, 2),
+                                                      ("fsdp2", 2, 1)])
 def test_accelerate_config_files_load(name, processes, machines):
     from accelerate.commands.config.config_args import ClusterConfig
 
     config = ClusterConfig.from_yaml_file(str(REPO / "recipes" / "accelerate" / f"{name}.yaml"))
     assert (config.num_processes, config.num_machines) == (processes, machines)
+    if name == "fsdp2":  # version 2, and a full state dict for the report afterwards and the Hub push
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
 
 
 def test_cli_dispatches_to_the_recipes(capsys):

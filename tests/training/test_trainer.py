@@ -284,7 +284,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         ({"sam_global": True, "gradient_accumulation_steps": 2}, "sam_global"),
         ({"sam_adaptive_eta": -1.0}, "sam_adaptive_eta"),
         ({"deepspeed": "ds_config.json"}, "deepspeed"),
-        ({"fsdp": "full_shard"}, "fsdp"),
+        ({"fsdp": True, "fsdp_config": {"fsdp_version": 1}}, "fsdp_config"),
     ],
 )
 def test_bad_configuration_fails_at_argument_time(tmp_path, overrides, field):
