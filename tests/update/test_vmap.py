@@ -832,6 +832,16 @@ def two_length_dataset(n: int = 32, seed: int = 25):
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": torch.randint(0, 2, (n,), generator=g).tolist()})
 
 
+def _two_process_reference(reference, data, steps: int = 2) -> None:
+    """Two plain-loop processes of 8 examples each (micro-batches of 4, rho 0.2), their gradients averaged as DDP
+    does, then an SGD step at 0.5: the update of the 2-process run, applied to ``reference`` in place."""
+    for step in range(steps):
+        chunks = [tensor_batch(data, 16 * step + 8 * rank, 16 * step + 8 * rank + 8) for rank in (0, 1)]
+        gradients = [reference_msam_gradient(reference, chunk, 4, 0.2, loss_fn=lambda m, b: m(**b)["loss"])
+                     for chunk in chunks]
+        reference_sgd_step(reference, [(a + b) / 2 for a, b in zip(*gradients)], lr=0.5)
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     """2 gloo processes on the vmap path (per-device batch 8) equal one process with batch 16."""
@@ -852,10 +862,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
 
     # A parameter only process 1 uses: reduced with a zero gradient from process 0, as DDP's reducer would.
     data, reference = two_length_dataset(), LengthBranchClassifier()
-    for step in range(2):
-        chunks = [tensor_batch(data, 16 * step + 8 * rank, 16 * step + 8 * rank + 8) for rank in (0, 1)]
-        gradients = [reference_msam_gradient(reference, chunk, 4, 0.2, loss_fn=lambda m, b: m(**b)["loss"]) for chunk in chunks]
-        reference_sgd_step(reference, [(a + b) / 2 for a, b in zip(*gradients)], lr=0.5)
+    _two_process_reference(reference, data)
     unused = load_file(os.path.join(tmp_path, "unused.safetensors"))
     assert max((unused[k] - v).abs().max().item() for k, v in snapshot(reference).items()) < 1e-6
     assert (unused["extra.weight"] - snapshot(LengthBranchClassifier())["extra.weight"]).abs().max() > 1e-3
@@ -869,10 +876,7 @@ def test_two_processes_equal_one_process_with_doubled_batch(tmp_path):
     assert max((two[k] - v).abs().max().item() for k, v in empty.items()) < 1e-6
     # "auto": process 1's first vmap group fails; it runs the loop, and from step 2 both do (told by the all-reduce).
     data, reference = padded_dataset(32, seed=24).remove_columns("attention_mask"), FailsUnderVmapOnce(0)
-    for step in range(2):
-        chunks = [tensor_batch(data, 16 * step + 8 * rank, 16 * step + 8 * rank + 8) for rank in (0, 1)]
-        gradients = [reference_msam_gradient(reference, chunk, 4, 0.2, loss_fn=lambda m, b: m(**b)["loss"]) for chunk in chunks]
-        reference_sgd_step(reference, [(a + b) / 2 for a, b in zip(*gradients)], lr=0.5)
+    _two_process_reference(reference, data)
     fails = load_file(os.path.join(tmp_path, "fails_on_one.safetensors"))
     assert max((fails[k] - v).abs().max().item() for k, v in snapshot(reference).items()) < 1e-6
     assert (tmp_path / "fails_on_one.vmapped_calls").read_text() == "2"  # process 0: one step on vmap, then the loop
