@@ -5,7 +5,16 @@ gradient with the global norm (``docs/design.md`` section 2.6)."""
 from __future__ import annotations
 
 import pytest
-from builders import SequentialSAMTrainer, lm_dataset_without_labels_in, sam_args, tiny_bert, tiny_llama, token_dataset
+from builders import (
+    SequentialSAMTrainer,
+    image_dataset,
+    lm_dataset_without_labels_in,
+    sam_args,
+    tiny_bert,
+    tiny_llama,
+    tiny_vit,
+    token_dataset,
+)
 from processes import MSAM_FSDP, launch_two_processes
 from references import max_abs_diff
 from safetensors.torch import load_file
@@ -80,6 +89,15 @@ def test_fsdp2_perturbs_with_the_global_norm_not_per_process(bert_weights, tmp_p
     sharded = load_file(str(bert_weights / "micro4.safetensors"))
     per_process = _one_process(tmp_path, tiny_bert(seed=12), token_dataset(32, seed=12), sam_micro_batch_size=4)
     assert max_abs_diff(sharded, per_process) > 1e-4
+
+
+@pytest.mark.slow
+def test_fsdp2_vit(tmp_path_factory, tmp_path):
+    out = tmp_path_factory.mktemp("fsdp_vit")
+    launch_two_processes(MSAM_FSDP, "vit", str(out), timeout=300)
+    data = image_dataset(32, seed=13).select(global_micro_batch_order(32))
+    expected = _one_process(tmp_path, tiny_vit(seed=13), data)
+    assert max_abs_diff(load_file(str(out / "micro4.safetensors")), expected) < 1e-6
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ on GPUs.
 
 Suites:
   bert: micro-batches of 4 (SAM and ASAM), gradient accumulation, LoRA.
+  vit: a ViT image classifier, micro-batches of 4.
   lm: a causal LM with -100 holes (unequal token counts), and a second process with nothing supervised.
 """
 
@@ -22,10 +23,12 @@ TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [TESTS]
 from builders import (  # noqa: E402
     SequentialSAMTrainer,
+    image_dataset,
     lm_dataset_without_labels_in,
     sam_args,
     tiny_bert,
     tiny_llama,
+    tiny_vit,
     token_dataset,
 )
 
@@ -53,7 +56,7 @@ def lora_bert():
 # AdamW's epsilon at 1e-3: with the default 1e-8 the update lr g / sqrt(v) of a parameter whose gradients are ~1e-7
 # turns float32 differences of summation order (one process's batch against a reduce-scatter) into ~1e-5
 ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)
-LAYERS = {"bert": "BertLayer", "lm": "LlamaDecoderLayer"}  # each transformer layer its own FSDP unit
+LAYERS = {"bert": "BertLayer", "lm": "LlamaDecoderLayer", "vit": "ViTLayer"}  # each transformer layer its own FSDP unit
 SUITES = {
     "bert": {
         "micro4": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12), dict(sam_micro_batch_size=4)),
@@ -62,6 +65,9 @@ SUITES = {
         "accumulate": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12),
                        dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, sam_micro_batch_size=4)),
         "lora": (lora_bert, lambda: token_dataset(32, seed=12), dict(sam_micro_batch_size=4)),
+    },
+    "vit": {
+        "micro4": (lambda: tiny_vit(seed=13), lambda: image_dataset(32, seed=13), dict(sam_micro_batch_size=4)),
     },
     "lm": {
         "holes": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(), dict(sam_micro_batch_size=4)),
