@@ -198,13 +198,12 @@ class ShardedPerturbation:
 
 
 def sharded_norm(shards: list[torch.Tensor]) -> float:
-    """``||g||`` over every process's shards: the local sum of squares (float64), one all-reduce, a square root."""
-    local = torch.zeros((), dtype=torch.float64, device=shards[0].device)
-    for shard in shards:
-        local += shard.double().pow(2).sum()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(local)
-    return float(local.sqrt())
+    """``||g||`` over every process's shards: the local norm as :func:`~hf_msam.update.rule.global_norm` takes it
+    (one fused kernel), squared, summed over processes by one all-reduce, and its square root."""
+    norms = torch._foreach_norm(shards, 2.0)
+    squares = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0).double().square()
+    torch.distributed.all_reduce(squares)
+    return float(squares.sqrt())
 
 
 def global_counts(counts: list[int], device: torch.device) -> list[float]:

@@ -239,8 +239,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if self._sharded is None or self._sharded_module is not model:
             self._sharded = ShardedPerturbation(list(model.parameters()), sam_rule_of(self.sam_options))
             self._sharded_module = model
-            self._batchnorms = [m for m in model.modules()
-                                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+            self._batchnorms = _tracked_batchnorms(model)
         sam = self._sharded
         model.set_requires_gradient_sync(True)
         totals = global_counts(counts, self.args.device)
@@ -250,13 +249,13 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             micro_batch, items = (split[index], counts[index]) if index < len(split) else (split[-1], 0)
             sam.hold_gradients()
             randomness = RandomState.capture()
+            weight = world * items / items_step
             ascent_weight = world * items / total * grad_scale  # the loss scale by hand: no scaler step follows
             loss_at_w = self._sharded_pass(model, micro_batch, items, ascent_weight, torch.Tensor.backward)
-            clean_loss += world * items / items_step * loss_at_w
+            clean_loss += weight * loss_at_w
             perturbation = sam.perturb(grad_scale=grad_scale)
             sam.give_back_gradients()
             randomness.restore()
-            weight = world * items / items_step
             try:
                 with _frozen_batchnorm_statistics(self._batchnorms):
                     loss_at_w_plus_e = self._sharded_pass(model, micro_batch, items, weight, self.accelerator.backward)
@@ -346,9 +345,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             options = self.sam_options
             self._sam = MicroBatchSAM(module.parameters(), rule=sam_rule_of(options))
             self._sam_module = module
-            self._batchnorms = [
-                m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-            ]
+            self._batchnorms = _tracked_batchnorms(module)
             # sam_global all-reduces the ascent gradients as dense tensors; inductor cannot compile a backward that
             # returns a sparse gradient ("Cannot access storage of SparseTensorImpl").
             sparse = options.sam_sparse_embeddings and not options.sam_global and not self.args.torch_compile
@@ -610,6 +607,11 @@ class _RecordingBackward:
     def __call__(self, loss: torch.Tensor) -> None:
         self.called = True
         self.backward(loss)
+
+
+def _tracked_batchnorms(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``module`` that keep running statistics (which the descent pass must not move)."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
 @contextlib.contextmanager
