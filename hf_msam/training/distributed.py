@@ -149,7 +149,8 @@ class ShardedPerturbation:
     (:meth:`hold_gradients`, :meth:`give_back_gradients`). The norm is global (:func:`sharded_norm`), so every
     process scales by the same factor and skips together. Each process moves its own shard in place (FSDP2
     all-gathers from its sharded storage at the next forward; swapping ``p.data`` would be ignored) and copies
-    the shard it held back afterwards, bit for bit.
+    the shard it held back afterwards, bit for bit. Beyond the descent gradient, the perturbation holds the ascent
+    gradient's shards (which become ``e_k`` in place) and one copy of the weights' shards.
     """
 
     def __init__(self, params: list[nn.Parameter], rule: SAMRule) -> None:
@@ -176,8 +177,9 @@ class ShardedPerturbation:
     def perturb(self, grad_scale: float = 1.0) -> Perturbation:
         """``w -> w + e_k`` shard by shard, for the ascent gradient now in ``.grad``."""
         shards = self._shards()
+        # the ascent gradient's shards become e_k in place: give_back_gradients discards them afterwards
         grads = [
-            (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad).clone() if p.grad is not None
+            (p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad) if p.grad is not None
             else torch.zeros_like(w)
             for p, w in zip(self.params, shards)
         ]
