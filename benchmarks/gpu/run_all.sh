@@ -6,7 +6,7 @@
 # most the device tool brings back.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-STAGES=${STAGES:-"vmap compile"}  # also: compile16 rows probe tests step curvature text vision (each adds minutes)
+STAGES=${STAGES:-"vmap compile"}  # also: fsdp compile16 rows probe tests step curvature text vision (each adds minutes)
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -59,6 +59,12 @@ stage probe compile.log 150 python3 benchmarks/probe_compile_vmap.py --device cu
 # every other tensor (vmap_dense_m{m}): step time and extra memory in parameter copies, one round.
 stage rows rows.log 200 python3 benchmarks/bench_step.py --device cuda --bf16 --rounds 1 --steps 15 --warmup 3 \
   --configs sam,vmap_m8,vmap_dense_m8,vmap_m16,vmap_dense_m16 --out "$OUT/step_cuda_bf16_vmap_rows.json"
+# fsdp (its own call, STAGES=fsdp): the sharded path in one process (FSDP2, world 1) against the unsharded path on
+# BERT-base built from a config (batch 32, length 128, bf16), SAM and mSAM m = 4 and 8 on the loop, and the vmap
+# path eager and compiled (unsharded only: refused under FSDP). Three groups in fresh processes, at most 100 s
+# (fsdp1), 120 s (unsharded) and 240 s (compiled: the warmup steps compile m = 4 and m = 8); needs no model files.
+stage fsdp fsdp.log 470 python3 benchmarks/bench_fsdp_step.py --device cuda --bf16 --group-timeouts 100,120,240 \
+  --out "$OUT/fsdp_step_cuda_bf16.json"
 # The GPU parametrisations of the correctness tests (``device`` = cuda, and the tests marked ``cuda``); the
 # benchmarks on the GPU; both defaults in bf16.
 stage tests gpu_tests.log 100 python3 -m pytest -q -p no:cacheprovider tests/training/test_trainer.py tests/update/test_loop.py -k cuda
