@@ -23,6 +23,8 @@ TINY_LAYERS = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, nu
 """The layer shape of every tiny transformer."""
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 """BERT and ViT without dropout, so that both passes of a micro-batch see the same function."""
+TWO_LAYERS = dict(num_hidden_layers=2)
+"""Two transformer layers (an override of :data:`TINY_LAYERS`): under FSDP each layer is a unit sharded on its own."""
 
 
 # --- tiny transformers from configs ------------------------------------------------------------------------

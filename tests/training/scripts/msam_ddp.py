@@ -14,6 +14,8 @@ Suites:
       changed before the second step (``buffer_changed``), which DDP's broadcast_buffers undoes; a Llama whose
       second process has nothing supervised in the first step (``empty``: it runs the loop); under "auto" (picked
       on CPU here) a model whose first vmap group fails on the second process only (``fails_on_one``).
+  dropout: ``sam_global`` with AdamW for a padded 2-layer BERT with dropout 0.1 (each process draws its own masks
+      from the same seed), the FSDP2 run's reference (``tests/training/test_fsdp.py``).
 """
 
 import os
@@ -27,6 +29,7 @@ TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [TESTS, os.path.join(TESTS, "update")]  # builders.py and test_vmap.py
 import test_vmap  # noqa: E402
 from builders import (  # noqa: E402
+    TWO_LAYERS,
     SequentialSAMTrainer,
     lm_dataset,
     lm_dataset_without_labels_in,
@@ -65,6 +68,11 @@ SUITES = {
         "fails_on_one": (lambda: test_vmap.FailsUnderVmapOnce(1, rank=1),
                          lambda: test_vmap.padded_dataset(32, seed=24).remove_columns("attention_mask"),
                          dict(VMAP, sam_micro_batch_mode="auto")),
+    },
+    "dropout": {
+        "global": (lambda: tiny_bert(seed=12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **TWO_LAYERS),
+                   lambda: test_vmap.padded_dataset(32, seed=15),
+                   dict(sam_global=True, optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)),
     },
 }
 

@@ -1,27 +1,44 @@
-"""Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): two mSAM steps with AdamW under FSDP2
-(``fully_shard``) for each setting of one suite; rank 0 saves the full weights to OUT/<setting>.safetensors.
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): mSAM with AdamW under FSDP2
+(``fully_shard``, 2-layer models: each layer a unit of its own) for each setting of one suite; rank 0 saves the full
+weights to OUT/<setting>.safetensors.
 
     python -m accelerate.commands.launch ... msam_fsdp.py SUITE OUT
 
 accelerate selects FSDP only on accelerators (its state keeps ``MULTI_CPU`` on CPU); the script lifts that gate
-for its own process, so that the Trainer's FSDP2 preparation (``fsdp2_prepare_model``) runs on gloo as it would
-on GPUs.
+for its own process, so that the Trainer's FSDP2 preparation (``fsdp2_prepare_model``, with the mixed precision
+policy of ``bf16=True``) runs on gloo as it would on GPUs.
 
-Suites:
-  bert: micro-batches of 4 (SAM and ASAM), gradient accumulation, LoRA.
+Suites (two steps each, unless said):
+  bert: micro-batches of 4 (SAM and ASAM), gradient accumulation, LoRA; ``poisoned``: micro-batches of 4, where
+      process 1's shard of the first ascent gradient holds a NaN (each process writes OUT/poisoned.rank<r>.json:
+      the skips it recorded and the ``sam_skipped`` it logged).
   vit: a ViT image classifier, micro-batches of 4.
   lm: a causal LM with -100 holes (unequal token counts), and a second process with nothing supervised.
+  bf16: ``bf16=True``: mSAM with micro-batches of 4 (``micro4``; each process writes OUT/micro4.rank<r>.json, what
+      :class:`RestoreCheckingSAMTrainer` saw of its float32 shards) and the stock step (``stock``, rho 0).
+  dropout: padded sequences with dropout 0.1, one micro-batch per process (the per-device batch).
+  resume: 4 steps of a linear schedule with dropout, saving checkpoint-2 (``sharded``: SHARDED_STATE_DICT,
+      ``full``: FULL_STATE_DICT) in OUT/<setting>/.
+  resumed: the ``resume`` settings resumed from OUT/<setting>/checkpoint-2, weights in OUT/<setting>_resumed.safetensors.
 """
 
+import json
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import accelerate.state
+import torch
 from accelerate.utils import DistributedType
+from torch import nn
 
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-sys.path[:0] = [TESTS]
+sys.path[:0] = [TESTS, os.path.join(TESTS, "update")]  # builders.py and test_vmap.py
+import test_vmap  # noqa: E402
 from builders import (  # noqa: E402
+    TWO_LAYERS,
     SequentialSAMTrainer,
     image_dataset,
     lm_dataset_without_labels_in,
@@ -33,67 +50,187 @@ from builders import (  # noqa: E402
 )
 
 from hf_msam.recipes.common import shutdown_distributed  # noqa: E402
+from hf_msam.update.loop import Perturbation  # noqa: E402
 
 _accelerator_state_init = accelerate.state.AcceleratorState.__init__
 
 
 def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    """What ``AcceleratorState.__init__`` does with an FSDP plugin on accelerators: FSDP, and the plugin's mixed
+    precision policy from ``mixed_precision``. Every later ``AcceleratorState()`` (the Trainer builds several) copies
+    ``PartialState``'s ``MULTI_CPU`` back in, so a plugin set before keeps FSDP."""
     _accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+    plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+    if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        if fsdp_plugin is not None and self._mixed_precision != "no":
+            fsdp_plugin.set_mixed_precision(self._mixed_precision)
+        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
 
 
 accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
 
 
-def lora_bert():
+def lora_bert() -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
-    return get_peft_model(tiny_bert(seed=12), config)
+    return get_peft_model(tiny_bert(seed=12, **TWO_LAYERS), config)
+
+
+class PoisonedAscentSAMTrainer(SequentialSAMTrainer):
+    """On process 1 only, the ascent pass of the first micro-batch of the first step leaves a NaN in one element of
+    process 1's shard of the ascent gradient (after the reduce-scatter): process 0's shards stay finite, so process 0
+    learns that the perturbation is skipped from the global norm alone. Counts the skips this process records."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.poisoned = False
+        self.recorded_skips = 0
+
+    def _sharded_pass(self, model: nn.Module, micro_batch: dict[str, Any], items: int, weight: float,
+                      backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        loss = super()._sharded_pass(model, micro_batch, items, weight, backward)
+        if backward is torch.Tensor.backward and self.state.global_step == 0 and not self.poisoned:
+            self.poisoned = True
+            if self.args.process_index == 1:
+                grad = next(p.grad.to_local() for p in model.parameters() if p.grad is not None and p.grad.to_local().numel())
+                grad.view(-1)[0] = float("nan")
+        return loss
+
+    def _record(self, perturbation: Perturbation, perturbed_loss_share: torch.Tensor) -> None:
+        self.recorded_skips += int(perturbation.skipped)
+        super()._record(perturbation, perturbed_loss_share)
+
+
+class RestoreCheckingSAMTrainer(SequentialSAMTrainer):
+    """Records what this process's float32 shards (``to_local()`` of each parameter) are: their dtypes, their squared
+    distance from the step's starting point at each descent pass (the process's share of ``||e_k||^2``), and whether
+    they hold the step's starting values bit for bit once the step's micro-batches are done."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dtypes: set[str] = set()
+        self.descent_squared_distances: list[float] = []
+        self.restored: list[bool] = []
+        self._start: list[torch.Tensor] = []
+
+    def _sharded_msam_step(self, model: nn.Module, *args: Any) -> torch.Tensor:
+        self._start = [p.to_local().clone() for p in model.parameters()]
+        loss = super()._sharded_msam_step(model, *args)
+        self.dtypes.update(str(p.to_local().dtype) for p in model.parameters())
+        self.restored.append(all(torch.equal(p.to_local(), w) for p, w in zip(model.parameters(), self._start)))
+        return loss
+
+    def _sharded_pass(self, model: nn.Module, micro_batch: dict[str, Any], items: int, weight: float,
+                      backward: Callable[[torch.Tensor], None]) -> torch.Tensor:
+        if backward is not torch.Tensor.backward:  # the descent pass, at w + e_k
+            squares = sum(float((p.to_local().double() - w.double()).square().sum())
+                          for p, w in zip(model.parameters(), self._start))
+            self.descent_squared_distances.append(squares)
+        return super()._sharded_pass(model, micro_batch, items, weight, backward)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A model, its training data, the ``SAMTrainingArguments`` that differ from :data:`ADAMW`'s two steps, the
+    ``fsdp_config`` entries beyond the layer units, and the trainer class."""
+
+    model: Callable[[], nn.Module]
+    data: Callable[[], Any]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    fsdp_config: dict[str, Any] = field(default_factory=dict)
+    trainer: type[SequentialSAMTrainer] = SequentialSAMTrainer
 
 
 # AdamW's epsilon at 1e-3: with the default 1e-8 the update lr g / sqrt(v) of a parameter whose gradients are ~1e-7
 # turns float32 differences of summation order (one process's batch against a reduce-scatter) into ~1e-5
 ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)
-LAYERS = {"bert": "BertLayer", "lm": "LlamaDecoderLayer", "vit": "ViTLayer"}  # each transformer layer its own FSDP unit
+LAYERS = {"BertLayer", "LlamaDecoderLayer", "ViTLayer"}  # each transformer layer of a model its own FSDP unit
+DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+MICRO4 = dict(sam_micro_batch_size=4)
+# 64 examples: the 4 steps are one epoch, so the resumed run must skip the 2 steps' batches it already trained on
+RESUME = dict(max_steps=4, lr_scheduler_type="linear", save_strategy="steps", save_steps=2, **MICRO4)
+
+
+def bert() -> nn.Module:
+    return tiny_bert(seed=12, **TWO_LAYERS)
+
+
+def bert_with_dropout() -> nn.Module:
+    return tiny_bert(seed=12, **TWO_LAYERS, **DROPOUT)
+
+
+def tokens() -> Any:
+    return token_dataset(32, seed=12)
+
+
 SUITES = {
     "bert": {
-        "micro4": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12), dict(sam_micro_batch_size=4)),
-        "asam": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12),
-                 dict(sam_micro_batch_size=4, sam_adaptive=True, sam_rho=1.0)),
-        "accumulate": (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12),
-                       dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, sam_micro_batch_size=4)),
-        "lora": (lora_bert, lambda: token_dataset(32, seed=12), dict(sam_micro_batch_size=4)),
+        "micro4": Setting(bert, tokens, MICRO4),
+        "asam": Setting(bert, tokens, dict(MICRO4, sam_adaptive=True, sam_rho=1.0)),
+        "accumulate": Setting(bert, tokens, dict(MICRO4, per_device_train_batch_size=4, gradient_accumulation_steps=2)),
+        "lora": Setting(lora_bert, tokens, MICRO4),
+        "poisoned": Setting(bert, tokens, MICRO4, trainer=PoisonedAscentSAMTrainer),
     },
     "vit": {
-        "micro4": (lambda: tiny_vit(seed=13), lambda: image_dataset(32, seed=13), dict(sam_micro_batch_size=4)),
+        "micro4": Setting(lambda: tiny_vit(seed=13, **TWO_LAYERS), lambda: image_dataset(32, seed=13), MICRO4),
     },
     "lm": {
-        "holes": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(), dict(sam_micro_batch_size=4)),
-        "empty": (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16), dict(sam_micro_batch_size=4)),
+        "holes": Setting(lambda: tiny_llama(seed=19, **TWO_LAYERS), lm_dataset_without_labels_in, MICRO4),
+        "empty": Setting(lambda: tiny_llama(seed=19, **TWO_LAYERS), lambda: lm_dataset_without_labels_in(8, 16), MICRO4),
+    },
+    "bf16": {
+        "micro4": Setting(bert, tokens, dict(MICRO4, bf16=True), trainer=RestoreCheckingSAMTrainer),
+        "stock": Setting(bert, tokens, dict(sam_rho=0.0, bf16=True)),
+    },
+    "dropout": {
+        "padded": Setting(bert_with_dropout, lambda: test_vmap.padded_dataset(32, seed=15)),
+    },
+    "resume": {
+        "sharded": Setting(bert_with_dropout, lambda: token_dataset(64, seed=12), RESUME,
+                           dict(state_dict_type="SHARDED_STATE_DICT")),
+        "full": Setting(bert_with_dropout, lambda: token_dataset(64, seed=12), RESUME,
+                        dict(state_dict_type="FULL_STATE_DICT")),
     },
 }
 
 
+def write_json(path: str, value: Any) -> None:
+    with open(path, "w") as handle:
+        json.dump(value, handle)
+
+
 def main(suite: str, out_dir: str) -> None:
-    import torch
     from safetensors.torch import save_file
 
     rank = int(os.environ.get("RANK", "0"))
-    for setting, (make_model, make_data, overrides) in SUITES[suite].items():
-        fsdp_config = {"fsdp_version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": [LAYERS[suite]]}
+    resumed = suite == "resumed"
+    for name, setting in SUITES["resume" if resumed else suite].items():
+        model = setting.model()
+        layers = sorted({type(m).__name__ for m in model.modules()} & LAYERS)
+        fsdp_config = {"fsdp_version": 2, "reshard_after_forward": True, "transformer_layer_cls_to_wrap": layers,
+                       **setting.fsdp_config}
         values = dict(per_device_train_batch_size=8, max_steps=2, sam_rho=0.2, fsdp=True, fsdp_config=fsdp_config,
                       **ADAMW)
-        values.update(overrides)
-        trainer = SequentialSAMTrainer(model=make_model(), args=sam_args(os.path.join(out_dir, setting), **values),
-                                       train_dataset=make_data())
+        values.update(setting.overrides)
+        run_dir = os.path.join(out_dir, name)
+        trainer = setting.trainer(model=model, args=sam_args(run_dir, **values), train_dataset=setting.data())
         assert trainer.is_fsdp_enabled, trainer.accelerator.distributed_type
-        trainer.train()
+        trainer.train(resume_from_checkpoint=os.path.join(run_dir, "checkpoint-2") if resumed else None)
+        assert trainer.is_fsdp_enabled and trainer.accelerator.is_fsdp2, trainer.accelerator.distributed_type
         full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                 for k, v in trainer.model_wrapped.state_dict().items()}
         if rank == 0:
-            save_file({k: v.contiguous() for k, v in full.items()}, os.path.join(out_dir, f"{setting}.safetensors"))
+            path = os.path.join(out_dir, f"{name}_resumed.safetensors" if resumed else f"{name}.safetensors")
+            save_file({k: v.contiguous() for k, v in full.items()}, path)
+        logged_skips = [entry["sam_skipped"] for entry in trainer.state.log_history if "sam_skipped" in entry]
+        if isinstance(trainer, PoisonedAscentSAMTrainer):
+            write_json(os.path.join(out_dir, f"{name}.rank{rank}.json"),
+                       dict(recorded_skips=trainer.recorded_skips, logged_skips=logged_skips))
+        if isinstance(trainer, RestoreCheckingSAMTrainer):
+            write_json(os.path.join(out_dir, f"{name}.rank{rank}.json"),
+                       dict(dtypes=sorted(trainer.dtypes), restored=trainer.restored, logged_skips=logged_skips,
+                            descent_squared_distances=trainer.descent_squared_distances))
         del trainer, full
         torch.distributed.barrier()
     shutdown_distributed()
