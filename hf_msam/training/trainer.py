@@ -543,8 +543,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
             perturbations, skipped, norm_sum, perturbed_loss = stats.tolist()
-            if self.is_fsdp_enabled:  # every process records each global micro-batch's one perturbation
-                skipped /= self.accelerator.num_processes
+            if self.is_fsdp_enabled:  # every process records each global micro-batch's one perturbation (its norm too)
+                world = self.accelerator.num_processes
+                perturbations, skipped, norm_sum = perturbations / world, skipped / world, norm_sum / world
             if perturbations > 0:
                 steps = max(self.state.global_step - self._sam_last_logged_step, 1)
                 logs["sam_perturbed_loss"] = perturbed_loss / steps

@@ -52,12 +52,20 @@ def global_micro_batch_order(num_examples: int, world: int = 2, per_device: int 
     return order
 
 
-def _one_process(tmp_path, model, data, trainer: type[SequentialSAMTrainer] = SequentialSAMTrainer, **overrides):
-    """The weights after the script's two AdamW steps in one process with the doubled batch (micro-batches of 8)."""
+def _one_process_trainer(tmp_path, model, data, trainer: type[SequentialSAMTrainer] = SequentialSAMTrainer,
+                         **overrides) -> SequentialSAMTrainer:
+    """The script's two AdamW steps in one process with the doubled batch (micro-batches of 8), trained."""
     values = dict(per_device_train_batch_size=16, max_steps=2, sam_rho=RHO, sam_micro_batch_size=8, **ADAMW)
     values.update(overrides)
-    trainer(model=model, args=sam_args(tmp_path, **values), train_dataset=data).train()
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    trained = trainer(model=model, args=sam_args(tmp_path, **values), train_dataset=data)
+    trained.train()
+    return trained
+
+
+def _one_process(tmp_path, model, data, **overrides):
+    """The weights after :func:`_one_process_trainer`."""
+    trained = _one_process_trainer(tmp_path, model, data, **overrides)
+    return {k: v.detach() for k, v in trained.model.state_dict().items()}
 
 
 def _per_rank(out, setting: str) -> list[dict[str, Any]]:
@@ -154,9 +162,15 @@ class PoisonedFirstAscent(SequentialSAMTrainer):
 def test_fsdp2_skips_a_perturbation_non_finite_on_one_process_on_every_process(bert_weights, tmp_path):
     # the script leaves a NaN in process 1's shard of global micro-batch 0's ascent gradient (step 1) only: both
     # processes skip that perturbation (no hang: the launch has a timeout) and log one skip
-    assert _per_rank(bert_weights, "poisoned") == [dict(recorded_skips=1, logged_skips=[1, 0])] * 2
+    # and log the mean norm of the perturbations applied, as one process does
+    ranks = _per_rank(bert_weights, "poisoned")
+    assert [(rank["recorded_skips"], rank["logged_skips"]) for rank in ranks] == [(1, [1, 0])] * 2
     data = token_dataset(32, seed=12).select(global_micro_batch_order(32))
-    expected = _one_process(tmp_path, bert(), data, trainer=PoisonedFirstAscent)
+    reference = _one_process_trainer(tmp_path, bert(), data, trainer=PoisonedFirstAscent)
+    norms = [entry["sam_ascent_grad_norm"] for entry in reference.state.log_history if "sam_ascent_grad_norm" in entry]
+    for rank in ranks:
+        assert rank["logged_norms"] == pytest.approx(norms, rel=1e-5)
+    expected = {k: v.detach() for k, v in reference.model.state_dict().items()}
     poisoned = load_file(str(bert_weights / "poisoned.safetensors"))
     assert max_abs_diff(poisoned, expected) < 1e-6
     assert max_abs_diff(poisoned, load_file(str(bert_weights / "micro4.safetensors"))) > 1e-4  # the skip counts

@@ -11,7 +11,7 @@ policy of ``bf16=True``) runs on gloo as it would on GPUs.
 Suites (two steps each, unless said):
   bert: micro-batches of 4 (SAM and ASAM), gradient accumulation, LoRA; ``poisoned``: micro-batches of 4, where
       process 1's shard of the first ascent gradient holds a NaN (each process writes OUT/poisoned.rank<r>.json:
-      the skips it recorded and the ``sam_skipped`` it logged).
+      the skips it recorded, the ``sam_skipped`` and ``sam_ascent_grad_norm`` it logged).
   vit: a ViT image classifier, micro-batches of 4.
   lm: a causal LM with -100 holes (unequal token counts), and a second process with nothing supervised.
   bf16: ``bf16=True``: mSAM with micro-batches of 4 (``micro4``; each process writes OUT/micro4.rank<r>.json, what
@@ -226,7 +226,9 @@ def main(suite: str, out_dir: str) -> None:
         logged_skips = [entry["sam_skipped"] for entry in trainer.state.log_history if "sam_skipped" in entry]
         if isinstance(trainer, PoisonedAscentSAMTrainer):
             write_json(os.path.join(out_dir, f"{name}.rank{rank}.json"),
-                       dict(recorded_skips=trainer.recorded_skips, logged_skips=logged_skips))
+                       dict(recorded_skips=trainer.recorded_skips, logged_skips=logged_skips,
+                            logged_norms=[entry["sam_ascent_grad_norm"] for entry in trainer.state.log_history
+                                          if "sam_ascent_grad_norm" in entry]))
         if isinstance(trainer, RestoreCheckingSAMTrainer):
             write_json(os.path.join(out_dir, f"{name}.rank{rank}.json"),
                        dict(dtypes=sorted(trainer.dtypes), restored=trainer.restored, logged_skips=logged_skips,
