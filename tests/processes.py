@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+FSDP2_CONFIG = str(REPO / "recipes" / "accelerate" / "fsdp2.yaml")
+GLUE_FSDP = str(TESTS / "recipes" / "scripts" / "glue_fsdp.py")
+"""The glue recipe with FSDP allowed on CPU (``tests/fsdp_on_cpu.py``): ``GLUE_FSDP [RECIPE FLAGS]``."""
 MSAM_DDP = str(TESTS / "training" / "scripts" / "msam_ddp.py")
 """Two mSAM steps per setting of a suite on 2 gloo processes: ``MSAM_DDP SUITE OUT`` (suites ``bert``, ``lm``, ``vmap``)."""
 MSAM_FSDP = str(TESTS / "training" / "scripts" / "msam_fsdp.py")
@@ -44,6 +48,27 @@ def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> 
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launcher = run_process_group(command, timeout=timeout, what="the 2-process run (hung collective?)", env=env)
+    stdout, stderr = launcher.stdout, launcher.stderr
+    assert launcher.returncode == 0, f"exit {launcher.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    assert "terminate called" not in stderr
+
+
+def launch_fsdp2(script: str, *script_args: str, timeout: int = 240, env: dict[str, str] | None = None) -> None:
+    """``accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no`` on
+    CPU (gloo), with ``env`` added to this process's environment; fails the test with the output.
+
+    With no GPU visible the launcher still starts 2 processes (torchrun) with the config's FSDP settings in their
+    environment (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION=2``, ...); no ``--cpu``, which would start one process
+    without them. In those processes accelerate keeps ``MULTI_CPU`` and ignores FSDP unless ``script`` lifts the
+    gate (``fsdp_on_cpu.allow_fsdp_on_cpu``). ``--mixed_precision no`` overrides the config's bf16."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CONFIG, "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", "0", script, *script_args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO), **(env or {})}
+    launcher = run_process_group(command, timeout=timeout, what="the 2-process FSDP2 run (hung collective?)",
+                                 env=env)
     stdout, stderr = launcher.stdout, launcher.stderr
     assert launcher.returncode == 0, f"exit {launcher.returncode}\n{stdout[-3000:]}\n{stderr[-6000:]}"
     assert "terminate called" not in stderr

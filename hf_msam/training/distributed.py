@@ -107,6 +107,39 @@ def check_backend(args: Any, sam: Any, distributed_type: DistributedType | None 
         )
 
 
+def wrap_layers_around_input_embeddings(plugin: Any, model: nn.Module) -> None:
+    """Under FSDP2 with accelerate's ``TRANSFORMER_BASED_WRAP`` and no layer classes named (as
+    recipes/accelerate/fsdp2.yaml), take the classes that hold the input embeddings out of those taken from the
+    model's ``_no_split_modules``.
+
+    accelerate's ``fsdp2_prepare_model`` wraps each ``_no_split_modules`` class (BERT's: ``BertLayer`` and
+    ``BertEmbeddings``), then calls ``fully_shard`` on ``get_input_embeddings()`` as a unit of its own. When an
+    enclosing module was wrapped already, the embedding's weight is a DTensor by then, which ``fully_shard`` takes
+    for tensor parallelism and fails on. Named here, the remaining classes are wrapped as before, the embedding
+    table becomes its own unit and the rest of the enclosing module joins the root's. Layer classes the user named
+    (``fsdp_transformer_layer_cls_to_wrap``) are left as they are.
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if (getattr(plugin, "fsdp_version", 1) != 2 or plugin.auto_wrap_policy is not transformer_auto_wrap_policy
+            or plugin.transformer_cls_names_to_wrap is not None):
+        return
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    path = next((name for name, module in model.named_modules() if module is embeddings), None)
+    if path is None:
+        return
+    parts = path.split(".")
+    holding = {type(model.get_submodule(".".join(parts[:i]))).__name__ for i in range(len(parts) + 1)}
+    names = [name for name in getattr(model, "_no_split_modules", None) or []
+             if get_module_class_from_name(model, name) is not None]
+    if any(name in holding for name in names):
+        plugin.transformer_cls_names_to_wrap = [name for name in names if name not in holding]
+
+
 def all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
     """Global SAM: replace each process's ascent gradient ``g_r`` by ``sum_r weight_r * g_r`` over processes, in one
     all-reduce (with ``weight_r = items_r / items_step`` that is the gradient of the whole mini-batch's mean loss)."""

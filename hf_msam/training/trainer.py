@@ -60,6 +60,7 @@ from .distributed import (
     check_backend,
     global_counts,
     sync_buffers,
+    wrap_layers_around_input_embeddings,
 )
 from ..update.loop import (
     MicroBatchSAM,
@@ -96,6 +97,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
         check_backend(self.args, self.sam_options, self.accelerator.distributed_type, self.args.n_gpu)
+        if self.is_fsdp_enabled:
+            wrap_layers_around_input_embeddings(self.accelerator.state.fsdp_plugin, self.model)
         micro_batch_size = self.sam_options.sam_micro_batch_size
         if micro_batch_size is not None and isinstance(self.data_collator, DataCollatorWithFlattening):
             raise ValueError(_packed_batch_error(micro_batch_size))
