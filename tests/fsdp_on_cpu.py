@@ -19,7 +19,7 @@ from accelerate.utils import DistributedType
 
 def allow_fsdp_on_cpu() -> None:
     """Patch ``AcceleratorState.__init__`` in this process: a ``MULTI_CPU`` state given an ``fsdp_plugin`` becomes
-    ``DistributedType.FSDP`` with that plugin, in the state shared with ``PartialState`` too (each later
+    ``DistributedType.FSDP`` with that plugin (and its mixed precision policy from ``mixed_precision``), in the state shared with ``PartialState`` too (each later
     ``AcceleratorState()`` reads its type from there). Installing it twice patches once."""
     state = accelerate.state.AcceleratorState
     if getattr(state.__init__, "_fsdp_on_cpu", False):
@@ -29,6 +29,8 @@ def allow_fsdp_on_cpu() -> None:
     def init(self: Any, *args: Any, fsdp_plugin: Any = None, **kwargs: Any) -> None:
         original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            if self._mixed_precision != "no":  # the plugin's MixedPrecisionPolicy, as accelerate sets it on GPUs
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
             self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
             # every later AcceleratorState() copies PartialState's shared state over its own: FSDP must be there too
             accelerate.state.PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -29,9 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import accelerate.state
 import torch
-from accelerate.utils import DistributedType
 from torch import nn
 
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
@@ -48,26 +46,12 @@ from builders import (  # noqa: E402
     tiny_vit,
     token_dataset,
 )
+from fsdp_on_cpu import allow_fsdp_on_cpu  # noqa: E402
 
 from hf_msam.recipes.common import shutdown_distributed  # noqa: E402
 from hf_msam.update.loop import Perturbation  # noqa: E402
 
-_accelerator_state_init = accelerate.state.AcceleratorState.__init__
-
-
-def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
-    """What ``AcceleratorState.__init__`` does with an FSDP plugin on accelerators: FSDP, and the plugin's mixed
-    precision policy from ``mixed_precision``. Every later ``AcceleratorState()`` (the Trainer builds several) copies
-    ``PartialState``'s ``MULTI_CPU`` back in, so a plugin set before keeps FSDP."""
-    _accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
-    if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        if fsdp_plugin is not None and self._mixed_precision != "no":
-            fsdp_plugin.set_mixed_precision(self._mixed_precision)
-        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
-
-
-accelerate.state.AcceleratorState.__init__ = _fsdp_on_cpu
+allow_fsdp_on_cpu()
 
 
 def lora_bert() -> nn.Module:
