@@ -20,6 +20,8 @@ MSAM_DDP = str(TESTS / "training" / "scripts" / "msam_ddp.py")
 """Two mSAM steps per setting of a suite on 2 gloo processes: ``MSAM_DDP SUITE OUT`` (suites ``bert``, ``lm``, ``vmap``)."""
 MSAM_FSDP = str(TESTS / "training" / "scripts" / "msam_fsdp.py")
 """Two mSAM steps per setting under FSDP2 on 2 gloo processes: ``MSAM_FSDP SUITE OUT`` (suites ``bert``, ``vit``, ``lm``)."""
+MSAM_DEEPSPEED = str(TESTS / "training" / "scripts" / "msam_deepspeed.py")
+"""Two mSAM steps per setting under DeepSpeed ZeRO-1/2 on 2 gloo processes: ``MSAM_DEEPSPEED OUT`` (needs deepspeed)."""
 REPORT_DDP = str(TESTS / "curvature" / "scripts" / "report_ddp.py")
 """One mSAM step with the final curvature report on 2 gloo processes: ``REPORT_DDP OUT``."""
 

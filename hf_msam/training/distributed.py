@@ -1,5 +1,5 @@
-"""What each distributed backend does under mSAM, and what is refused: the one table, the collectives, and the
-perturbation of sharded parameters.
+"""What each distributed backend does under mSAM, and what is refused: the checks, the collectives, the
+perturbation of sharded parameters and DeepSpeed's descent backward.
 
 DDP: the ascent pass runs on the unwrapped module (no all-reduce, per-process perturbations), and the vmap path,
 which never runs the wrapper's forward, reduces by hand what the reducer would (``docs/design.md`` section 2.4).
@@ -11,15 +11,22 @@ weights by a gradient of its own. Micro-batch k of the step is the union of the 
 perturbed by its gradient: the ascent gradient is reduce-scattered (each process receives its shard of the mean),
 ``||g_k||`` (``||T g_k||`` for ASAM) is one all-reduce of the shards' sums of squares, and each process moves its
 own shard in place by ``e_k`` (:class:`ShardedPerturbation`); the descent gradient accumulates as usual and the
-shards are copied back bit for bit (``docs/design.md`` section 2.6). DeepSpeed and FSDP version 1 are refused,
-when the arguments are built and again when the trainer sees the accelerator, by :func:`check_backend`.
+shards are copied back bit for bit (``docs/design.md`` section 2.6).
+
+DeepSpeed ZeRO-1/2 (:data:`DEEPSPEED_ZERO_STAGES`): the parameters are replicated, so the ascent is DDP's (on the
+engine's module, whose post-accumulate gradient hooks ``torch.autograd.grad`` never fires), and each descent
+backward runs through the engine without its step (:func:`deepspeed_backward`); the trainer steps the engine once
+the weights are restored (``docs/design.md`` section 2.7).
+
+What is refused (FSDP version 1, DeepSpeed ZeRO-3 and stage 0, and what the loop path alone does under a
+backend), when the arguments are built and again when the trainer sees the accelerator: :func:`check_backend`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,22 +37,47 @@ from ..update.loop import Perturbation
 from ..update.rule import SAMRule
 
 
-@dataclass(frozen=True)
-class Refused:
-    """A backend SAMTrainer refuses: its ``TrainingArguments`` field, accelerate's environment flag and
-    ``DistributedType``, and why."""
-
-    field: str
-    name: str
-    environment: str
-    distributed_type: DistributedType
-    reason: str
+DEEPSPEED_ZERO_STAGES = (1, 2)
+"""The ZeRO stages SAMTrainer trains under. Both replicate the parameters (ZeRO-1 partitions the optimizer states,
+ZeRO-2 the gradients too), so each process perturbs its whole weights by its own micro-batches, as under DDP. ZeRO-3
+shards the parameters as FSDP does; its way is FSDP2."""
 
 
-REFUSED = (
-    Refused("deepspeed", "DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED,
-            "its engine steps inside backward, which breaks the two passes of SAM"),
-)
+def deepspeed_asked(args: Any, distributed_type: DistributedType | None = None) -> bool:
+    """Whether DeepSpeed runs: ``args.deepspeed``, accelerate's environment (``ACCELERATE_USE_DEEPSPEED``) or the
+    accelerator's ``distributed_type``."""
+    return (
+        bool(getattr(args, "deepspeed", None))
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        or distributed_type == DistributedType.DEEPSPEED
+    )
+
+
+def deepspeed_zero_stage(args: Any) -> int | None:
+    """The ZeRO stage that the arguments ask for before the trainer is built: ``zero_optimization.stage`` of
+    ``args.deepspeed`` (a dict, or the path of a JSON file; DeepSpeed's default 0 without it), else accelerate's
+    environment (``ACCELERATE_DEEPSPEED_ZERO_STAGE``); None when neither says (the trainer checks the stage of the
+    accelerator's DeepSpeed plugin again)."""
+    config = getattr(args, "deepspeed", None)
+    if isinstance(config, str) and os.path.isfile(config):
+        with open(config, encoding="utf-8") as handle:
+            config = json.load(handle)
+    if isinstance(config, dict):
+        return int(config.get("zero_optimization", {}).get("stage", 0))
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and stage is not None:
+        return int(stage)
+    return None
+
+
+def deepspeed_backward(engine: Any, loss: torch.Tensor, boundary: bool) -> None:
+    """One descent backward through the DeepSpeed engine, without its step: ``boundary`` tells ZeRO whether this
+    backward ends the optimizer step's accumulation (the gradient reduction of ZeRO-1, the last partition update of
+    ZeRO-2). ``scale_wrt_gas=False``: the descent weight ``world * items_k / items_step`` already averages over the
+    step, as for the stock Trainer's loss. accelerate's ``backward`` would step the engine at the first backward of
+    the step's last chunk; the trainer steps it (:meth:`DeepSpeedEngine.step`) once the weights are restored."""
+    engine.set_gradient_accumulation_boundary(is_boundary=boundary)
+    engine.backward(loss, scale_wrt_gas=False)
 
 
 def fsdp_version(args: Any, distributed_type: DistributedType | None = None) -> int | None:
@@ -60,11 +92,13 @@ def fsdp_version(args: Any, distributed_type: DistributedType | None = None) -> 
     return None
 
 
-def check_backend(args: Any, sam: Any, distributed_type: DistributedType | None = None, n_gpu: int = 1) -> None:
-    """Raise, naming the field and the way out, for a backend in :data:`REFUSED` (asked for by ``args`` or the
-    environment, or the accelerator's ``distributed_type``), for FSDP other than version 2, for what mSAM cannot do
-    on sharded parameters (``sam`` the mSAM options: ``sam_global``, the vmap path), and for
-    ``torch.nn.DataParallel`` (``n_gpu > 1``)."""
+def check_backend(args: Any, sam: Any, distributed_type: DistributedType | None = None, n_gpu: int = 1,
+                  zero_stage: int | None = None, mixed_precision: str | None = None) -> None:
+    """Raise, naming the field and the way out, for FSDP other than version 2, for what mSAM cannot do on sharded
+    parameters (``sam`` the mSAM options: ``sam_global``, the vmap path), for DeepSpeed with a ZeRO stage outside
+    :data:`DEEPSPEED_ZERO_STAGES` (``zero_stage``, the accelerator plugin's once the trainer is built, else read
+    from ``args``), fp16 or what the loop path alone does under it, and for ``torch.nn.DataParallel``
+    (``n_gpu > 1``). ``mixed_precision`` is the accelerator's (None: ``args.fp16`` says)."""
     version = fsdp_version(args, distributed_type)
     if version is not None and version != 2:
         raise ValueError(
@@ -78,27 +112,39 @@ def check_backend(args: Any, sam: Any, distributed_type: DistributedType | None 
             "every process is perturbed by their joint gradient). Unset sam_global and set sam_micro_batch_size "
             "to the per-process micro-batch (SAM: the per-device batch)."
         )
+    backend = "FSDP" if version == 2 else "DeepSpeed" if deepspeed_asked(args, distributed_type) else None
     asked = [name for name in ("sharpness_report", "sharpness_at_eval") if getattr(args, name, False)]
-    if version == 2 and asked:
+    if backend is not None and asked:
+        why = "and FSDP shards it" if backend == "FSDP" else "which is not tested inside DeepSpeed's engine"
         raise ValueError(
-            f"{asked[0]}=True under FSDP: the curvature report differentiates the full model on one process, and "
-            f"FSDP shards it. Set --{asked[0]} false, train with the full state dict saved (fsdp_state_dict_type "
+            f"{asked[0]}=True under {backend}: the curvature report differentiates the full model on one process, "
+            f"{why}. Set --{asked[0]} false, train with the full weights saved (FSDP: fsdp_state_dict_type "
             "FULL_STATE_DICT, as recipes/accelerate/fsdp2.yaml), then run `hf-msam sharpness OUTPUT_DIR --data DATA "
             "--output REPORT.json` in one process (docs/curvature.md)."
         )
-    if version == 2 and sam.sam_micro_batch_mode == "vmap":
+    if backend is not None and sam.sam_micro_batch_mode == "vmap":
+        why = ("the full weights, which sharded parameters do not hold" if backend == "FSDP" else
+               "the weights and reduces their gradients by hand, which would bypass DeepSpeed's engine")
         raise ValueError(
-            "sam_micro_batch_mode='vmap' under FSDP: the vmap path batches functional copies of the full weights, "
-            "which sharded parameters do not hold. Use sam_micro_batch_mode='loop' (or 'auto', which picks it)."
+            f"sam_micro_batch_mode='vmap' under {backend}: the vmap path batches functional copies of {why}. "
+            "Use sam_micro_batch_mode='loop' (or 'auto', which picks it)."
         )
-    for refused in REFUSED:
-        asked = bool(getattr(args, refused.field, None))
-        asked = asked or os.environ.get(refused.environment, "false").lower() == "true"
-        if asked or distributed_type == refused.distributed_type:
+    if backend == "DeepSpeed":
+        stage = zero_stage if zero_stage is not None else deepspeed_zero_stage(args)
+        if stage is not None and stage not in DEEPSPEED_ZERO_STAGES:
+            shards = "shards the parameters, which no process can then perturb alone" if stage == 3 else "is untested"
             raise ValueError(
-                f"{refused.field}: SAMTrainer does not support {refused.name} yet ({refused.reason}). "
-                f"Remove --{refused.field}; train with FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP "
-                "(accelerate launch --multi_gpu)."
+                f"deepspeed: SAMTrainer supports DeepSpeed ZeRO stages {list(DEEPSPEED_ZERO_STAGES)}, got stage {stage}, "
+                f"which {shards}: set zero_optimization.stage to 1 or 2, or, to shard the parameters, train with "
+                "FSDP2 (accelerate launch --config_file recipes/accelerate/fsdp2.yaml, or fsdp=True with "
+                "fsdp_config={'fsdp_version': 2})."
+            )
+        fp16 = mixed_precision == "fp16" if mixed_precision is not None else bool(getattr(args, "fp16", False))
+        if fp16:
+            raise ValueError(
+                "fp16 under DeepSpeed: DeepSpeed scales the loss inside its engine, so the ascent gradient, taken "
+                "outside it, would be unscaled and could underflow. Set bf16 (or fp16.enabled false in the "
+                "DeepSpeed config), or train with DDP or FSDP2, which take the ascent from the scaled loss."
             )
     if n_gpu > 1:
         raise ValueError(
@@ -244,9 +290,14 @@ def sharded_norm(shards: list[torch.Tensor]) -> float:
 def global_counts(counts: list[int], device: torch.device) -> list[float]:
     """The supervised items of each micro-batch index summed over processes, padded to the most micro-batches any
     process has (a process with fewer runs empty passes, so that every process meets the same collectives)."""
-    size = torch.tensor([len(counts)], device=device)
-    torch.distributed.all_reduce(size, op=torch.distributed.ReduceOp.MAX)
-    padded = torch.zeros(int(size), dtype=torch.float64, device=device)
+    padded = torch.zeros(most_over_processes(len(counts), device), dtype=torch.float64, device=device)
     padded[: len(counts)] = torch.tensor(counts, dtype=torch.float64)
     torch.distributed.all_reduce(padded)
     return padded.tolist()
+
+
+def most_over_processes(number: int, device: torch.device) -> int:
+    """The largest of the processes' ``number`` (one all-reduce)."""
+    largest = torch.tensor([number], device=device)
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
+    return int(largest)

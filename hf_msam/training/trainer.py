@@ -13,6 +13,9 @@ How the traps of the Trainer are handled (``docs/design.md`` section 2.3):
 * DDP: the ascent pass runs on the unwrapped module, so it never reaches the reducer (no all-reduce,
   per-device perturbations), and every descent backward but the last of a chunk runs under ``no_sync``. While the
   vmap path is in use, every chunk reduces by hand instead, also those that run with the loop (``docs/design.md`` 2.4).
+* DeepSpeed ZeRO-1/2 (parameters replicated): the ascent as under DDP; every descent backward runs through the
+  engine without its step, the accumulation boundary set on the last of the step's last chunk only, and the engine
+  steps once, after the last restore (``docs/design.md`` 2.7). The loop path only.
 * Loss scale: each micro-batch's loss is the model's own mean over its supervised items (labels that are
   not -100); it is weighted by ``world_size * items_k / items_step``, with ``items_step`` counted over the
   whole optimizer step on all processes. That is ``sum_k |D_k| / |D| d_k`` for every head, including the
@@ -58,7 +61,9 @@ from .distributed import (
     all_reduce_gradients_mean_,
     all_reduce_mean_,
     check_backend,
+    deepspeed_backward,
     global_counts,
+    most_over_processes,
     sync_buffers,
     wrap_layers_around_input_embeddings,
 )
@@ -96,7 +101,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         if args is not None:  # SAMTrainingArguments checked themselves when built; a plain TrainingArguments did not
             validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
-        check_backend(self.args, self.sam_options, self.accelerator.distributed_type, self.args.n_gpu)
+        plugin = self.accelerator.state.deepspeed_plugin  # None without DeepSpeed
+        # the stage of the config the engine is built from (DeepSpeed's default 0 without one)
+        zero_stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) if plugin else None
+        check_backend(self.args, self.sam_options, self.accelerator.distributed_type, self.args.n_gpu,
+                      zero_stage=zero_stage, mixed_precision=self.accelerator.mixed_precision)
         if self.is_fsdp_enabled:
             wrap_layers_around_input_embeddings(self.accelerator.state.fsdp_plugin, self.model)
         micro_batch_size = self.sam_options.sam_micro_batch_size
@@ -193,7 +202,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             done = self._vmap_step(model, split, counts, items_step, grad_scale, clean_loss)
             split, counts = split[done:], counts[done:]  # "auto" met an error vmap cannot run: the loop does the rest
         micro_batches = [(mb, items) for mb, items in zip(split, counts) if items > 0]  # nothing supervised: no loss
-        if not micro_batches and not vmap and not by_hand:  # nothing supervised: still take part in every collective
+        deepspeed = self.is_deepspeed_enabled
+        passes = 0  # descent backwards of the chunk under DeepSpeed
+        if deepspeed:  # ZeRO-2 reduces in every backward: as many on every process, at least the stock step's one
+            passes = max(1, most_over_processes(len(micro_batches), args.device) if world > 1 else len(micro_batches))
+        if not micro_batches and not vmap and not by_hand and not deepspeed:  # nothing supervised: still take part
             if options.sam_global and world > 1:
                 all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
             self._zero_loss_backward(model, inputs)
@@ -214,19 +227,41 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or by_hand else self.accelerator.no_sync(model)
             randomness.restore()
-            # Rows added into .grad in place; not under DDP, whose reducer expects the dense gradients it was built for.
-            descent_tables = sparse_embedding_gradients(self._embeddings if world == 1 else [], accumulating=True)
+            # Rows added into .grad in place; not under DDP or DeepSpeed, whose reductions expect dense gradients.
+            in_place_rows = world == 1 and not self.is_deepspeed_enabled
+            descent_tables = sparse_embedding_gradients(self._embeddings if in_place_rows else [], accumulating=True)
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager(), descent_tables:
                         loss_at_w_plus_e = self._micro_batch_loss(ascent_model if by_hand else model, micro_batch, items)
-                    self.accelerator.backward(weight * loss_at_w_plus_e)
+                    if self.is_deepspeed_enabled:
+                        boundary = self.accelerator.sync_gradients and index == passes - 1
+                        deepspeed_backward(self.accelerator.deepspeed_engine_wrapped.engine, weight * loss_at_w_plus_e,
+                                           boundary)
+                    else:
+                        self.accelerator.backward(weight * loss_at_w_plus_e)
             finally:
                 sam.restore()  # also when the descent pass fails: the weights never stay perturbed
             self._record(perturbation, weight / world * loss_at_w_plus_e.detach().float())
         if by_hand and self.accelerator.sync_gradients:
             self._vmap_all_reduce()
+        if deepspeed:
+            self._deepspeed_padding_and_step(model, inputs, len(micro_batches), passes)
         return clean_loss
+
+    def _deepspeed_padding_and_step(self, model: nn.Module, inputs: dict[str, Any], done: int, passes: int) -> None:
+        """After the chunk's ``done`` descent backwards under DeepSpeed: the zero-loss backwards up to ``passes`` (each
+        with the all-reduce of the ascent that ``sam_global`` would have run), the last of them at the accumulation
+        boundary when the step ends here, then the step's one engine step, taken at w (all weights restored)."""
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        sync = self.accelerator.sync_gradients
+        for index in range(done, passes):
+            if self.sam_options.sam_global and self.accelerator.num_processes > 1:
+                all_reduce_mean_([torch.zeros_like(p) for p in self._sam.params], 0.0)
+            boundary = sync and index == passes - 1
+            self._zero_loss_backward(model, inputs, lambda loss: deepspeed_backward(engine, loss, boundary))
+        if sync:
+            engine.step()
 
     def _sharded_msam_step(self, model: nn.Module, split: list[dict[str, Any]], counts: list[int], items_step: float,
                            grad_scale: float, clean_loss: torch.Tensor) -> torch.Tensor:
@@ -321,9 +356,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             return loss / factor, outputs
         return result / factor
 
-    def _zero_loss_backward(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+    def _zero_loss_backward(self, model: nn.Module, inputs: dict[str, Any],
+                            backward: Callable[[torch.Tensor], None] | None = None) -> None:
         """A synced backward of zero through the (DDP-wrapped) model, as the stock step back-propagates a zero loss
         for a chunk without supervised items: the gradient all-reduce of the step then runs on every process.
+        ``backward`` runs it (default ``accelerator.backward``; DeepSpeed's without the engine step).
 
         The zero comes from the model's outputs without labels, not from its loss, a mean over no items (NaN) here.
         """
@@ -332,7 +369,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             outputs = model(**unsupervised)
         values = outputs.values() if isinstance(outputs, Mapping) else outputs
         tensors = [v for v in values if isinstance(v, torch.Tensor) and v.requires_grad and v.is_floating_point()]
-        self.accelerator.backward(sum(t.sum() for t in tensors) * 0.0)
+        (backward or self.accelerator.backward)(sum(t.sum() for t in tensors) * 0.0)
 
     def _unwrapped(self, model: nn.Module) -> nn.Module:
         """``accelerator.unwrap_model(model)``, kept for the last ``model`` passed: the Trainer passes the same
@@ -367,6 +404,8 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
     def _vmap_chosen(self, model: nn.Module, micro_batches: list[dict[str, Any]], counts: list[int]) -> bool:
         """Whether this chunk runs on the vmap path; logs the reason of a fallback once (``"auto"``, or an
         uneven chunk), raises with it for ``"vmap"`` when the model itself cannot take the path."""
+        if self.is_deepspeed_enabled:  # "vmap" is refused: its reduction by hand would bypass the engine's
+            return False
         mode = self.sam_options.sam_micro_batch_mode
         declined, reason = path.auto_declines(mode, self.args.device.type, len(micro_batches))
         if reason is not None:

@@ -283,7 +283,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
         ({"sam_global": True, "sam_micro_batch_size": 4}, "sam_global"),
         ({"sam_global": True, "gradient_accumulation_steps": 2}, "sam_global"),
         ({"sam_adaptive_eta": -1.0}, "sam_adaptive_eta"),
-        ({"deepspeed": "ds_config.json"}, "deepspeed"),
+        ({"deepspeed": {"zero_optimization": {"stage": 3}}}, "deepspeed"),
         ({"fsdp": True, "fsdp_config": {"fsdp_version": 1}}, "fsdp_config"),
     ],
 )

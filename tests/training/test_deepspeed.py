@@ -1,0 +1,100 @@
+"""DeepSpeed ZeRO-1 and ZeRO-2 on two gloo processes give the weights of one process with the doubled batch, as DDP
+does: the parameters are replicated, so each process perturbs them by its own micro-batches; the descent gradients
+go through the engine, which steps once per optimizer step (``docs/design.md`` section 2.7). ZeRO-3 is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import SequentialSAMTrainer, lm_dataset_without_labels_in, sam_args, tiny_bert, tiny_llama, token_dataset
+from processes import MSAM_DEEPSPEED, launch_two_processes
+from references import max_abs_diff
+from safetensors.torch import load_file
+
+from hf_msam import SAMTrainingArguments
+
+ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)  # as the script, which says why
+
+
+@pytest.fixture(scope="module")
+def deepspeed_weights(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("deepspeed")
+    launch_two_processes(MSAM_DEEPSPEED, str(out), timeout=300)
+    return out
+
+
+def _one_process(tmp_path, model=None, data=None, **overrides):
+    """The plain Trainer loop of one process on the step's 16 examples (no DeepSpeed); the tiny BERT by default."""
+    model = model if model is not None else tiny_bert(seed=12)
+    data = data if data is not None else token_dataset(32, seed=12)
+    values = dict(per_device_train_batch_size=16, max_steps=2, sam_rho=0.2, **ADAMW)
+    values.update(overrides)
+    SequentialSAMTrainer(model=model, args=sam_args(tmp_path, **values), train_dataset=data).train()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setting, single_process",
+    [
+        ("zero2_micro4", dict(sam_micro_batch_size=4)),  # each process's micro-batches of 4, perturbed on their own
+        ("zero1_micro4", dict(sam_micro_batch_size=4)),
+        ("zero2_accumulate", dict(sam_micro_batch_size=4)),  # two chunks of 4 per process: the same micro-batches
+        ("zero2_per_device", dict(sam_micro_batch_size=8)),  # each process's batch is one micro-batch
+        ("zero2_global", dict(sam_micro_batch_size=None)),  # sam_global: one perturbation for the 16 examples = SAM
+    ],
+)
+def test_zero_1_and_2_equal_one_process_with_doubled_batch(deepspeed_weights, tmp_path, setting, single_process):
+    distributed = load_file(str(deepspeed_weights / f"{setting}.safetensors"))
+    expected = _one_process(tmp_path, **single_process)
+    assert max_abs_diff(distributed, expected) < 1e-6
+    assert (deepspeed_weights / f"{setting}.skipped").read_text() == "0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "setting, unsupervised, single_process",
+    [
+        ("zero2_holes", (), dict(sam_micro_batch_size=4)),  # token counts differ between the processes
+        ("zero2_empty", (8, 16), dict(sam_micro_batch_size=4)),  # step 1: the second process has no label at all
+        ("zero2_empty_global", (8, 16), dict(sam_micro_batch_size=None)),
+    ],
+)
+def test_zero2_with_unequal_supervision_equals_one_process(deepspeed_weights, tmp_path, setting, unsupervised,
+                                                           single_process):
+    data = lm_dataset_without_labels_in(*unsupervised)
+    labels = torch.tensor(data["labels"])[:, 1:]
+    per_process = [int(labels[start : start + 8].ne(-100).sum()) for start in (0, 8)]  # step 1: process 0, 1
+    assert per_process[0] != per_process[1] and (per_process[1] == 0) == bool(unsupervised)
+    expected = _one_process(tmp_path, tiny_llama(seed=19), data, **single_process)
+    assert max_abs_diff(load_file(str(deepspeed_weights / f"{setting}.safetensors")), expected) < 1e-6
+    assert (deepspeed_weights / f"{setting}.skipped").read_text() == "0"
+
+
+@pytest.mark.slow
+def test_deepspeed_perturbations_are_per_process(deepspeed_weights):
+    per_device = load_file(str(deepspeed_weights / "zero2_per_device.safetensors"))
+    global_sam = load_file(str(deepspeed_weights / "zero2_global.safetensors"))
+    assert max_abs_diff(per_device, global_sam) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(deepspeed={"zero_optimization": {"stage": 3}}), "recipes/accelerate/fsdp2.yaml"),
+        (dict(deepspeed={"zero_optimization": {"stage": 2}}, sam_micro_batch_mode="vmap"), "sam_micro_batch_mode"),
+        (dict(deepspeed={"zero_optimization": {"stage": 2}}, sharpness_report=True), "hf-msam sharpness"),
+        (dict(deepspeed={"zero_optimization": {"stage": 2}}, fp16=True), "bf16"),
+    ],
+)
+def test_what_deepspeed_cannot_do_is_refused_when_the_arguments_are_built(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        SAMTrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+def test_zero3_from_accelerate_environment_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ValueError, match="ZeRO stages .* FSDP2"):
+        SAMTrainingArguments(output_dir=str(tmp_path))
