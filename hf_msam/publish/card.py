@@ -109,10 +109,16 @@ def card_data_from_trainer(trainer, **kwargs) -> dict[str, Any]:
     sam = sam_options_of(args)  # a plain TrainingArguments: the mSAM defaults, as SAMTrainer trained with
     micro = sam.sam_micro_batch_size
     per_device = args.per_device_train_batch_size
-    m = 1 if sam.sam_global else micro_batches_per_device(sam, per_device) * world * ga
+    per_process = micro if micro else per_device
+    if getattr(trainer, "is_fsdp_enabled", False):  # micro-batch k is the union of the processes' k-th (design 2.6)
+        m = micro_batches_per_device(sam, per_device) * ga
+        micro_batch = f"{per_process * world} (the union of the {world} processes' micro-batches of {per_process})"
+    else:
+        m = 1 if sam.sam_global else micro_batches_per_device(sam, per_device) * world * ga
+        micro_batch = micro if micro else f"{per_device} (the per-device batch)"
     msam = {
         "rho": sam.sam_rho,
-        "micro-batch size": micro if micro else f"{per_device} (the per-device batch)",
+        "micro-batch size": micro_batch,
         "m (micro-batches per optimizer step)": m,
         "adaptive (ASAM)": sam.sam_adaptive,
         "global SAM": sam.sam_global,

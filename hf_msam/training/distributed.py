@@ -153,6 +153,22 @@ def check_backend(args: Any, sam: Any, distributed_type: DistributedType | None 
         )
 
 
+def fsdp_fallback_warning(args: Any, distributed_type: DistributedType, num_processes: int) -> str | None:
+    """What to tell a user who asked for FSDP (``args.fsdp`` or accelerate's environment) and whose processes run
+    without it: accelerate selects FSDP on accelerators only, so on CPUs ``accelerate launch`` with an FSDP config
+    runs plain data parallelism. The weights are then whole on every process and mSAM perturbs per process (the
+    DDP semantics, ``docs/design.md`` section 2.3), not the union of the processes' micro-batches (section 2.6).
+    None where FSDP runs, was not asked for, or one process makes the two semantics the same."""
+    if num_processes < 2 or distributed_type == DistributedType.FSDP or fsdp_version(args) is None:
+        return None
+    return (
+        f"FSDP was asked for, but accelerate runs {distributed_type.value} on these {num_processes} processes (it "
+        "selects FSDP on accelerators only): the weights are not sharded, and mSAM perturbs each process's "
+        "micro-batches by their own gradient (data-parallel semantics) instead of the union of the processes' "
+        "micro-batches."
+    )
+
+
 def wrap_layers_around_input_embeddings(plugin: Any, model: nn.Module) -> None:
     """Under FSDP2 with accelerate's ``TRANSFORMER_BASED_WRAP`` and no layer classes named (as
     recipes/accelerate/fsdp2.yaml), take the classes that hold the input embeddings out of those taken from the

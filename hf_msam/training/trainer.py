@@ -62,6 +62,7 @@ from .distributed import (
     all_reduce_mean_,
     check_backend,
     deepspeed_backward,
+    fsdp_fallback_warning,
     global_counts,
     most_over_processes,
     sync_buffers,
@@ -108,6 +109,9 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
                       zero_stage=zero_stage, mixed_precision=self.accelerator.mixed_precision)
         if self.is_fsdp_enabled:
             wrap_layers_around_input_embeddings(self.accelerator.state.fsdp_plugin, self.model)
+        fallback = fsdp_fallback_warning(self.args, self.accelerator.distributed_type, self.accelerator.num_processes)
+        if fallback is not None:
+            logger.warning(fallback)
         micro_batch_size = self.sam_options.sam_micro_batch_size
         if micro_batch_size is not None and isinstance(self.data_collator, DataCollatorWithFlattening):
             raise ValueError(_packed_batch_error(micro_batch_size))

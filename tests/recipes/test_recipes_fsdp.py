@@ -86,6 +86,9 @@ def test_glue_under_fsdp2_on_two_processes_trains_the_one_process_weights(text_a
     assert not list(sharded.glob("pytorch_model*.bin"))
     card = (sharded / "README.md").read_text()
     assert "## mSAM settings" in card and "| rho | 1 |" in card and "| num_devices | 2 |" in card
+    # one perturbation per step, of the global batch: what the one-process run of batch 16 did
+    assert "| m (micro-batches per optimizer step) | 1 |" in card
+    assert "| micro-batch size | 16 (the union of the 2 processes' micro-batches of 8) |" in card
     assert json.loads((sharded / "trainer_state.json").read_text())["global_step"] == STEPS
 
     from hf_msam import cli

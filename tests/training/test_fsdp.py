@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from builders import (
     TWO_LAYERS,
     SequentialSAMTrainer,
@@ -29,6 +30,7 @@ from references import max_abs_diff
 from safetensors.torch import load_file
 
 from hf_msam import SAMTrainingArguments
+from hf_msam.training.distributed import fsdp_fallback_warning
 
 ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)  # as the script, which says why
 RHO = 0.2  # the script's
@@ -252,3 +254,18 @@ def test_fsdp2_resumed_at_step_2_equals_the_straight_run(resumed_weights, settin
 def test_what_fsdp_cannot_do_is_refused_when_the_arguments_are_built(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):
         SAMTrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, **overrides)
+
+
+@pytest.mark.parametrize(
+    "distributed_type, processes, warned",
+    [(DistributedType.MULTI_CPU, 2, True), (DistributedType.FSDP, 2, False), (DistributedType.NO, 1, False)],
+)
+def test_fsdp_asked_for_on_cpus_says_it_runs_data_parallel(tmp_path, distributed_type, processes, warned):
+    # accelerate keeps MULTI_CPU under an FSDP config without accelerators: the user is told the semantics changed
+    args = SAMTrainingArguments(output_dir=str(tmp_path), fsdp=True, use_cpu=True, fsdp_config={"fsdp_version": 2})
+    message = fsdp_fallback_warning(args, distributed_type, processes)
+    assert (message is not None) == warned
+    if warned:
+        assert "MULTI_CPU" in message and "data-parallel semantics" in message
+    unasked = SAMTrainingArguments(output_dir=str(tmp_path), use_cpu=True)
+    assert fsdp_fallback_warning(unasked, distributed_type, processes) is None
