@@ -88,18 +88,11 @@ def token_dataset(n: int, length: int, vocab: int, seed: int = 0):
 
 def lift_fsdp_gate_on_cpu() -> None:
     """Let accelerate select FSDP on gloo (it keeps ``MULTI_CPU`` on a CPU), so that the Trainer's FSDP2
-    preparation runs as on GPUs (``tests/training/scripts/msam_fsdp.py``)."""
-    import accelerate.state
-    from accelerate.utils import DistributedType
+    preparation runs as on GPUs: the tests' patch, ``tests/fsdp_on_cpu.py``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fsdp_on_cpu import allow_fsdp_on_cpu
 
-    init = accelerate.state.AcceleratorState.__init__
-
-    def fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
-        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
-
-    accelerate.state.AcceleratorState.__init__ = fsdp_on_cpu
+    allow_fsdp_on_cpu()
 
 
 def launch(world: int | None, script: str, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
