@@ -27,7 +27,7 @@ distinct storages' bytes, FSDP2's padding included):
 Each configuration runs ``--repeats`` times (interleaved); the JSON holds every process's numbers and the medians
 over repeats.
 
-    python benchmarks/bench_fsdp_memory.py   # -> benchmarks/results/fsdp_memory_cpu.json (about 6 minutes on 2 shared cores)
+    python benchmarks/bench_fsdp_memory.py   # -> benchmarks/results/fsdp_memory_cpu.json (a few minutes on 2 cores)
 """
 
 from __future__ import annotations
