@@ -55,17 +55,19 @@ def launch_two_processes(script: str, *script_args: str, timeout: int = 300) -> 
     assert "terminate called" not in stderr
 
 
-def launch_fsdp2(script: str, *script_args: str, timeout: int = 240, env: dict[str, str] | None = None) -> None:
+def launch_fsdp2(script: str, *script_args: str, timeout: int = 240, env: dict[str, str] | None = None,
+                 launcher_args: tuple[str, ...] = ()) -> None:
     """``accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no`` on
     CPU (gloo), with ``env`` added to this process's environment; fails the test with the output.
 
     With no GPU visible the launcher still starts 2 processes (torchrun) with the config's FSDP settings in their
     environment (``ACCELERATE_USE_FSDP``, ``FSDP_VERSION=2``, ...); no ``--cpu``, which would start one process
     without them. In those processes accelerate keeps ``MULTI_CPU`` and ignores FSDP unless ``script`` lifts the
-    gate (``fsdp_on_cpu.allow_fsdp_on_cpu``). ``--mixed_precision no`` overrides the config's bf16."""
+    gate (``fsdp_on_cpu.allow_fsdp_on_cpu``). ``--mixed_precision no`` overrides the config's bf16, as
+    ``launcher_args`` (``--fsdp_state_dict_type SHARDED_STATE_DICT``) override its other entries."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP2_CONFIG, "--num_processes", "2",
-        "--mixed_precision", "no", "--main_process_port", "0", script, *script_args,
+        "--mixed_precision", "no", "--main_process_port", "0", *launcher_args, script, *script_args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO), **(env or {})}

@@ -138,10 +138,27 @@ def banner(recipe: str, model, model_name: str, data_line: str, training_args) -
     ])
 
 
+def save_full_model(trainer) -> None:
+    """``trainer.save_model()``, the full weights in safetensors also under FSDP with a sharded state dict type,
+    for which ``Trainer.save_model`` writes no weights at all: the final model is gathered in full for it (the card,
+    the push and ``hf-msam sharpness`` need it), while the checkpoints keep the sharded type."""
+    plugin = trainer.accelerator.state.fsdp_plugin if trainer.is_fsdp_enabled else None
+    sharded = plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+    if not sharded:
+        trainer.save_model()
+        return
+    state_dict_type = plugin.state_dict_type
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        trainer.save_model()
+    finally:
+        plugin.set_state_dict_type(state_dict_type)
+
+
 def train_and_save(trainer, training_args, train_dataset) -> None:
     """Train (resuming if asked), save the model (safetensors, with its processor), the metrics and the state."""
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model()
+    save_full_model(trainer)
     metrics = dict(result.metrics, train_samples=len(train_dataset))
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)

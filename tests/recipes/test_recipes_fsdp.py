@@ -40,8 +40,18 @@ def _args(assets: dict[str, Path], out: Path, batch: int) -> list[str]:
             "--per_device_train_batch_size", str(batch), *RECIPE]
 
 
+@pytest.fixture(scope="module")
+def one_process(text_assets, tmp_path_factory) -> tuple[Path, Path]:
+    """The recipe in one process on batches of 16 (SAM on each whole batch, one micro-batch): its output folder and
+    the folder of the batches it trained on."""
+    root = tmp_path_factory.mktemp("one_process")
+    out, batches = root / "run", root / "batches"
+    batches.mkdir()
+    _one_process(text_assets, out, batches)
+    return out, batches
+
+
 def _one_process(assets: dict[str, Path], out: Path, batches: Path) -> None:
-    """The recipe in one process on batches of 16: SAM on each whole batch (one micro-batch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(REPO), "GLUE_FSDP_BATCHES": str(batches)}
     run = run_process_group([sys.executable, GLUE_FSDP, *_args(assets, out, 16)], timeout=180,
@@ -50,7 +60,7 @@ def _one_process(assets: dict[str, Path], out: Path, batches: Path) -> None:
 
 
 @pytest.mark.slow
-def test_glue_under_fsdp2_on_two_processes_trains_the_one_process_weights(text_assets, tmp_path):
+def test_glue_under_fsdp2_on_two_processes_trains_the_one_process_weights(text_assets, one_process, tmp_path):
     """``accelerate launch --config_file recipes/accelerate/fsdp2.yaml --num_processes 2 --mixed_precision no``
     with batches of 8 per process trains the weights of one process on batches of 16, to 1e-6 after 4 AdamW steps.
 
@@ -62,11 +72,9 @@ def test_glue_under_fsdp2_on_two_processes_trains_the_one_process_weights(text_a
     draws the same order, and process r gets the r-th of each pair of consecutive batches of 8. The sharpness
     report is off in both runs (refused under FSDP); the output folder then takes ``hf-msam sharpness``.
     """
-    one, sharded = tmp_path / "one", tmp_path / "fsdp"
-    one_batches, sharded_batches = tmp_path / "one_batches", tmp_path / "fsdp_batches"
-    one_batches.mkdir()
+    (one, one_batches), sharded = one_process, tmp_path / "fsdp"
+    sharded_batches = tmp_path / "fsdp_batches"
     sharded_batches.mkdir()
-    _one_process(text_assets, one, one_batches)
     launch_fsdp2(GLUE_FSDP, *_args(text_assets, sharded, 8), env={"GLUE_FSDP_BATCHES": str(sharded_batches)})
 
     whole = json.loads((one_batches / "batches-0.json").read_text())
@@ -118,3 +126,21 @@ def test_fsdp2_wraps_the_layers_but_not_the_module_holding_the_input_embeddings(
                                            transformer_cls_names_to_wrap=["BertEmbeddings", "BertLayer"])
     wrap_layers_around_input_embeddings(given, model)
     assert given.transformer_cls_names_to_wrap == ["BertEmbeddings", "BertLayer"]
+
+
+@pytest.mark.slow
+def test_glue_under_fsdp2_with_sharded_checkpoints_still_saves_the_full_model(text_assets, one_process, tmp_path):
+    """With ``--fsdp_state_dict_type SHARDED_STATE_DICT`` the checkpoints are sharded, and ``Trainer.save_model``
+    alone would write no weights at the end; the recipe saves the full model (safetensors) all the same, the
+    one-process weights to 1e-6."""
+    out = tmp_path / "fsdp_sharded"
+    args = [*_args(text_assets, out, 8), "--save_strategy", "steps", "--save_steps", "2"]
+    launch_fsdp2(GLUE_FSDP, *args, launcher_args=("--fsdp_state_dict_type", "SHARDED_STATE_DICT"))
+    checkpoint = out / f"checkpoint-{STEPS}"
+    assert any("pytorch_model_fsdp" in p.name for p in checkpoint.iterdir()), sorted(checkpoint.iterdir())
+    assert not list(checkpoint.glob("*.safetensors"))  # the checkpoint holds the shards, not a full model
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    expected, got = load_file(one_process[0] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
