@@ -63,11 +63,16 @@ def deepspeed_zero_stage(args: Any) -> int | None:
         with open(config, encoding="utf-8") as handle:
             config = json.load(handle)
     if isinstance(config, dict):
-        return int(config.get("zero_optimization", {}).get("stage", 0))
+        return zero_stage_of(config)
     stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and stage is not None:
         return int(stage)
     return None
+
+
+def zero_stage_of(config: dict[str, Any]) -> int:
+    """``zero_optimization.stage`` of a DeepSpeed config (DeepSpeed's default 0 without it)."""
+    return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
 def deepspeed_backward(engine: Any, loss: torch.Tensor, boundary: bool) -> None:
@@ -209,6 +214,12 @@ def all_reduce_mean_(tensors: list[torch.Tensor], weight: float) -> None:
     torch.distributed.all_reduce(flat)
     for tensor, reduced in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
         tensor.copy_(reduced)
+
+
+def join_all_reduce_mean(params: Sequence[torch.Tensor]) -> None:
+    """:func:`all_reduce_mean_` with nothing to add: a process without a micro-batch takes part in the global ascent's
+    all-reduce of the others (zeros of the parameters' shapes, weight 0), so that every process meets it."""
+    all_reduce_mean_([torch.zeros_like(p) for p in params], 0.0)
 
 
 def all_reduce_gradients_mean_(params: Sequence[torch.Tensor], world: int, flag: bool = False) -> bool:

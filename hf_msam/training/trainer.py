@@ -64,9 +64,11 @@ from .distributed import (
     deepspeed_backward,
     fsdp_fallback_warning,
     global_counts,
+    join_all_reduce_mean,
     most_over_processes,
     sync_buffers,
     wrap_layers_around_input_embeddings,
+    zero_stage_of,
 )
 from ..update.loop import (
     MicroBatchSAM,
@@ -103,8 +105,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             validate_sam_arguments(sam_options_of(args), args)
         super().__init__(model, args, *pargs, **kwargs)
         plugin = self.accelerator.state.deepspeed_plugin  # None without DeepSpeed
-        # the stage of the config the engine is built from (DeepSpeed's default 0 without one)
-        zero_stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0) if plugin else None
+        zero_stage = zero_stage_of(plugin.deepspeed_config) if plugin else None  # of the config the engine is built from
         check_backend(self.args, self.sam_options, self.accelerator.distributed_type, self.args.n_gpu,
                       zero_stage=zero_stage, mixed_precision=self.accelerator.mixed_precision)
         if self.is_fsdp_enabled:
@@ -212,9 +213,11 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             passes = max(1, most_over_processes(len(micro_batches), args.device) if world > 1 else len(micro_batches))
         if not micro_batches and not vmap and not by_hand and not deepspeed:  # nothing supervised: still take part
             if options.sam_global and world > 1:
-                all_reduce_mean_([torch.zeros_like(p) for p in sam.params], 0.0)
+                join_all_reduce_mean(sam.params)
             self._zero_loss_backward(model, inputs)
             return clean_loss
+        # Descent rows added into .grad in place; not under DDP or DeepSpeed, whose reductions expect dense gradients.
+        descent_rows = self._embeddings if world == 1 and not deepspeed else []
         for index, (micro_batch, items) in enumerate(micro_batches):
             weight = world * items / items_step
 
@@ -231,14 +234,12 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
             last = index == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or by_hand else self.accelerator.no_sync(model)
             randomness.restore()
-            # Rows added into .grad in place; not under DDP or DeepSpeed, whose reductions expect dense gradients.
-            in_place_rows = world == 1 and not self.is_deepspeed_enabled
-            descent_tables = sparse_embedding_gradients(self._embeddings if in_place_rows else [], accumulating=True)
+            descent_tables = sparse_embedding_gradients(descent_rows, accumulating=True)
             try:
                 with sync, _frozen_batchnorm_statistics(self._batchnorms):
                     with self.compute_loss_context_manager(), descent_tables:
                         loss_at_w_plus_e = self._micro_batch_loss(ascent_model if by_hand else model, micro_batch, items)
-                    if self.is_deepspeed_enabled:
+                    if deepspeed:
                         boundary = self.accelerator.sync_gradients and index == passes - 1
                         deepspeed_backward(self.accelerator.deepspeed_engine_wrapped.engine, weight * loss_at_w_plus_e,
                                            boundary)
@@ -261,7 +262,7 @@ class SAMTrainer(SharpnessReportMixin, Trainer):
         sync = self.accelerator.sync_gradients
         for index in range(done, passes):
             if self.sam_options.sam_global and self.accelerator.num_processes > 1:
-                all_reduce_mean_([torch.zeros_like(p) for p in self._sam.params], 0.0)
+                join_all_reduce_mean(self._sam.params)
             boundary = sync and index == passes - 1
             self._zero_loss_backward(model, inputs, lambda loss: deepspeed_backward(engine, loss, boundary))
         if sync:
