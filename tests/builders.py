@@ -18,6 +18,11 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_msam import SAMTrainer, SAMTrainingArguments
 
+ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)
+"""AdamW of the multi-process equalities (weights to 1e-6 after two steps). Epsilon 1e-3: with the default 1e-8 the
+update ``lr g / sqrt(v)`` of a parameter whose gradients are ~1e-7 turns float32 differences of summation order (one
+process's batch against the processes' reduction) into ~1e-5."""
+
 TINY_LAYERS = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                    attn_implementation="eager")
 """The layer shape of every tiny transformer."""
@@ -175,6 +180,12 @@ def lm_dataset_without_labels_in(start: int | None = None, stop: int | None = No
         return data
     return data.map(lambda row, index: {"labels": [-100] * len(row["labels"]) if start <= index < stop else row["labels"]},
                     with_indices=True)
+
+
+def first_step_supervised_tokens(data, per_device: int = 8, processes: int = 2) -> list[int]:
+    """The supervised (shifted, not -100) labels of each process's chunk in the first step of sequential batches."""
+    labels = torch.tensor(data["labels"])[:, 1:]
+    return [int(labels[r * per_device : (r + 1) * per_device].ne(-100).sum()) for r in range(processes)]
 
 
 def padded_lm_dataset(n: int, seed: int):

@@ -5,15 +5,22 @@ go through the engine, which steps once per optimizer step (``docs/design.md`` s
 from __future__ import annotations
 
 import pytest
-import torch
-from builders import SequentialSAMTrainer, lm_dataset_without_labels_in, sam_args, tiny_bert, tiny_llama, token_dataset
+from builders import (
+    ADAMW,
+    SequentialSAMTrainer,
+    first_step_supervised_tokens,
+    lm_dataset_without_labels_in,
+    sam_args,
+    tiny_bert,
+    tiny_llama,
+    token_dataset,
+)
 from processes import MSAM_DEEPSPEED, launch_two_processes
 from references import max_abs_diff
 from safetensors.torch import load_file
 
 from hf_msam import SAMTrainingArguments
 
-ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)  # as the script, which says why
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,7 @@ def test_zero_1_and_2_equal_one_process_with_doubled_batch(deepspeed_weights, tm
 def test_zero2_with_unequal_supervision_equals_one_process(deepspeed_weights, tmp_path, setting, unsupervised,
                                                            single_process):
     data = lm_dataset_without_labels_in(*unsupervised)
-    labels = torch.tensor(data["labels"])[:, 1:]
-    per_process = [int(labels[start : start + 8].ne(-100).sum()) for start in (0, 8)]  # step 1: process 0, 1
+    per_process = first_step_supervised_tokens(data)
     assert per_process[0] != per_process[1] and (per_process[1] == 0) == bool(unsupervised)
     expected = _one_process(tmp_path, tiny_llama(seed=19), data, **single_process)
     assert max_abs_diff(load_file(str(deepspeed_weights / f"{setting}.safetensors")), expected) < 1e-6

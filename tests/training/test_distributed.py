@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from builders import SequentialSAMTrainer, lm_dataset_without_labels_in, sam_args, tiny_bert, tiny_llama, token_dataset
+from builders import (
+    SequentialSAMTrainer,
+    first_step_supervised_tokens,
+    lm_dataset_without_labels_in,
+    sam_args,
+    tiny_bert,
+    tiny_llama,
+    token_dataset,
+)
 from processes import MSAM_DDP, launch_two_processes
 from references import max_abs_diff
 from safetensors.torch import load_file
@@ -68,8 +75,7 @@ def lm_ddp_weights(tmp_path_factory):
 def test_two_processes_with_unequal_supervision_equal_one_process(lm_ddp_weights, tmp_path, setting, unsupervised,
                                                                    single_process):
     data = lm_dataset_without_labels_in(*unsupervised)
-    labels = torch.tensor(data["labels"])[:, 1:]
-    per_process = [int(labels[start : start + 8].ne(-100).sum()) for start in (0, 8)]  # step 1: process 0, 1
+    per_process = first_step_supervised_tokens(data)
     assert per_process[0] != per_process[1] and (per_process[1] == 0) == bool(unsupervised)
     model = tiny_llama(seed=19)
     args = sam_args(tmp_path, per_device_train_batch_size=16, max_steps=2, sam_rho=0.2, **single_process)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from builders import (
+    ADAMW,
     TWO_LAYERS,
     SequentialSAMTrainer,
     image_dataset,
@@ -32,7 +33,6 @@ from safetensors.torch import load_file
 from hf_msam import SAMTrainingArguments
 from hf_msam.training.distributed import fsdp_fallback_warning
 
-ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)  # as the script, which says why
 RHO = 0.2  # the script's
 
 

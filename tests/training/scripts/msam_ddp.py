@@ -29,6 +29,7 @@ TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [TESTS, os.path.join(TESTS, "update")]  # builders.py and test_vmap.py
 import test_vmap  # noqa: E402
 from builders import (  # noqa: E402
+    ADAMW,
     TWO_LAYERS,
     SequentialSAMTrainer,
     lm_dataset,
@@ -72,7 +73,7 @@ SUITES = {
     "dropout": {
         "global": (lambda: tiny_bert(seed=12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **TWO_LAYERS),
                    lambda: test_vmap.padded_dataset(32, seed=15),
-                   dict(sam_global=True, optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)),
+                   dict(sam_global=True, **ADAMW)),
     },
 }
 

@@ -33,6 +33,7 @@ from safetensors.torch import save_file  # noqa: E402
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [TESTS]
 from builders import (  # noqa: E402
+    ADAMW,
     SequentialSAMTrainer,
     lm_dataset_without_labels_in,
     sam_args,
@@ -47,10 +48,6 @@ from hf_msam.recipes.common import shutdown_distributed  # noqa: E402
 # process group (a compiler and about two minutes), so it is left unbuilt: ZeRO's collectives go through gloo.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-# AdamW's epsilon at 1e-3, as tests/training/scripts/msam_fsdp.py: with the default 1e-8 the update lr g / sqrt(v) of
-# a parameter whose gradients are ~1e-7 turns float32 differences of summation order (one process's batch against
-# DeepSpeed's gradient reduction) into ~1e-5
-ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)
 BERT = (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12))
 LLAMA_HOLES = (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in())
 LLAMA_EMPTY = (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16))

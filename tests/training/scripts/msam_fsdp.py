@@ -36,6 +36,7 @@ TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 sys.path[:0] = [TESTS, os.path.join(TESTS, "update")]  # builders.py and test_vmap.py
 import test_vmap  # noqa: E402
 from builders import (  # noqa: E402
+    ADAMW,
     TWO_LAYERS,
     SequentialSAMTrainer,
     image_dataset,
@@ -126,9 +127,6 @@ class Setting:
     trainer: type[SequentialSAMTrainer] = SequentialSAMTrainer
 
 
-# AdamW's epsilon at 1e-3: with the default 1e-8 the update lr g / sqrt(v) of a parameter whose gradients are ~1e-7
-# turns float32 differences of summation order (one process's batch against a reduce-scatter) into ~1e-5
-ADAMW = dict(optim="adamw_torch", learning_rate=1e-2, adam_epsilon=1e-3)
 LAYERS = {"BertLayer", "LlamaDecoderLayer", "ViTLayer"}  # each transformer layer of a model its own FSDP unit
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 MICRO4 = dict(sam_micro_batch_size=4)
