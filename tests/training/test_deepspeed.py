@@ -1,12 +1,14 @@
-"""DeepSpeed ZeRO-1 and ZeRO-2 on two gloo processes give the weights of one process with the doubled batch, as DDP
-does: the parameters are replicated, so each process perturbs them by its own micro-batches; the descent gradients
-go through the engine, which steps once per optimizer step (``docs/design.md`` section 2.7). ZeRO-3 is refused."""
+"""DeepSpeed ZeRO-1 and ZeRO-2 on two gloo processes (2-layer models) give the weights of one process with the doubled
+batch, as DDP does, and with dropout on, DDP's weights: the parameters are replicated, so each process perturbs them
+by its own micro-batches; the descent gradients go through the engine, which steps once per optimizer step
+(``docs/design.md`` section 2.7). ZeRO-3 is refused."""
 
 from __future__ import annotations
 
 import pytest
 from builders import (
     ADAMW,
+    TWO_LAYERS,
     SequentialSAMTrainer,
     first_step_supervised_tokens,
     lm_dataset_without_labels_in,
@@ -33,7 +35,7 @@ def deepspeed_weights(tmp_path_factory):
 
 def _one_process(tmp_path, model=None, data=None, **overrides):
     """The plain Trainer loop of one process on the step's 16 examples (no DeepSpeed); the tiny BERT by default."""
-    model = model if model is not None else tiny_bert(seed=12)
+    model = model if model is not None else tiny_bert(seed=12, **TWO_LAYERS)
     data = data if data is not None else token_dataset(32, seed=12)
     values = dict(per_device_train_batch_size=16, max_steps=2, sam_rho=0.2, **ADAMW)
     values.update(overrides)
@@ -73,9 +75,18 @@ def test_zero2_with_unequal_supervision_equals_one_process(deepspeed_weights, tm
     data = lm_dataset_without_labels_in(*unsupervised)
     per_process = first_step_supervised_tokens(data)
     assert per_process[0] != per_process[1] and (per_process[1] == 0) == bool(unsupervised)
-    expected = _one_process(tmp_path, tiny_llama(seed=19), data, **single_process)
+    expected = _one_process(tmp_path, tiny_llama(seed=19, **TWO_LAYERS), data, **single_process)
     assert max_abs_diff(load_file(str(deepspeed_weights / f"{setting}.safetensors")), expected) < 1e-6
     assert (deepspeed_weights / f"{setting}.skipped").read_text() == "0"
+
+
+@pytest.mark.slow
+def test_zero2_with_dropout_and_padding_equals_ddp(deepspeed_weights, ddp_dropout_weights):
+    # each process draws its own dropout masks, which one process cannot replay; with the same seeds DDP draws the
+    # same ones, and ZeRO-2 must give DDP's weights (global SAM on a padded 2-layer BERT with dropout 0.1)
+    zero2 = load_file(str(deepspeed_weights / "zero2_dropout_global.safetensors"))
+    assert max_abs_diff(zero2, load_file(str(ddp_dropout_weights / "global.safetensors"))) < 1e-6
+    assert (deepspeed_weights / "zero2_dropout_global.skipped").read_text() == "0"
 
 
 @pytest.mark.slow

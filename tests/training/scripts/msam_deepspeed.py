@@ -9,7 +9,7 @@ None and counts one process, so each process would train alone on the whole data
 itself with gloo and DeepSpeed's CPU accelerator, and the arguments use that configured state, so that the
 Trainer's own DeepSpeed preparation (``deepspeed.initialize`` through accelerate) runs as it would on GPUs.
 
-Settings (8 examples per process and step; micro-batches of 4 unless named):
+Settings (8 examples per process and step; 2-layer models; micro-batches of 4 unless named):
   zero2_micro4, zero1_micro4: a tiny BERT under ZeRO-2 and ZeRO-1.
   zero2_per_device: each process's batch is one micro-batch.
   zero2_global: ``sam_global`` (one perturbation for the 16 examples).
@@ -17,6 +17,7 @@ Settings (8 examples per process and step; micro-batches of 4 unless named):
   zero2_holes: a tiny causal LM with -100 holes (the processes hold different numbers of supervised tokens).
   zero2_empty, zero2_empty_global: every label of the second process's chunk is -100 in the first step, so it has
       no micro-batch while the first has two: it runs zero-loss backwards, since ZeRO-2 reduces in every backward.
+  zero2_dropout_global: ``sam_global`` on padded sequences with dropout 0.1, as the DDP script's ``dropout`` suite.
 """
 
 import os
@@ -31,9 +32,11 @@ from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
-sys.path[:0] = [TESTS]
+sys.path[:0] = [TESTS, os.path.join(TESTS, "update")]  # builders.py and test_vmap.py
+import test_vmap  # noqa: E402
 from builders import (  # noqa: E402
     ADAMW,
+    TWO_LAYERS,
     SequentialSAMTrainer,
     lm_dataset_without_labels_in,
     sam_args,
@@ -48,9 +51,12 @@ from hf_msam.recipes.common import shutdown_distributed  # noqa: E402
 # process group (a compiler and about two minutes), so it is left unbuilt: ZeRO's collectives go through gloo.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-BERT = (lambda: tiny_bert(seed=12), lambda: token_dataset(32, seed=12))
-LLAMA_HOLES = (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in())
-LLAMA_EMPTY = (lambda: tiny_llama(seed=19), lambda: lm_dataset_without_labels_in(8, 16))
+BERT = (lambda: tiny_bert(seed=12, **TWO_LAYERS), lambda: token_dataset(32, seed=12))
+# the DDP script's dropout suite (tests/training/scripts/msam_ddp.py): padded sequences, dropout 0.1
+BERT_DROPOUT = (lambda: tiny_bert(seed=12, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, **TWO_LAYERS),
+                lambda: test_vmap.padded_dataset(32, seed=15))
+LLAMA_HOLES = (lambda: tiny_llama(seed=19, **TWO_LAYERS), lambda: lm_dataset_without_labels_in())
+LLAMA_EMPTY = (lambda: tiny_llama(seed=19, **TWO_LAYERS), lambda: lm_dataset_without_labels_in(8, 16))
 # setting -> (ZeRO stage, (model, training data), SAMTrainingArguments overrides)
 SETTINGS = {
     "zero2_micro4": (2, BERT, dict(sam_micro_batch_size=4)),
@@ -62,6 +68,7 @@ SETTINGS = {
     "zero2_holes": (2, LLAMA_HOLES, dict(sam_micro_batch_size=4)),
     "zero2_empty": (2, LLAMA_EMPTY, dict(sam_micro_batch_size=4)),
     "zero2_empty_global": (2, LLAMA_EMPTY, dict(sam_global=True)),
+    "zero2_dropout_global": (2, BERT_DROPOUT, dict(sam_global=True)),
 }
 
 
