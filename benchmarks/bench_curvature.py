@@ -294,7 +294,7 @@ def coherence_benchmark(args) -> None:
         "model": ("all-MiniLM-L6-v2 + random 5-class head on BBC News (default_text)" if args.cases == ["default_text"]
                   else "all-MiniLM-L6-v2 + random 2-class head") + " (attn_implementation=eager), max length 64",
         "sketch": args.sketch,
-        "target": "256 examples of length 64 in at most 300 s and 3 GB peak RSS on 2 CPU cores (issue 9, item 5)",
+        "target": "256 examples of length 64 in at most 300 s and 3 GB peak RSS on 2 CPU cores",
         "cases": cases,
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)

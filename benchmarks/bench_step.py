@@ -1,11 +1,11 @@
-"""Optimizer-step time and peak memory of mSAM in the real ``transformers.Trainer`` loop (issue 2, item 4).
+"""Optimizer-step time and peak memory of mSAM in the real ``transformers.Trainer`` loop.
 
 all-MiniLM-L6-v2 (22.7M parameters, dropout as configured), batch 32, length 64, real sentences from
 ``benchmarks/data/rt_movie_snippets.tsv``; AdamW (``optim="adamw_torch"``, ``max_grad_norm=1``).
 
 Configs: ``stock`` (``transformers.Trainer``), ``rho0`` (``SAMTrainer``, ``sam_rho=0``), ``sam`` (m=1),
 ``loop_m{2,4,8,16}`` and ``vmap_m{2,4,8,16}`` (mSAM with m micro-batches of 32/m examples, with
-``sam_micro_batch_mode="loop"`` or ``"vmap"``; issue 8; ``vmap_m1`` is SAM on the vmap path; ``vmapc_m{m}`` with
+``sam_micro_batch_mode="loop"`` or ``"vmap"``; ``vmap_m1`` is SAM on the vmap path; ``vmapc_m{m}`` with
 ``sam_vmap_compile=True``, whose first steps compile, so give it ``--warmup 3``; ``vmap_dense_m{m}`` with
 ``sam_sparse_embeddings=False``, the word embedding batched like every other tensor), ``sam_dense`` and
 ``loop_dense_m{2,4,8,16}`` (the loop with ``sam_sparse_embeddings=False``: every gradient dense), ``peer`` (``pytorch_optimizer.SAM`` around
@@ -51,7 +51,7 @@ TRAINER_CONFIGS = {
     "rho0": dict(sam_rho=0.0),
     "sam": dict(sam_rho=RHO, sam_micro_batch_mode="loop"),
     **{f"loop_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="loop") for m in MICRO_BATCH_COUNTS},
-    # the loop with every gradient dense, as before the embedding tables were treated by rows (issue 8)
+    # the loop with every gradient dense, as before the embedding tables were treated by rows
     "sam_dense": dict(sam_rho=RHO, sam_micro_batch_mode="loop", sam_sparse_embeddings=False),
     **{f"loop_dense_m{m}": dict(sam_rho=RHO, sam_micro_batch_size=BATCH // m, sam_micro_batch_mode="loop", sam_sparse_embeddings=False)
        for m in MICRO_BATCH_COUNTS},
@@ -746,7 +746,7 @@ def summarize(a, runs, failures, load, started, out_path, final) -> None:
     for t in targets.values():
         v = t["value"]
         t["met"] = None if v is None or v != v else (abs(v - 1) <= 0.02 if t is targets["rho0_within_2pct_of_stock"] else v <= t["limit"])
-    result["dense_loop_same_run"] = {  # the loop before the embedding tables were treated by rows (issue 8)
+    result["dense_loop_same_run"] = {  # the loop before the embedding tables were treated by rows
         f"m{m}": {"ratio_vs_sam_dense": med(f"loop_dense_m{m}") / med("sam_dense"), "cpu_ratio_vs_sam_dense": cpu_ratio(f"loop_dense_m{m}", "sam_dense"),
                   "rows_over_dense_step": med(f"loop_m{m}") / med(f"loop_dense_m{m}"), "rows_over_dense_cpu": cpu_ratio(f"loop_m{m}", f"loop_dense_m{m}")}
         for m in MICRO_BATCH_COUNTS if f"loop_dense_m{m}" in cfg and "sam_dense" in cfg

@@ -1,4 +1,4 @@
-"""Accuracy of the stability verdict's estimators on problems with known answers (issue 9).
+"""Accuracy of the stability verdict's estimators on problems with known answers.
 
     python benchmarks/bench_verdict.py
 

@@ -1,4 +1,4 @@
-"""Would ``torch.compile`` take the host's work off the vectorised passes? A probe of the ascent pass (issue 8).
+"""Would ``torch.compile`` take the host's work off the vectorised passes? A probe of the ascent pass.
 
 The vmap path is bound by the host on a GPU at all-MiniLM-L6-v2's size (``profile_host_overhead.py``): each pass
 dispatches hundreds of small operations. This compiles the vmapped loss of ``VectorizedMicroBatchSAM`` (one

@@ -1,4 +1,4 @@
-"""Host-side cost of one mSAM step, loop against vmap and SAM against the peer, where arithmetic is negligible (issue 8).
+"""Host-side cost of one mSAM step, loop against vmap and SAM against the peer, where arithmetic is negligible.
 
 On the H200 the vmap path's step hardly depended on m (``results/step_cuda_bf16_vmap_mathsdpa.json``: 126 ms
 at m = 1, 122 ms at m = 8), SAM on it took twice the loop's step, and the loop's SAM took 1.4 to 1.9x the peer's

@@ -1,19 +1,20 @@
-"""Where one mSAM micro-batch of the loop path spends its time on CPU (issue 8): time per phase, 1 thread.
+"""Where one mSAM micro-batch of the loop path spends its time on CPU: time per phase, 1 thread by default.
 
 all-MiniLM-L6-v2 (dropout as configured), batch 32, length 64, micro-batches of 32/m examples, the phases of
 ``SAMTrainer._msam_step`` written out and timed one by one (``time.process_time``, robust to other processes
 on a shared machine): ascent forward, ``autograd.grad``, the perturbation arithmetic (norm, scale, add, swap),
 descent forward, descent backward into ``.grad``, restore; and the optimizer step. Each m runs twice: ``dense``
-(every gradient dense, as before issue 8's lever) and ``rows`` (``sparse_embedding_gradients``: the embedding
+(every gradient dense) and ``rows`` (``sparse_embedding_gradients``: the embedding
 tables by the rows a micro-batch uses, as ``SAMTrainer`` does by default). Also times the embedding table's own
 share (a memset, an add and a norm over the 30522 x 384 word embedding), and counts minor page faults per step.
 
-    python benchmarks/profile_loop.py --m 8 --out benchmarks/results/profile_loop_cpu.json
+    python benchmarks/profile_loop.py --m 1 8 16 --threads 2 --out benchmarks/results/profile_loop_cpu_2threads.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
@@ -70,7 +71,7 @@ def main() -> None:
                 with sparse_embedding_gradients(embeddings):
                     loss = timed("ascent_forward", lambda: model(**micro).loss)
                 grads = timed("ascent_autograd_grad", lambda: sam.ascent_gradients(loss))
-                timed("perturb_norm_scale_add", lambda: sam.perturb_with(grads))
+                timed("perturb_norm_scale_add", functools.partial(sam.perturb_with, grads))
                 del grads
                 rng.restore()
                 with sparse_embedding_gradients(embeddings, accumulating=True):
