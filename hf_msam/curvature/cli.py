@@ -329,8 +329,9 @@ def format_table(report: dict[str, Any]) -> str:
         ("critical eta: Theorem 1 / GD (2/lambda_max)",
          f"{_number(report.get('eta_critical_theorem1'))} / {_number(report.get('eta_critical_gd'))}"),
         ("Gauss-Newton mean-square verdict (headline)", summary.headline_label),
-        ("eta / eta_crit (Gauss-Newton) [eta_crit]",
-         f"{_number(report.get('eta_ratio_ggn'))} [{_number(report.get('eta_critical_ggn'))}]"),
+        ("eta / eta_crit (Gauss-Newton) [eta_crit: B-subsets / with replacement]",
+         f"{_number(report.get('eta_ratio_ggn'))} [{_number(report.get('eta_critical_ggn'))} / "
+         f"{_number(report.get('eta_critical_ggn_with_replacement'))}]"),
         ("mean-square log growth per step", _number(report.get("mean_square_rate"))),
         ("lambda_max: Hessian - Gauss-Newton", _number(report.get("lambda_max_gap"))),
         ("drift steps 1/(eta |lambda_min|) / steps trained", f"{drift} / {_number(report.get('steps_trained'))}"),

@@ -310,10 +310,12 @@ def _gauss_newton_verdict(report: SharpnessReport, gauss_newton: CoherenceResult
             f"({k * rows} Gauss-Newton rows; each solver product costs O(k C r^2) with r <= k C)")
     factors = stability.gauss_newton_factors(gauss_newton.gram[: k * rows, : k * rows], k)
     mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
+    with_replacement = report.eta_critical_ggn_with_replacement = stability.critical_learning_rate(
+        factors, batch_size=b, num_train_examples=n, sampler="with_replacement")
     times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn,
                                  report.steps_trained)
     scope = "training_set" if report.probe_is_training_set else "probe"
-    out.headline = stability.gauss_newton_verdict(mean_square, times, lam, scope)
+    out.headline = stability.gauss_newton_verdict(mean_square, times, lam, scope, with_replacement)
     report.mean_square_rate, report.mean_square_sampler = mean_square.rate, mean_square.sampler
     report.mean_square_subspace_dim = mean_square.subspace_dim
     report.eta_critical_ggn, report.eta_ratio_ggn = mean_square.eta_critical, mean_square.eta_ratio

@@ -1,14 +1,15 @@
 """Linear stability of SGD near a minimum: the mean-square rate, the critical learning rates, the verdicts.
 
 Linearised SGD moves v = w - w* by v <- (I - eta H_hat) v, H_hat the mean of the per-example matrices H_i over
-one batch. The batches modelled are those of the Trainer's random reshuffling, each step taken as an
-independent uniformly random set of B distinct examples (``batch_second_moment``; with replacement and
-Dexter et al.'s Bernoulli batches are options). ``mean_square_growth`` gives the exact growth rate of
-E||v_t||^2 and the critical rate eta_crit from the per-example Gauss-Newton matrices of the probe examples
-(the matrices of the coherence), over every direction they curve. What may be claimed for the training set
-(``docs/design.md`` section 3.4, ``docs/curvature.md``):
+one batch. Each step's batch is modelled as independent: a uniformly random set of B distinct examples (the
+marginal of the Trainer's random reshuffling) or B draws with replacement (``batch_second_moment``; Dexter et
+al.'s Bernoulli batches are an option). ``mean_square_growth`` gives the exact growth rate of E||v_t||^2 and
+the critical rate eta_crit from the per-example Gauss-Newton matrices of the probe examples (the matrices of
+the coherence), over every direction they curve. What may be claimed for the training set (``docs/design.md``
+section 3.4, ``docs/curvature.md``):
 
-- when the probe is the whole training set, the rate decides "stable" / "unstable";
+- the verdict is decided where both samplers agree (``gauss_newton_verdict``);
+- when the probe is the whole training set, the rates decide "stable" / "unstable" for it;
 - otherwise only instability can be shown, by ``training_set_growth_bound``, a lower bound on the training
   set's rate that holds whatever the unseen examples are; the probe's own verdict is the headline
   (``gauss_newton_verdict``) with its scope, and ``unseen_example_limit`` and ``probe_miss_fraction`` say
@@ -330,8 +331,7 @@ def mean_square_growth(
     a, c = batch_second_moment(sampler, num_train_examples, batch_size)
     op = SecondMomentGenerator(factors, a, c)
     eta = learning_rate
-    scale = op.sum_m.rsqrt()
-    theta, _ = op.top_eigenvalue(lambda m: scale * op.q(scale * m))
+    theta = _critical_theta(op)
     if eta * theta < 1:
         ell, x = op.contracting_top_eigenvalue(eta)
     else:
@@ -340,6 +340,25 @@ def mean_square_growth(
     top = op.basis @ vectors[:, values.abs().argmax()]
     rate = math.log1p(eta * ell) if eta * ell > -1 else math.log(torch.finfo(torch.float64).tiny)
     return MeanSquareResult(rate, ell, 1.0 / theta if theta > 0 else None, op.r, sampler, c, eta, top)
+
+
+def _critical_theta(op: SecondMomentGenerator) -> float:
+    """theta = lambda_max(A^(-1/2) Q A^(-1/2)), so that eta_crit = 1 / theta (``mean_square_growth``)."""
+    scale = op.sum_m.rsqrt()
+    theta, _ = op.top_eigenvalue(lambda m: scale * op.q(scale * m))
+    return theta
+
+
+def critical_learning_rate(factors: torch.Tensor, *, batch_size: int, num_train_examples: int,
+                           sampler: str = "without_replacement") -> float | None:
+    """eta_crit of ``mean_square_growth`` alone (one eigenvalue problem): linearised SGD with independent batches
+    of ``sampler`` is mean-square stable iff eta < eta_crit. None: no noise and no curvature to diverge by.
+
+    Q grows with the sampler's noise c (Q = H X H + c (E_i[H_i X H_i] - H X H), the bracket a positive map), so
+    eta_crit of draws with replacement (c = 1/B) is at most that of uniform B-subsets (c = (1/B)(n-B)/(n-1))."""
+    a, c = batch_second_moment(sampler, num_train_examples, batch_size)
+    theta = _critical_theta(SecondMomentGenerator(factors, a, c))
+    return 1.0 / theta if theta > 0 else None
 
 
 def unseen_example_limit(learning_rate: float, batch_size: int, num_train: int,
@@ -437,11 +456,20 @@ def timescales(mean_square: MeanSquareResult, lambda_max: float | None, lambda_m
 
 
 def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambda_max: float | None,
-                         scope: str) -> Verdict:
+                         scope: str, eta_critical_with_replacement: float | None) -> Verdict:
     """The headline: is linearised SGD on the Gauss-Newton matrices mean-square stable at eta?
 
-    Decided by the sign of the rate (eta < eta_crit) unless the quadratic model fails over the verdict's
-    horizon, the e-fold time of the second moment ``stability_steps`` or, when shorter, the run's own length
+    Decided where both independent samplers of B examples agree: "stable" when draws with replacement contract
+    (eta < ``eta_critical_with_replacement``; then uniform B-subsets contract too, their eta_crit being at least
+    as large), "unstable" when uniform B-subsets grow (eta >= ``mean_square.eta_critical``; then draws with
+    replacement grow too); "inconclusive" (``sampler_dependent``) between the two critical rates. The Trainer's
+    reshuffled epochs are bounded by neither model: they can diverge below the subsets' eta_crit and contract
+    above it, and contracted wherever draws with replacement did in every case measured
+    (``benchmarks/bench_reshuffling.py``, ``docs/curvature.md``), so "stable" speaks for them too, "unstable" of
+    independent batches. The band is narrow for large n / B: its two noise levels differ by (n - B) / (n - 1).
+
+    The verdict is "inconclusive" (``quadratic_model_fails``) also where the quadratic model fails over the
+    verdict's horizon, the e-fold time of the second moment ``stability_steps`` or, when shorter, the run's own length
     ``steps_trained`` (the verdict speaks of SGD continued from these weights for as long again): the weights
     drift along negative curvature within it (``drift_steps`` < ``horizon_steps``), or the rate says stable while
     eta >= 2 / lambda_max of the Hessian (its residual term makes it sharper than the Gauss-Newton matrix:
@@ -465,11 +493,18 @@ def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambd
                        f"or above 2 / lambda_max = {2 / lambda_max:.3g} of the Hessian, which is sharper than the "
                        "Gauss-Newton matrix: the quadratic model does not describe these weights.",
                        "quadratic_model_fails")
-    if mean_square.rate < 0:
-        return Verdict("stable", f"Linearised SGD ({mean_square.sampler.replace('_', ' ')} batches) on the "
-                       f"Gauss-Newton matrices of {where} contracts in mean square: {numbers}.", "mean_square")
-    return Verdict("unstable", f"Linearised SGD ({mean_square.sampler.replace('_', ' ')} batches) on the "
-                   f"Gauss-Newton matrices of {where} grows in mean square: {numbers}.", "mean_square")
+    if mean_square.rate >= 0:
+        return Verdict("unstable", f"Linearised SGD with independent batches of B examples (with or without "
+                       f"replacement) on the Gauss-Newton matrices of {where} grows in mean square: {numbers}.",
+                       "mean_square")
+    if eta_critical_with_replacement is None or eta < eta_critical_with_replacement:
+        return Verdict("stable", f"Linearised SGD with independent batches of B examples (with or without "
+                       f"replacement) on the Gauss-Newton matrices of {where} contracts in mean square: {numbers}.",
+                       "mean_square")
+    return Verdict("inconclusive", f"Linearised SGD on the Gauss-Newton matrices of {where} contracts with uniform "
+                   f"batches of B distinct examples ({numbers}) but grows with B draws with replacement (eta_crit "
+                   f"{eta_critical_with_replacement:.3g}); between the two the verdict depends on the sampler, and "
+                   "the Trainer's reshuffled epochs can diverge there.", "sampler_dependent")
 
 
 def probe_miss_fraction(num_probe: int, num_train: int, confidence: float = 0.95) -> float:
@@ -495,7 +530,8 @@ def stability_verdict(
 
     1. ``missing_inputs``: eta, B or n unknown, or eta <= 0; ``no_proof``: no Gauss-Newton rate (``headline`` None).
     2. ``not_at_minimum``: the quadratic model fails over the stability timescale (``gauss_newton_verdict``).
-    3. When the probe is the whole training set: the exact mean-square rate decides (``mean_square``).
+    3. When the probe is the whole training set: the exact mean-square rates decide (``mean_square``), or the
+       sampler does (``sampler_dependent``, "inconclusive": ``gauss_newton_verdict``).
     4. Otherwise only instability can be shown: ``training_bound`` (``training_set_growth_bound``, valid whatever
        the unseen examples are) above 0 is "unstable" (``mean_square_bound``); else "inconclusive"
        (``probe_only``), with the probe's own verdict, the curvature ``unseen_limit`` of an unseen example that
@@ -510,10 +546,10 @@ def stability_verdict(
     if headline is None:
         return Verdict("inconclusive", "The verdict needs the mean-square rate from the per-example Gauss-Newton "
                        "matrices (the coherence measure).", "no_proof")
-    if headline.verdict == "inconclusive":
+    if headline.basis == "quadratic_model_fails":
         return Verdict("inconclusive", headline.reason, "not_at_minimum")
     if probe_is_training_set:
-        return Verdict(headline.verdict, headline.reason, "mean_square")
+        return Verdict(headline.verdict, headline.reason, headline.basis)
     if training_bound is not None and training_bound > 0:
         return Verdict("unstable", f"Whatever the training examples outside the probe are, linearised SGD on the "
                        f"training set grows in mean square by at least {training_bound:.3g} per step (a bound from "

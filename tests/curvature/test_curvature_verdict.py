@@ -11,12 +11,18 @@ import math
 
 import pytest
 import torch
+from bench_reshuffling import cluster_problem, reshuffled_epoch_rate
 from bench_verdict import LeastSquares
 from test_curvature_stability import factors_from_hessians, second_moment_radius, subset_second_moment_rate
 
 from hf_msam import sharpness_report
 from hf_msam.curvature import stability
-from hf_msam.curvature.stability import batch_second_moment, gauss_newton_factors, mean_square_growth
+from hf_msam.curvature.stability import (
+    batch_second_moment,
+    critical_learning_rate,
+    gauss_newton_factors,
+    mean_square_growth,
+)
 
 
 def least_squares(n: int, d: int, seed: int) -> torch.Tensor:
@@ -104,9 +110,11 @@ def verdicts(h_probe: torch.Tensor, eta: float, b: int, n: int, probe_is_trainin
     """(headline, training-set verdict) from dense probe H_i as the report computes them."""
     factors = factors_from_hessians(h_probe)
     ms = mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
+    draws = critical_learning_rate(factors, batch_size=b, num_train_examples=n, sampler="with_replacement")
     lam = float(torch.linalg.eigvalsh(h_probe.mean(0))[-1])
     times = stability.timescales(ms, lam, lambda_min, lam)
-    headline = stability.gauss_newton_verdict(ms, times, lam, "training_set" if probe_is_training_set else "probe")
+    headline = stability.gauss_newton_verdict(ms, times, lam, "training_set" if probe_is_training_set else "probe",
+                                              draws)
     bound = stability.training_set_growth_bound(factors, stability.candidate_directions(factors, ms.top_direction),
                                                 learning_rate=eta, batch_size=b, num_train_examples=n)
     verdict = stability.stability_verdict(
@@ -137,6 +145,13 @@ def subset_rate_matrix_free(h: torch.Tensor, eta: float, b: int) -> float:
 
 def _agrees(verdict: str, truth: float) -> bool:
     return not ((verdict == "stable" and truth >= 0) or (verdict == "unstable" and truth <= 0))
+
+
+def critical_rates(h: torch.Tensor, b: int) -> tuple[float, float]:
+    """eta_crit of B draws with replacement and of uniform B-subsets (the first at most the second)."""
+    factors, n = factors_from_hessians(h), h.shape[0]
+    return (critical_learning_rate(factors, batch_size=b, num_train_examples=n, sampler="with_replacement"),
+            critical_learning_rate(factors, batch_size=b, num_train_examples=n))
 
 
 def random_problem(family: str, rng: torch.Generator) -> torch.Tensor:
@@ -173,22 +188,66 @@ def test_verdicts_never_contradict_brute_force_on_the_training_set(family):
     for trial in range(trials):
         h = random_problem(family, rng)
         n, b = h.shape[0], 2 if trial % 2 else 3
-        eta_crit = mean_square_growth(factors_from_hessians(h), learning_rate=1.0, batch_size=b,
-                                      num_train_examples=n).eta_critical
-        for factor in (0.7, 0.97, 1.03, 1.5):
-            eta = factor * eta_crit
+        draws, subsets = critical_rates(h, b)
+        # two learning rates below eta_crit of draws with replacement, two above that of B-subsets, one between
+        for eta in (0.7 * draws, 0.97 * draws, (draws + subsets) / 2, 1.03 * subsets, 1.5 * subsets):
             truth = (subset_rate_matrix_free(h, eta, b) if family == "many_directions"
                      else subset_second_moment_rate(h, eta, b, "without_replacement"))
             headline, verdict = verdicts(h, eta, b, n, probe_is_training_set=True)
-            assert _agrees(verdict.verdict, truth) and _agrees(headline.verdict, truth), (family, trial, factor)
-            assert verdict.verdict != "inconclusive"  # a quadratic loss with every example seen is decided
-            decided["training_set"] += 1
+            assert _agrees(verdict.verdict, truth) and _agrees(headline.verdict, truth), (family, trial, eta)
+            if family != "many_directions":  # the same verdicts hold for draws with replacement
+                truth_draws = subset_second_moment_rate(h, eta, b, "with_replacement")
+                assert _agrees(verdict.verdict, truth_draws), (family, trial, eta)
+            # a quadratic loss with every example seen is decided, except where the samplers disagree
+            between = draws <= eta < subsets
+            assert (verdict.verdict == "inconclusive") == between, (family, trial, eta, verdict)
+            if between:
+                assert verdict.basis == headline.basis == "sampler_dependent"
+            decided["training_set"] += not between
             probe = torch.randperm(n, generator=rng)[: n - 2]
             _, partial = verdicts(h[probe], eta, b, n, probe_is_training_set=False)
-            assert _agrees(partial.verdict, truth), (family, trial, factor, partial)
+            assert _agrees(partial.verdict, truth), (family, trial, eta, partial)
+            if family != "many_directions":
+                assert _agrees(partial.verdict, truth_draws), (family, trial, eta, partial)
             decided["probe"] += partial.verdict != "inconclusive"
     assert decided["training_set"] == 4 * trials
     assert decided["probe"] >= 1  # the bound proves the clearly unstable cases from part of the training set
+
+
+def test_two_aligned_examples_diverge_under_reshuffling_where_b_subsets_contract():
+    # n = 8, B = 4, two examples curving one axis: reshuffled epochs (every ordered epoch enumerated) diverge from
+    # 0.902 eta_crit of independent B-subsets; a verdict from the subsets alone said "stable" at 0.95
+    h = torch.zeros(8, 1, 1, dtype=torch.float64)
+    h[:2] = 1.0
+    b = 4
+    draws, subsets = critical_rates(h, b)
+    eta = 0.95 * subsets
+    assert subset_second_moment_rate(h, eta, b, "without_replacement") < 0 < reshuffled_epoch_rate(h, eta, b)
+    headline, verdict = verdicts(h, eta, b, 8, probe_is_training_set=True)
+    assert (headline.verdict, verdict.verdict, verdict.basis) == ("inconclusive", "inconclusive", "sampler_dependent")
+    assert "with replacement" in verdict.reason
+    headline, verdict = verdicts(h, 0.99 * draws, b, 8, probe_is_training_set=True)
+    assert headline.verdict == verdict.verdict == "stable" and reshuffled_epoch_rate(h, 0.99 * draws, b) < 0
+
+
+@pytest.mark.parametrize("b", [2, 3])
+def test_a_stable_verdict_holds_for_reshuffled_epochs(b):
+    # the Trainer's sampler, every ordered epoch of n = 6 examples enumerated, on aligned clusters with noise (the
+    # family where reshuffled epochs are least stable, benchmarks/bench_reshuffling.py); learning rates up to
+    # eta_crit of B-subsets, the ones where a "stable" could be wrong
+    gen = torch.Generator().manual_seed(3)
+    stable = 0
+    for _ in range(6):
+        h = cluster_problem(6, gen)
+        draws, subsets = critical_rates(h, b)
+        for eta in (0.5 * draws, 0.999 * draws, (draws + subsets) / 2, 0.999 * subsets):
+            _, verdict = verdicts(h, eta, b, 6, probe_is_training_set=True)
+            if verdict.verdict == "stable":
+                assert reshuffled_epoch_rate(h, eta, b) < 0, (h, eta)
+                stable += 1
+            else:
+                assert verdict.basis == "sampler_dependent"
+    assert stable == 12
 
 
 def rank_one_report(scales: torch.Tensor, axes: torch.Tensor, *, probe: int, eta: float, b: int, seed: int = 0):
@@ -286,29 +345,52 @@ def least_squares_report(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, *, e
                             num_train_examples=n_train, lanczos_iterations=20, seed=seed).to_dict()
 
 
-@pytest.mark.parametrize("factor", [0.6, 0.95, 1.05, 1.6])
-def test_least_squares_with_residuals_gets_a_decided_verdict(factor):
+def enumerated_critical_rate(h: torch.Tensor, b: int, sampler: str) -> float:
+    """The critical eta of the enumeration of every batch of ``sampler``, by bisection."""
+    lo, hi = 0.0, 2.0 / float(torch.linalg.eigvalsh(h.mean(0))[-1])
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if subset_second_moment_rate(h, mid, b, sampler) >= 0 else (mid, hi)
+    return hi
+
+
+@pytest.mark.parametrize(("factor", "of"), [(0.6, "with_replacement"), (0.95, "with_replacement"),
+                                            (1.05, "without_replacement"), (1.6, "without_replacement")])
+def test_least_squares_with_residuals_gets_a_decided_verdict(factor, of):
     # a quadratic loss away from its minimum (random weights, any residuals): the Hessian is constant, the
-    # mean-square dynamics of v = w - w* exact, so the verdict is decided and equals the enumeration of batches
+    # mean-square dynamics of v = w - w* exact, so the verdict is decided and equals the enumeration of batches,
+    # below eta_crit of draws with replacement and above that of B distinct examples
     x = least_squares(8, 3, seed=3)
     y = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     h = 2 * x[:, :, None] * x[:, None, :]
     b = 2
-    lo, hi = 0.0, 2.0 / float(torch.linalg.eigvalsh(h.mean(0))[-1])
-    for _ in range(50):  # the critical eta of the enumeration, by bisection
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if subset_second_moment_rate(h, mid, b, "without_replacement") >= 0 else (mid, hi)
-    eta = factor * hi
+    crit = {sampler: enumerated_critical_rate(h, b, sampler) for sampler in ("without_replacement", "with_replacement")}
+    eta = factor * crit[of]
     truth = subset_second_moment_rate(h, eta, b, "without_replacement")
+    assert (truth < 0) == (subset_second_moment_rate(h, eta, b, "with_replacement") < 0) == (factor < 1)
     report = least_squares_report(x, y, torch.randn(3, generator=torch.Generator().manual_seed(5)), eta=eta, b=b)
     assert report["at_minimum"] is False and report["gradient_ratio"] > stability.GRADIENT_TOL
     assert report["probe_is_training_set"] is True and report["ggn_scope"] == "training_set"
     assert report["stability_verdict"] == ("stable" if truth < 0 else "unstable"), report["stability_reason"]
     assert report["stable_ggn"] is (truth < 0) and report["stability_basis"] == "mean_square"
     assert report["mean_square_rate"] == pytest.approx(truth, rel=1e-4, abs=1e-6)
-    assert report["eta_critical_ggn"] == pytest.approx(hi, rel=1e-4)
-    assert report["eta_ratio_ggn"] == pytest.approx(factor, rel=1e-4)
+    assert report["eta_critical_ggn"] == pytest.approx(crit["without_replacement"], rel=1e-4)
+    assert report["eta_critical_ggn_with_replacement"] == pytest.approx(crit["with_replacement"], rel=1e-4)
+    assert report["eta_ratio_ggn"] == pytest.approx(eta / crit["without_replacement"], rel=1e-4)
     assert report["drift_steps"] is None and abs(report["lambda_max_gap"]) < 1e-4 * report["lambda_max"]
+
+
+def test_least_squares_between_the_samplers_thresholds_is_inconclusive():
+    x = least_squares(8, 3, seed=3)
+    y = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    h = 2 * x[:, :, None] * x[:, None, :]
+    draws, subsets = (enumerated_critical_rate(h, 2, s) for s in ("with_replacement", "without_replacement"))
+    eta = (draws + subsets) / 2
+    assert subset_second_moment_rate(h, eta, 2, "without_replacement") < 0 < subset_second_moment_rate(
+        h, eta, 2, "with_replacement")
+    report = least_squares_report(x, y, torch.randn(3, generator=torch.Generator().manual_seed(5)), eta=eta, b=2)
+    assert (report["ggn_verdict"], report["stability_verdict"]) == ("inconclusive", "inconclusive")
+    assert report["stable_ggn"] is None and report["stability_basis"] == "sampler_dependent"
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -335,22 +417,24 @@ def test_negative_curvature_decides_only_when_the_drift_is_slower_than_the_verdi
     factors = factors_of(x)
     lam = float(torch.linalg.eigvalsh(2 * x.T @ x / 8)[-1])
     ms = mean_square_growth(factors, learning_rate=0.01 / lam, batch_size=2, num_train_examples=8)
+    draws = critical_learning_rate(factors, batch_size=2, num_train_examples=8, sampler="with_replacement")
     steps = 1 / abs(ms.rate)
     fast = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps / 2), lam)
     slow = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps * 2), lam)
     assert fast.drift_steps == pytest.approx(steps / 2) and slow.drift_steps == pytest.approx(steps * 2)
-    assert stability.gauss_newton_verdict(ms, fast, lam, "training_set").verdict == "inconclusive"
-    assert stability.gauss_newton_verdict(ms, slow, lam, "training_set").verdict == "stable"
+    assert stability.gauss_newton_verdict(ms, fast, lam, "training_set", draws).verdict == "inconclusive"
+    assert stability.gauss_newton_verdict(ms, slow, lam, "training_set", draws).verdict == "stable"
     # a run shorter than the drift timescale: the verdict speaks of as many steps again, where the model holds
     short = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps / 2), lam, steps_trained=int(steps / 4))
     assert short.horizon_steps == int(steps / 4) < short.drift_steps < short.stability_steps
-    assert stability.gauss_newton_verdict(ms, short, lam, "training_set").verdict == "stable"
+    assert stability.gauss_newton_verdict(ms, short, lam, "training_set", draws).verdict == "stable"
     long = stability.timescales(ms, lam, -1.0 / (ms.learning_rate * steps / 2), lam, steps_trained=int(10 * steps))
-    verdict = stability.gauss_newton_verdict(ms, long, lam, "training_set")
+    verdict = stability.gauss_newton_verdict(ms, long, lam, "training_set", draws)
     assert verdict.verdict == "inconclusive" and "settles" in verdict.reason
     # a Hessian sharper than the Gauss-Newton matrix beyond 2 / eta: the quadratic model is not this one
     sharp = stability.timescales(ms, 2.5 / ms.learning_rate, 0.0, lam)
-    assert stability.gauss_newton_verdict(ms, sharp, 2.5 / ms.learning_rate, "training_set").verdict == "inconclusive"
+    sharp_verdict = stability.gauss_newton_verdict(ms, sharp, 2.5 / ms.learning_rate, "training_set", draws)
+    assert sharp_verdict.verdict == "inconclusive"
 
 
 def test_the_cli_table_and_the_log_metrics_show_the_headline():
@@ -366,7 +450,8 @@ def test_the_cli_table_and_the_log_metrics_show_the_headline():
     table = format_table(d)
     row = next(line for line in table.splitlines() if line.startswith("Gauss-Newton mean-square verdict (headline)"))
     assert row.endswith("stable (for the training set)")
-    assert f"{d['eta_ratio_ggn']:.4g} [{d['eta_critical_ggn']:.4g}]" in table
+    crit = f"{d['eta_critical_ggn']:.4g} / {d['eta_critical_ggn_with_replacement']:.4g}"
+    assert f"{d['eta_ratio_ggn']:.4g} [{crit}]" in table
     assert "none / 37" in table and f"headline: {d['ggn_reason']}" in table
     metrics = report.metrics()
     assert metrics["sharpness_ggn_verdict"] == "stable" and metrics["sharpness_ggn_verdict_code"] == 1
