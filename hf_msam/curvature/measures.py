@@ -310,8 +310,10 @@ def _gauss_newton_verdict(report: SharpnessReport, gauss_newton: CoherenceResult
             f"({k * rows} Gauss-Newton rows; each solver product costs O(k C r^2) with r <= k C)")
     factors = stability.gauss_newton_factors(gauss_newton.gram[: k * rows, : k * rows], k)
     mean_square = stability.mean_square_growth(factors, learning_rate=eta, batch_size=b, num_train_examples=n)
+    # B >= n: each step's batch is the whole training set (gradient descent) whatever the order, so the
+    # B-subsets' rate is exact and no second sampler bounds it
     with_replacement = report.eta_critical_ggn_with_replacement = stability.critical_learning_rate(
-        factors, batch_size=b, num_train_examples=n, sampler="with_replacement")
+        factors, batch_size=b, num_train_examples=n, sampler="with_replacement") if b < n else None
     times = stability.timescales(mean_square, lam, report.lambda_min_ritz, report.lambda_max_ggn,
                                  report.steps_trained)
     scope = "training_set" if report.probe_is_training_set else "probe"

@@ -99,7 +99,7 @@ class SharpnessReport:
     mean_square_subspace_dim: int | None = None
     mean_square_examples: int | None = None  # the first k coherence examples the mean-square verdict covers
     eta_critical_ggn: float | None = None  # the eta at which mean_square_rate crosses 0 (uniform B-subsets)
-    eta_critical_ggn_with_replacement: float | None = None  # the same for B draws with replacement (<= the above)
+    eta_critical_ggn_with_replacement: float | None = None  # the same for B draws with replacement; null if B >= n
     eta_ratio_ggn: float | None = None  # learning_rate / eta_critical_ggn: >= 1 unstable; stable below the above
     lambda_max_gap: float | None = None  # lambda_max - lambda_max_ggn (the Hessian's residual term)
     stability_steps: float | None = None  # 1 / |mean_square_rate|

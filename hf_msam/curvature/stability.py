@@ -462,7 +462,8 @@ def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambd
     Decided where both independent samplers of B examples agree: "stable" when draws with replacement contract
     (eta < ``eta_critical_with_replacement``; then uniform B-subsets contract too, their eta_crit being at least
     as large), "unstable" when uniform B-subsets grow (eta >= ``mean_square.eta_critical``; then draws with
-    replacement grow too); "inconclusive" (``sampler_dependent``) between the two critical rates. The Trainer's
+    replacement grow too); "inconclusive" (``sampler_dependent``) between the two critical rates. With B >= n
+    every step is gradient descent on the whole training set, exact in the B-subsets' rate: pass None. The Trainer's
     reshuffled epochs are bounded by neither model: they can diverge below the subsets' eta_crit and contract
     above it, and contracted wherever draws with replacement did in every case measured
     (``benchmarks/bench_reshuffling.py``, ``docs/curvature.md``), so "stable" speaks for them too, "unstable" of

@@ -380,6 +380,20 @@ def test_least_squares_with_residuals_gets_a_decided_verdict(factor, of):
     assert report["drift_steps"] is None and abs(report["lambda_max_gap"]) < 1e-4 * report["lambda_max"]
 
 
+def test_a_full_batch_is_gradient_descent_whatever_the_sampler():
+    # B = n: every step takes the whole training set, so the verdict is gradient descent's, eta < 2 / lambda_max,
+    # decided right below it (draws with replacement would diverge there, yet the Trainer never draws them)
+    x = least_squares(8, 3, seed=3)
+    y = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lam = float(torch.linalg.eigvalsh(2 * x.T @ x / 8)[-1])
+    for factor, verdict in ((0.98, "stable"), (1.02, "unstable")):
+        report = least_squares_report(x, y, torch.randn(3, generator=torch.Generator().manual_seed(5)),
+                                      eta=factor * 2 / lam, b=8)
+        assert report["eta_critical_ggn"] == pytest.approx(2 / lam, rel=1e-4)
+        assert report["eta_critical_ggn_with_replacement"] is None
+        assert (report["ggn_verdict"], report["stability_verdict"]) == (verdict, verdict), report["ggn_reason"]
+
+
 def test_least_squares_between_the_samplers_thresholds_is_inconclusive():
     x = least_squares(8, 3, seed=3)
     y = torch.randn(8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
