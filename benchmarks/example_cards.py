@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "model_cards" / "examples"
+EXAMPLES = ROOT / "docs" / "model_cards"
 CARD_FILES = ["README.md", "sharpness.png", "sharpness.json"]
 
 
