@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from example_cards import copy_example  # benchmarks/, on sys.path from conftest
+from example_cards import EXAMPLES, copy_example  # benchmarks/, on sys.path from conftest
 
 from hf_msam.publish.card import write_model_card
 
@@ -90,6 +90,14 @@ def test_example_card_copy_keeps_the_card_links_alive(tmp_path):
     assert relative and all((target / link).is_file() for link in relative)
     with pytest.raises(FileNotFoundError, match="README.md"):
         copy_example(tmp_path / "examples", "x", examples=tmp_path / "examples")
+
+
+def test_example_cards_go_where_the_docs_link_them():
+    # docs/results.md and docs/recipes.md link model_cards/glue and model_cards/vit beside them
+    links = set(re.findall(r"\]\(model_cards/(\w+)\)", (REPO / "docs" / "results.md").read_text()))
+    assert links == {"glue", "vit"}
+    assert all((EXAMPLES / name / "README.md").is_file() for name in links)
+    assert EXAMPLES == REPO / "docs" / "model_cards"
 
 
 def test_no_file_points_at_notes_outside_the_repository():
