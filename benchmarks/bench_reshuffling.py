@@ -64,7 +64,7 @@ def reshuffled_epoch_rate(h: torch.Tensor, eta: float, b: int) -> float:
 def first_growth(rate: Callable[[float], float], start: float) -> float:
     """The smallest eta > 0 at which ``rate`` turns non-negative: geometric scan from ``start`` both ways, then
     bisection to 1e-9 relative."""
-    lo = hi = start
+    lo = start
     while rate(lo) >= 0:
         lo /= 1.1
     hi = lo * 1.1
@@ -123,8 +123,8 @@ def cluster_problem(n: int, gen: torch.Generator) -> torch.Tensor:
     return u @ u.transpose(1, 2)
 
 
-def factors_of(h: torch.Tensor) -> torch.Tensor:
-    """Gauss-Newton factors of dense PSD H_i: Phi_i = H_i^(1/2)."""
+def factors_from_hessians(h: torch.Tensor) -> torch.Tensor:
+    """``gauss_newton_factors`` of dense PSD H_i: Phi_i = H_i^(1/2) (d rows per example), K = Phi Phi^T."""
     values, vectors = torch.linalg.eigh(h)
     phi = (vectors * values.clamp_min(0).sqrt()[:, None, :]).transpose(1, 2)
     n, d, _ = h.shape
@@ -163,7 +163,7 @@ def main() -> None:
         ratios = {"without_replacement": [], "with_replacement": []}
         for _ in range(a.trials):
             h = cluster_problem(n, gen)
-            factors = factors_of(h)
+            factors = factors_from_hessians(h)
             crit = {m: critical_learning_rate(factors, batch_size=b, num_train_examples=n, sampler=m) for m in ratios}
             truth = first_growth(lambda eta: reshuffled_epoch_rate(h, eta, b), crit["without_replacement"])
             for model in ratios:

@@ -463,19 +463,19 @@ def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambd
     (eta < ``eta_critical_with_replacement``; then uniform B-subsets contract too, their eta_crit being at least
     as large), "unstable" when uniform B-subsets grow (eta >= ``mean_square.eta_critical``; then draws with
     replacement grow too); "inconclusive" (``sampler_dependent``) between the two critical rates. With B >= n
-    every step is gradient descent on the whole training set, exact in the B-subsets' rate: pass None. The Trainer's
-    reshuffled epochs are bounded by neither model: they can diverge below the subsets' eta_crit and contract
+    every step is gradient descent on the whole training set, exact in the B-subsets' rate: pass None. The
+    Trainer's reshuffled epochs are bounded by neither model: they can diverge below the subsets' eta_crit and contract
     above it, and contracted wherever draws with replacement did in every case measured
     (``benchmarks/bench_reshuffling.py``, ``docs/curvature.md``), so "stable" speaks for them too, "unstable" of
     independent batches. The band is narrow for large n / B: its two noise levels differ by (n - B) / (n - 1).
 
     The verdict is "inconclusive" (``quadratic_model_fails``) also where the quadratic model fails over the
-    verdict's horizon, the e-fold time of the second moment ``stability_steps`` or, when shorter, the run's own length
-    ``steps_trained`` (the verdict speaks of SGD continued from these weights for as long again): the weights
-    drift along negative curvature within it (``drift_steps`` < ``horizon_steps``), or the rate says stable while
-    eta >= 2 / lambda_max of the Hessian (its residual term makes it sharper than the Gauss-Newton matrix:
-    gradient descent on it diverges). The horizon matters at small learning rates: the second moment's slowest
-    mode, along the flattest kept direction, then takes far longer to settle than any run.
+    verdict's horizon, the e-fold time of the second moment ``stability_steps`` or, when shorter, the run's own
+    length ``steps_trained`` (the verdict speaks of SGD continued from these weights for as long again): the
+    weights drift along negative curvature within it (``drift_steps`` < ``horizon_steps``), or the rate says
+    stable while eta >= 2 / lambda_max of the Hessian (its residual term makes it sharper than the Gauss-Newton
+    matrix: gradient descent on it diverges). The horizon matters at small learning rates: the second moment's
+    slowest mode, along the flattest kept direction, then takes far longer to settle than any run.
     ``scope``: "training set" when the factors hold every training example, else "probe" (the rate is then
     that of a training set whose per-example curvature is the probe's).
     """
@@ -494,14 +494,14 @@ def gauss_newton_verdict(mean_square: MeanSquareResult, times: Timescales, lambd
                        f"or above 2 / lambda_max = {2 / lambda_max:.3g} of the Hessian, which is sharper than the "
                        "Gauss-Newton matrix: the quadratic model does not describe these weights.",
                        "quadratic_model_fails")
+    batches = ("the whole training set in every batch (B >= n)" if eta_critical_with_replacement is None
+               else "independent batches of B examples (with or without replacement)")
     if mean_square.rate >= 0:
-        return Verdict("unstable", f"Linearised SGD with independent batches of B examples (with or without "
-                       f"replacement) on the Gauss-Newton matrices of {where} grows in mean square: {numbers}.",
-                       "mean_square")
+        return Verdict("unstable", f"Linearised SGD with {batches} on the Gauss-Newton matrices of {where} grows "
+                       f"in mean square: {numbers}.", "mean_square")
     if eta_critical_with_replacement is None or eta < eta_critical_with_replacement:
-        return Verdict("stable", f"Linearised SGD with independent batches of B examples (with or without "
-                       f"replacement) on the Gauss-Newton matrices of {where} contracts in mean square: {numbers}.",
-                       "mean_square")
+        return Verdict("stable", f"Linearised SGD with {batches} on the Gauss-Newton matrices of {where} contracts "
+                       f"in mean square: {numbers}.", "mean_square")
     return Verdict("inconclusive", f"Linearised SGD on the Gauss-Newton matrices of {where} contracts with uniform "
                    f"batches of B distinct examples ({numbers}) but grows with B draws with replacement (eta_crit "
                    f"{eta_critical_with_replacement:.3g}); between the two the verdict depends on the sampler, and "

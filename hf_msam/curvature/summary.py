@@ -118,8 +118,10 @@ def _headline_text(r: Mapping[str, Any], at: str) -> str:
     """The Gauss-Newton mean-square verdict in words, with the numbers that say whether the quadratic model holds."""
     fmt = format_value
     scope = "the training set" if r.get("ggn_scope") == "training_set" else "the probe's examples"
-    numbers = [f"eta / eta_crit = {fmt(r.get('eta_ratio_ggn'))} (eta_crit {fmt(r.get('eta_critical_ggn'))} for "
-               f"B distinct examples, {fmt(r.get('eta_critical_ggn_with_replacement'))} with replacement)",
+    with_replacement = r.get("eta_critical_ggn_with_replacement")
+    crit = f"eta_crit {fmt(r.get('eta_critical_ggn'))} for B distinct examples" + (
+        f", {fmt(with_replacement)} with replacement" if with_replacement is not None else "")
+    numbers = [f"eta / eta_crit = {fmt(r.get('eta_ratio_ggn'))} ({crit})",
                f"log E‖v‖² per step {fmt(r.get('mean_square_rate'))}"]
     if r.get("lambda_max_gap") is not None:
         numbers.append(f"lambda_max of the Hessian minus the Gauss-Newton one {fmt(r['lambda_max_gap'])}")

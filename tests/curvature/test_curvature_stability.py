@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from bench_reshuffling import reshuffled_epoch_rate
+from bench_reshuffling import factors_from_hessians, reshuffled_epoch_rate
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_msam.curvature.coherence import coherence_from_hessians
@@ -177,14 +177,6 @@ def subset_second_moment_rate(h: torch.Tensor, eta: float, b: int, sampler: str)
         total += torch.kron(step, step)
         count += 1
     return math.log(float(torch.linalg.eigvalsh(total / count).abs().max()))
-
-
-def factors_from_hessians(h: torch.Tensor) -> torch.Tensor:
-    """gauss_newton_factors of dense PSD H_i: Phi_i = H_i^{1/2} (d rows per example), K = Phi Phi^T."""
-    values, vectors = torch.linalg.eigh(h)
-    phi = (vectors * values.clamp_min(0).sqrt()[:, None, :]).transpose(1, 2)
-    n, d, _ = h.shape
-    return gauss_newton_factors(torch.einsum("iar,jbr->iajb", phi, phi).reshape(n * d, n * d), n)
 
 
 def test_every_direction_counts_where_one_example_is_sharp_and_the_mean_is_flat():

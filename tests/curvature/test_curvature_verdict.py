@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-from bench_reshuffling import cluster_problem, reshuffled_epoch_rate
+from bench_reshuffling import cluster_problem, factors_from_hessians, reshuffled_epoch_rate
 from bench_verdict import LeastSquares
-from test_curvature_stability import factors_from_hessians, second_moment_radius, subset_second_moment_rate
+from test_curvature_stability import second_moment_radius, subset_second_moment_rate
 
 from hf_msam import sharpness_report
 from hf_msam.curvature import stability
@@ -392,6 +392,7 @@ def test_a_full_batch_is_gradient_descent_whatever_the_sampler():
         assert report["eta_critical_ggn"] == pytest.approx(2 / lam, rel=1e-4)
         assert report["eta_critical_ggn_with_replacement"] is None
         assert (report["ggn_verdict"], report["stability_verdict"]) == (verdict, verdict), report["ggn_reason"]
+        assert "whole training set in every batch" in report["ggn_reason"]
 
 
 def test_least_squares_between_the_samplers_thresholds_is_inconclusive():
