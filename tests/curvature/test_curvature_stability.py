@@ -305,3 +305,5 @@ def test_reshuffled_epochs_contract_below_the_with_replacement_threshold(problem
     assert reshuffled_epoch_rate(h, 0.5 * draws, b) < 0
     if problem is two_aligned_examples:
         assert reshuffled_epoch_rate(h, 0.95 * subsets, b) > 0
+    else:  # reshuffled epochs cross 0 at 1.024 times eta_crit of B-subsets on this problem
+        assert reshuffled_epoch_rate(h, 1.02 * subsets, b) < 0 < reshuffled_epoch_rate(h, 1.03 * subsets, b)

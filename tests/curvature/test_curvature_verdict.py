@@ -13,7 +13,7 @@ import pytest
 import torch
 from bench_reshuffling import cluster_problem, factors_from_hessians, reshuffled_epoch_rate
 from bench_verdict import LeastSquares
-from test_curvature_stability import second_moment_radius, subset_second_moment_rate
+from test_curvature_stability import second_moment_radius, subset_second_moment_rate, two_aligned_examples
 
 from hf_msam import sharpness_report
 from hf_msam.curvature import stability
@@ -217,9 +217,7 @@ def test_verdicts_never_contradict_brute_force_on_the_training_set(family):
 def test_two_aligned_examples_diverge_under_reshuffling_where_b_subsets_contract():
     # n = 8, B = 4, two examples curving one axis: reshuffled epochs (every ordered epoch enumerated) diverge from
     # 0.902 eta_crit of independent B-subsets; a verdict from the subsets alone said "stable" at 0.95
-    h = torch.zeros(8, 1, 1, dtype=torch.float64)
-    h[:2] = 1.0
-    b = 4
+    h, b = two_aligned_examples(), 4
     draws, subsets = critical_rates(h, b)
     eta = 0.95 * subsets
     assert subset_second_moment_rate(h, eta, b, "without_replacement") < 0 < reshuffled_epoch_rate(h, eta, b)
